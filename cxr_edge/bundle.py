@@ -1,0 +1,273 @@
+"""Model bundle: one ONNX file whose metadata carries the manifest, verified before use.
+
+Why a hand-written protobuf walk: devices install onnxruntime but not the ``onnx`` package, and
+the checksum must cover the weights and graph while the manifest (which holds the checksum)
+lives in the same file. The walk splits the top-level ``ModelProto`` fields into
+``metadata_props`` (field 14) and everything else; the SHA-256 covers everything else, in order.
+Writing a bundle appends one ``metadata_props`` entry the same way, so no ``onnx`` is needed
+to read or write bundles.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .errors import BundleError, ChecksumMismatchError, InvalidArgumentError, ManifestError, NoDefaultModelError
+from .manifest import MANIFEST_KEY, Manifest
+
+METADATA_PROPS_FIELD = 14
+DEFAULT_BUNDLE = "default.onnx"
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise BundleError("not an ONNX model: truncated protobuf varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _encode_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _fields(buf: bytes) -> Iterator[tuple[int, int, int, int, int]]:
+    """Yield (field_number, wire_type, start, payload_start, end) for each top-level field."""
+    pos = 0
+    while pos < len(buf):
+        start = pos
+        tag, pos = _read_varint(buf, pos)
+        number, wire = tag >> 3, tag & 7
+        if number == 0:
+            raise BundleError("not an ONNX model: invalid protobuf field number 0")
+        if wire == 0:
+            _, pos = _read_varint(buf, pos)
+            payload = pos
+        elif wire == 1:
+            payload, pos = pos, pos + 8
+        elif wire == 2:
+            length, payload = _read_varint(buf, pos)
+            pos = payload + length
+        elif wire == 5:
+            payload, pos = pos, pos + 4
+        else:
+            raise BundleError(f"not an ONNX model: unsupported protobuf wire type {wire}")
+        if pos > len(buf):
+            raise BundleError("not an ONNX model: truncated protobuf field")
+        yield number, wire, start, payload, pos
+
+
+def _string_entry(payload: bytes) -> tuple[str, str]:
+    key = value = ""
+    for number, wire, _, p, end in _fields(payload):
+        if wire == 2 and number in (1, 2):
+            text = payload[p:end].decode("utf-8", errors="strict")
+            key, value = (text, value) if number == 1 else (key, text)
+    return key, value
+
+
+def split_model(model_bytes: bytes) -> tuple[bytes, dict[str, str]]:
+    """Return (bytes of all non-metadata fields in order, metadata_props as a dict)."""
+    kept = bytearray()
+    metadata: dict[str, str] = {}
+    try:
+        for number, wire, start, payload, end in _fields(model_bytes):
+            if number == METADATA_PROPS_FIELD and wire == 2:
+                key, value = _string_entry(model_bytes[payload:end])
+                metadata[key] = value
+            else:
+                kept += model_bytes[start:end]
+    except UnicodeDecodeError:
+        raise BundleError("not an ONNX model: metadata is not UTF-8") from None
+    if not kept:
+        raise BundleError("not an ONNX model: empty file")
+    return bytes(kept), metadata
+
+
+def model_sha256(model_bytes: bytes) -> str:
+    """SHA-256 of the graph, weights and opsets: every top-level field except metadata_props."""
+    return hashlib.sha256(split_model(model_bytes)[0]).hexdigest()
+
+
+def _len_field(number: int, payload: bytes) -> bytes:
+    return _encode_varint((number << 3) | 2) + _encode_varint(len(payload)) + payload
+
+
+def embed_manifest(model_bytes: bytes, manifest: Manifest) -> bytes:
+    """Return ONNX bytes with ``manifest`` (checksum filled in) as a metadata_props entry.
+
+    Other metadata entries are kept; an older manifest entry is replaced.
+    """
+    body, metadata = split_model(model_bytes)
+    digest = hashlib.sha256(body).hexdigest()
+    from dataclasses import replace
+
+    manifest = replace(manifest, model_sha256=digest)
+    manifest.validate()
+    metadata[MANIFEST_KEY] = manifest.to_json()
+    out = bytearray(body)
+    for key, value in metadata.items():
+        entry = _len_field(1, key.encode("utf-8")) + _len_field(2, value.encode("utf-8"))
+        out += _len_field(METADATA_PROPS_FIELD, entry)
+    return bytes(out)
+
+
+def write_bundle(model_bytes: bytes, manifest: Manifest, path: str | os.PathLike) -> str:
+    """Write a bundle file and return its model SHA-256."""
+    data = embed_manifest(model_bytes, manifest)
+    Path(path).write_bytes(data)
+    return model_sha256(data)
+
+
+def read_manifest(model_bytes: bytes, verify_checksum: bool = True) -> Manifest:
+    """Parse and validate the manifest; refuse when the checksum does not match the model."""
+    body, metadata = split_model(model_bytes)
+    if MANIFEST_KEY not in metadata:
+        raise ManifestError(f"this ONNX file has no cxr-edge manifest (metadata key {MANIFEST_KEY!r}); "
+                            "export it with the toolchain or embed one with cxr_edge.bundle.write_bundle")
+    manifest = Manifest.from_json(metadata[MANIFEST_KEY])
+    if verify_checksum:
+        actual = hashlib.sha256(body).hexdigest()
+        if actual != manifest.model_sha256:
+            raise ChecksumMismatchError(
+                f"model checksum mismatch: manifest says {manifest.model_sha256[:16]}..., file has "
+                f"{actual[:16]}...; the weights were altered or the file is damaged")
+    return manifest
+
+
+def default_bundle_path() -> Path:
+    """Path of the embedded default bundle, or NoDefaultModelError when none ships."""
+    ref = resources.files("cxr_edge") / "data" / DEFAULT_BUNDLE
+    path = Path(str(ref))
+    if not path.is_file():
+        raise NoDefaultModelError("no default model is embedded in this installation; pass a bundle path, "
+                                  "e.g. Classifier('model.onnx') or --model model.onnx")
+    return path
+
+
+@dataclass
+class Bundle:
+    """A verified bundle: its manifest, an onnxruntime session, and where it came from."""
+
+    path: str
+    manifest: Manifest
+    session: "object"
+    size_bytes: int
+    threads: int
+    providers: tuple[str, ...]
+
+
+def session_options(threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return opts
+
+
+def resolve_providers(providers: Sequence[str] | None) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if not providers:
+        return ["CPUExecutionProvider"]
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise InvalidArgumentError(f"execution provider(s) {missing} not available in this onnxruntime "
+                                   f"build; available: {available}")
+    return list(providers)
+
+
+def load_bundle(path: str | os.PathLike | None = None, threads: int | None = None,
+                providers: Sequence[str] | None = None, self_check: bool = True) -> Bundle:
+    """Load, verify (checksum, manifest, graph wiring, head weights) and open a bundle."""
+    import onnxruntime as ort
+
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise InvalidArgumentError(f"threads must be a positive integer, got {threads!r}")
+    resolved = Path(path) if path is not None else default_bundle_path()
+    try:
+        model_bytes = resolved.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"cannot read model file {str(resolved)!r}: {exc.strerror or exc}") from None
+    manifest = read_manifest(model_bytes)
+    n_threads = threads or min(4, os.cpu_count() or 1)
+    provider_list = resolve_providers(providers)
+    try:
+        session = ort.InferenceSession(model_bytes, sess_options=session_options(n_threads),
+                                       providers=provider_list)
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise BundleError(f"onnxruntime could not load the model: {exc}") from None
+    check_graph(manifest, session)
+    if self_check and manifest.cam.method == "weights":
+        check_head(manifest, session)
+    return Bundle(path=str(resolved), manifest=manifest, session=session, size_bytes=len(model_bytes),
+                  threads=n_threads, providers=tuple(provider_list))
+
+
+def _static(dim: object) -> int | None:
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
+def check_graph(manifest: Manifest, session) -> None:
+    """The manifest must describe this graph: input name/shape, logits width, feature channels."""
+    spec = manifest.preprocessing
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    if spec.input_name not in inputs or len(inputs) != 1:
+        raise ManifestError(f"graph inputs {sorted(inputs)} do not match manifest input {spec.input_name!r}")
+    shape = inputs[spec.input_name].shape
+    expected = (spec.channels, *spec.input_size)
+    if len(shape) != 4 or any(_static(s) not in (None, e) for s, e in zip(shape[1:], expected)):
+        raise ManifestError(f"graph input shape {shape} does not match manifest N x {expected}")
+    if manifest.logits_output not in outputs:
+        raise ManifestError(f"graph has no output {manifest.logits_output!r} (outputs: {sorted(outputs)})")
+    lshape = outputs[manifest.logits_output].shape
+    if len(lshape) != 2 or _static(lshape[1]) not in (None, len(manifest.labels)):
+        raise ManifestError(f"logits output shape {lshape} does not match {len(manifest.labels)} labels")
+    if manifest.cam.method == "weights":
+        name = manifest.cam.features_output
+        if name not in outputs:
+            raise ManifestError(f"graph has no features output {name!r} for the CAM")
+        fshape = outputs[name].shape
+        channels = manifest.cam.weights.shape[1]
+        if len(fshape) != 4 or _static(fshape[1]) not in (None, channels):
+            raise ManifestError(f"features output shape {fshape} does not match CAM weights with {channels} channels")
+
+
+def check_head(manifest: Manifest, session) -> None:
+    """Run one probe input and check GAP(features) @ W.T + b == logits: the CAM weights are real."""
+    spec = manifest.preprocessing
+    h, w = spec.input_size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    probe = (0.5 + 0.25 * np.sin(xx / 7.0) * np.cos(yy / 11.0))[None, None]
+    probe = np.repeat(probe, spec.channels, axis=1).astype(np.float32)
+    logits, features = session.run([manifest.logits_output, manifest.cam.features_output],
+                                   {spec.input_name: probe})
+    bias = manifest.cam.bias if manifest.cam.bias is not None else 0.0
+    recon = features.mean(axis=(2, 3)) @ manifest.cam.weights.T + bias
+    err = float(np.max(np.abs(recon - logits)))
+    if not np.isfinite(err) or err > manifest.cam.head_check_atol:
+        raise ManifestError(f"CAM weights in the manifest do not reproduce the graph's logits "
+                            f"(max abs error {err:.3g} > {manifest.cam.head_check_atol}); the CAM would be wrong")
