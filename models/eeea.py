@@ -10,9 +10,9 @@ squeeze-excite in the 40/112/160-base stages, h-swish from the 80-base stage on.
 This is a RE-IMPLEMENTATION OF THAT CLASS, not the published genotype (its net.config is not
 public in a form we could reproduce). The per-block table below is one point of that search space,
 chosen for ~4.7 M parameters (14 outputs) and ~0.3 GMACs at 224 x 224, 1 input channel. Two
-changes for exact class activation maps: the final expand and the 1x1 "feature mix" conv
-(-> 1280, h-swish) both run BEFORE the global pool, and nothing follows the pool but the
-classifier. Downsampling: the stem and four stages stride 2 (five stride-2 steps, 224 -> 7).
+changes for exact class activation maps and budget: OFA's final-expand + post-pool "feature mix"
+pair is replaced by one 1x1 conv (192 -> 1280, BN, h-swish) BEFORE the global pool, and nothing
+follows the pool but the classifier. Downsampling: the stem and four stages stride 2 (five stride-2 steps, 224 -> 7).
 Only depthwise/1x1 convs, BatchNorm, ReLU/h-swish/h-sigmoid: fast on CPU, clean ONNX export.
 """
 from __future__ import annotations
@@ -30,14 +30,13 @@ EEEA_C2_GENOTYPE: tuple[tuple[tuple[int, float, int, bool, str, int], ...], ...]
     # stage 0, 112 px: depthwise-separable entry block
     ((3, 1, 24, False, "relu", 1),),
     # stage 1, 56 px
-    ((5, 4, 32, False, "relu", 2), (3, 3, 32, False, "relu", 1)),
+    ((3, 3, 32, False, "relu", 2), (3, 3, 32, False, "relu", 1)),
     # stage 2, 28 px, SE
-    ((7, 4, 48, True, "relu", 2), (3, 3, 48, True, "relu", 1), (5, 4, 48, True, "relu", 1)),
+    ((5, 3, 48, True, "relu", 2), (3, 3, 48, True, "relu", 1), (5, 3, 48, True, "relu", 1)),
     # stage 3, 14 px, h-swish
-    ((5, 6, 96, False, "hswish", 2), (3, 4, 96, False, "hswish", 1), (7, 3, 96, False, "hswish", 1)),
+    ((5, 4, 96, False, "hswish", 2), (3, 3, 96, False, "hswish", 1), (7, 3, 96, False, "hswish", 1)),
     # stage 4, 14 px, SE + h-swish
-    ((3, 6, 136, True, "hswish", 1), (5, 4, 136, True, "hswish", 1), (7, 6, 136, True, "hswish", 1),
-     (3, 4, 136, True, "hswish", 1)),
+    ((3, 4, 136, True, "hswish", 1), (5, 3, 136, True, "hswish", 1), (7, 4, 136, True, "hswish", 1)),
     # stage 5, 7 px, SE + h-swish
     ((7, 6, 192, True, "hswish", 2), (5, 6, 192, True, "hswish", 1), (3, 6, 192, True, "hswish", 1),
      (5, 4, 192, True, "hswish", 1)),

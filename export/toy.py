@@ -1,0 +1,84 @@
+"""A small MobileNet-style CAM network for tests and quantization benchmarks.
+
+Why here: the export tests and the INT8 speed/accuracy measurements need a model with the same
+``features`` / ``head`` / ``classifier`` contract as ``models/`` (conv-BN-ReLU stem, depthwise
+separable and inverted-residual blocks, GAP + linear head) without depending on that package.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def _cbr(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    if act:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class InvertedResidual(nn.Module):
+    """1x1 expand -> 3x3 depthwise -> 1x1 project (linear), with a skip when shapes allow."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.block = nn.Sequential(_cbr(cin, mid, 1), _cbr(mid, mid, 3, stride, groups=mid), _cbr(mid, cout, 1, act=False))
+        self.skip = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(x)
+        return x + y if self.skip else y
+
+
+class TinyCamNet(nn.Module):
+    """MobileNetV2-like net, total stride 16 (112 px -> 7 x 7 features), ReLU'd features."""
+
+    def __init__(self, num_classes: int = 14, in_chans: int = 1, width: int = 16,
+                 stages: Sequence[tuple[int, int, int, int]] | None = None, drop_rate: float = 0.2) -> None:
+        super().__init__()
+        # (expand, out multiplier of width, repeats, stride)
+        stages = stages or ((1, 1, 1, 1), (4, 2, 2, 2), (4, 3, 2, 2), (4, 4, 2, 2))
+        layers: list[nn.Module] = [_cbr(in_chans, width, 3, 2)]
+        cin = width
+        for expand, mult, repeats, stride in stages:
+            cout = width * mult
+            for i in range(repeats):
+                layers.append(InvertedResidual(cin, cout, stride if i == 0 else 1, expand))
+                cin = cout
+        self.num_features = cin * 4
+        layers.append(_cbr(cin, self.num_features, 1))
+        self.body = nn.Sequential(*layers)
+        self.drop = nn.Dropout(drop_rate)
+        self.classifier = nn.Linear(self.num_features, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.drop(features.mean(dim=(2, 3))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@torch.no_grad()
+def settle_batchnorm(model: nn.Module, batch: np.ndarray | torch.Tensor, seed: int = 0) -> nn.Module:
+    """Give a randomly initialised model realistic BatchNorm statistics from real inputs.
+
+    Random init leaves running mean 0 / var 1, so activations drift in scale layer after layer and
+    an INT8 test would measure nothing realistic. A few train-mode passes (momentum None = exact
+    cumulative average) fix the statistics; weights are untouched. Returns the model in eval mode.
+    """
+    torch.manual_seed(seed)
+    x = torch.as_tensor(np.asarray(batch, dtype=np.float32))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    model(x)
+    return model.eval()

@@ -1,0 +1,122 @@
+"""The INT8-vs-fp32 verification gate: no quantized bundle ships unless it keeps accuracy and CAMs.
+
+Criteria (defaults from the issue), measured on a held-out set of real, labelled images:
+  * mean ROC AUC drop (fp32 - int8, in AUC points = 100 x AUC) at most ``max_auc_drop`` (0.5),
+    over the labels that have both classes in the set;
+  * CAM agreement: Pearson correlation of the fp32 and int8 class activation maps of every
+    (image, label) pair, median at least ``min_cam_median`` (0.9). Maps come from
+    :func:`cxr_edge.cam.class_activation_map` on the feature grid itself (h x w, the ReLU'd and
+    peak-normalised ``W[c] . features``), so upsampling cannot inflate the agreement.
+Also reported: max / mean |logit| and |probability| differences and the files' sizes.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from cxr_edge.cam import class_activation_map
+from cxr_edge.errors import InvalidArgumentError
+
+from .errors import QuantizationGateError
+
+
+@dataclass(frozen=True)
+class GateCriteria:
+    max_auc_drop: float = 0.5     # AUC points (0-100 scale)
+    min_cam_median: float = 0.9   # Pearson r
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def per_label_auc(scores: np.ndarray, targets: np.ndarray) -> list[float | None]:
+    """ROC AUC per label; None where the set holds only one class for that label (AUC undefined)."""
+    if scores.shape != targets.shape:
+        raise InvalidArgumentError(f"scores {scores.shape} and targets {targets.shape} differ in shape")
+    out: list[float | None] = []
+    for j in range(targets.shape[1]):
+        t = targets[:, j]
+        out.append(float(roc_auc_score(t, scores[:, j])) if 0 < t.sum() < len(t) else None)
+    return out
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson r of two maps; two flat maps agree (1.0) only if equal, a flat and a varying one do not (0.0).
+
+    A flat CAM is all zeros (no positive evidence anywhere): both models saying so is agreement.
+    """
+    a = a.ravel().astype(np.float64)
+    b = b.ravel().astype(np.float64)
+    sa, sb = a.std(), b.std()
+    if sa == 0.0 or sb == 0.0:
+        return 1.0 if sa == sb and np.allclose(a, b) else 0.0
+    return float(np.mean((a - a.mean()) * (b - b.mean())) / (sa * sb))
+
+
+def cam_correlations(feats_ref: np.ndarray, feats_new: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """N x L Pearson correlations of CAMs computed from two models' features (N x C x h x w)."""
+    if feats_ref.shape != feats_new.shape or feats_ref.ndim != 4:
+        raise InvalidArgumentError(f"feature tensors must be N x C x h x w and equal, got "
+                                   f"{feats_ref.shape} and {feats_new.shape}")
+    n, _, h, w = feats_ref.shape
+    out = np.empty((n, weights.shape[0]), dtype=np.float64)
+    for i in range(n):
+        for c in range(weights.shape[0]):
+            out[i, c] = pearson(class_activation_map(feats_ref[i], weights[c], (h, w)),
+                                class_activation_map(feats_new[i], weights[c], (h, w)))
+    return out
+
+
+def compare_models(ref: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np.ndarray], targets: np.ndarray,
+                   weights: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
+    """Numbers comparing a candidate (``new``: logits, features) with the reference fp32 model."""
+    (l_ref, f_ref), (l_new, f_new) = ref, new
+    if l_ref.shape != l_new.shape or l_ref.shape != targets.shape:
+        raise InvalidArgumentError(f"logits {l_ref.shape}/{l_new.shape} and targets {targets.shape} must match")
+    auc_ref, auc_new = per_label_auc(l_ref, targets), per_label_auc(l_new, targets)
+    valid = [j for j, a in enumerate(auc_ref) if a is not None]
+    drops = {labels[j]: 100.0 * (auc_ref[j] - auc_new[j]) for j in valid}
+    corr = cam_correlations(f_ref, f_new, weights)
+    dl = np.abs(l_ref - l_new)
+    dp = np.abs(sigmoid(l_ref) - sigmoid(l_new))
+    return {
+        "images": int(len(targets)),
+        "labels_with_auc": [labels[j] for j in valid],
+        "mean_auc_ref": float(np.mean([auc_ref[j] for j in valid])) if valid else None,
+        "mean_auc_new": float(np.mean([auc_new[j] for j in valid])) if valid else None,
+        "mean_auc_drop_points": float(np.mean(list(drops.values()))) if valid else None,
+        "auc_drop_points_per_label": drops,
+        "cam_pearson_median": float(np.median(corr)),
+        "cam_pearson_p10": float(np.percentile(corr, 10)),
+        "cam_pearson_mean": float(np.mean(corr)),
+        "cam_pairs": int(corr.size),
+        "logit_max_abs_diff": float(dl.max()), "logit_mean_abs_diff": float(dl.mean()),
+        "prob_max_abs_diff": float(dp.max()), "prob_mean_abs_diff": float(dp.mean()),
+    }
+
+
+def gate(numbers: dict[str, Any], criteria: GateCriteria = GateCriteria()) -> dict[str, Any]:
+    """Apply the criteria; returns ``{passed, failures, criteria}``. Never raises (see :func:`enforce`)."""
+    failures = []
+    drop = numbers.get("mean_auc_drop_points")
+    if drop is None:
+        failures.append("no label has both classes in the verification set: AUC cannot be measured")
+    elif not drop <= criteria.max_auc_drop:
+        failures.append(f"mean AUC drop {drop:.3f} points > {criteria.max_auc_drop}")
+    med = numbers.get("cam_pearson_median")
+    if med is None or not med >= criteria.min_cam_median:
+        failures.append(f"median CAM Pearson r {med:.3f} < {criteria.min_cam_median}")
+    return {"passed": not failures, "failures": failures, "criteria": asdict(criteria)}
+
+
+def enforce(numbers: dict[str, Any], criteria: GateCriteria = GateCriteria()) -> dict[str, Any]:
+    """Like :func:`gate` but raises :class:`QuantizationGateError` (with the numbers) on failure."""
+    verdict = gate(numbers, criteria)
+    if not verdict["passed"]:
+        raise QuantizationGateError("INT8 verification gate failed: " + "; ".join(verdict["failures"]),
+                                    {**numbers, **verdict})
+    return verdict

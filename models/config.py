@@ -1,0 +1,230 @@
+"""One dataclass that records everything a training run depends on.
+
+Why: a run must be reproducible from its ``config.json`` alone. Every field is a CLI flag of the
+same name (``epochs`` -> ``--epochs``, ``kd_alpha`` -> ``--kd-alpha``), ``--config file.json``
+loads a saved config and flags given on the command line override it. The JSON is saved next to
+every checkpoint and inside it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from cxr_edge.errors import InvalidArgumentError
+from cxr_edge.manifest import PreprocessSpec
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: Normalisation the shared DenseNet-121 teacher was trained with (../shared/teachers/README.md).
+NIH_MEAN = 0.49465
+NIH_STD = 0.25223
+
+#: Fields that may differ between an interrupted run and its ``--resume`` (they do not change the math).
+OPERATIONAL_FIELDS = frozenset({"resume", "stop_after_epochs", "num_workers", "threads", "device",
+                                "teacher_cache_dir", "log_every", "data_root", "shared_dir"})
+
+
+def shared_dir() -> Path:
+    """``$CXR_EDGE_SHARED`` or ``<repo>/../shared``: where the read-only real data lives."""
+    return Path(os.environ.get("CXR_EDGE_SHARED", REPO.parent / "shared")).resolve()
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on. Defaults = the student recipe on the NIH sample."""
+
+    # --- model
+    model: str = "eeea_c2"
+    drop_rate: float = 0.2
+    model_kwargs: dict = field(default_factory=dict)
+    # --- student preprocessing (a cxr_edge PreprocessSpec; the runtime uses the same numbers)
+    input_size: int = 128
+    channels: int = 1
+    mean: float = NIH_MEAN
+    std: float = NIH_STD
+    resize: str = "area"
+    # --- distillation: teacher specs are ONNX paths, "registry_name:weights.pt" or a run dir
+    teachers: list = field(default_factory=list)
+    teacher_mode: str = "cache"        # cache: clean-image outputs stored on disk; online: run every batch
+    teacher_combine: str = "logits"    # logits: sigmoid(mean_k t_k / T); probs: mean_k sigmoid(t_k / T)
+    teacher_input_size: int = 224
+    teacher_mean: float = NIH_MEAN
+    teacher_std: float = NIH_STD
+    teacher_resize: str = "area"
+    teacher_cache_dir: str = ".cache/teacher"
+    kd_alpha: float = 0.0              # 0 = plain supervised BCE
+    kd_temperature: float = 2.0
+    at_beta: float = 0.0               # attention-transfer weight (final activations)
+    # --- data
+    data_root: str = ""                # default: <shared>/data/nih-cxr14-sample
+    shared_dir: str = ""               # default: $CXR_EDGE_SHARED or <repo>/../shared
+    split: str = "teacher"             # teacher: train on teacher_train, evaluate on teacher_val; patient: random
+    train_list: str = ""               # split=teacher: default <shared>/teachers/teacher_train_images.csv
+    eval_list: str = ""                # split=teacher: default <shared>/teachers/teacher_val_images.csv
+    eval_fraction: float = 0.2         # split=patient: fraction of patients held out for evaluation
+    split_seed: int = 0                # patient-wise splits (kept apart from `seed` so all seeds share eval images)
+    val_fraction: float = 0.0          # >0: patient-wise part of the training images to pick the epoch on
+    limit_train: int = 0               # >0: use only the first N training images (smoke tests)
+    limit_eval: int = 0
+    cache_dtype: str = "auto"          # in-memory decoded images: uint8 (8-bit sources), float16, auto
+    # --- augmentation on the [0, 1] image before preprocess_one
+    augment: bool = True
+    aug_scale: float = 0.1             # scale in [1 - s, 1 + s]
+    aug_rotate: float = 7.0            # degrees
+    aug_shift: float = 0.05            # fraction of the side
+    aug_gamma: float = 0.2             # gamma = exp(U(-g, g))
+    aug_contrast: float = 0.1          # contrast factor in [1 - c, 1 + c]
+    hflip: bool = False
+    # --- optimisation
+    epochs: int = 25
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    schedule: str = "onecycle"         # onecycle | cosine (linear warmup then cosine)
+    warmup_frac: float = 0.15
+    grad_clip: float = 0.0
+    seed: int = 0
+    # --- runtime
+    device: str = "cpu"
+    amp: bool = False                  # bf16 autocast
+    channels_last: bool = False
+    num_workers: int = 0
+    threads: int = 0                   # torch.set_num_threads; 0 = min(2, cpu count) on CPU
+    out_dir: str = "runs/default"
+    resume: bool = False
+    stop_after_epochs: int = 0         # >0: exit after this many epochs in this invocation (preemption test)
+    keep_checkpoints: bool = False     # keep epoch_NNN.pt besides last.pt
+    eval_batch_size: int = 64
+    bootstrap: int = 1000
+    log_every: int = 0                 # >0: also print every N steps
+
+    # ------------------------------------------------------------------ derived values
+    def student_spec(self) -> PreprocessSpec:
+        spec = PreprocessSpec(input_size=(self.input_size, self.input_size), channels=self.channels,
+                              resize=self.resize, mean=(self.mean,) * self.channels,
+                              std=(self.std,) * self.channels, min_side=min(128, self.input_size))
+        spec.validate()
+        return spec
+
+    def teacher_spec(self) -> PreprocessSpec:
+        spec = PreprocessSpec(input_size=(self.teacher_input_size, self.teacher_input_size), channels=1,
+                              resize=self.teacher_resize, mean=(self.teacher_mean,), std=(self.teacher_std,))
+        spec.validate()
+        return spec
+
+    def shared_path(self) -> Path:
+        return Path(self.shared_dir).resolve() if self.shared_dir else shared_dir()
+
+    def data_path(self) -> Path:
+        return Path(self.data_root) if self.data_root else self.shared_path() / "data" / "nih-cxr14-sample"
+
+    def split_lists(self) -> tuple[Path, Path]:
+        """(train, eval) image lists of split=teacher."""
+        teachers = self.shared_path() / "teachers"
+        return (Path(self.train_list) if self.train_list else teachers / "teacher_train_images.csv",
+                Path(self.eval_list) if self.eval_list else teachers / "teacher_val_images.csv")
+
+    def validate(self) -> None:
+        """Refuse settings that would silently train something else than asked."""
+        checks = [
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.lr > 0 and self.weight_decay >= 0, "lr must be > 0 and weight_decay >= 0"),
+            (0.0 <= self.kd_alpha <= 1.0, "kd_alpha must lie in [0, 1]"),
+            (self.kd_temperature > 0, "kd_temperature must be > 0"),
+            (self.at_beta >= 0, "at_beta must be >= 0"),
+            (not ((self.kd_alpha > 0 or self.at_beta > 0) and not self.teachers),
+             "kd_alpha/at_beta > 0 need at least one --teachers entry"),
+            (self.teacher_mode in ("cache", "online"), "teacher_mode must be cache or online"),
+            (self.teacher_combine in ("logits", "probs"), "teacher_combine must be logits or probs"),
+            (self.split in ("teacher", "patient"), "split must be teacher or patient"),
+            (0.0 < self.eval_fraction < 1.0, "eval_fraction must lie in (0, 1)"),
+            (0.0 <= self.val_fraction < 1.0, "val_fraction must lie in [0, 1)"),
+            (self.schedule in ("onecycle", "cosine"), "schedule must be onecycle or cosine"),
+            (0.0 <= self.warmup_frac < 1.0, "warmup_frac must lie in [0, 1)"),
+            (self.device.split(":")[0] in ("cpu", "cuda"), "device must be cpu or cuda[:N]"),
+            (self.cache_dtype in ("auto", "uint8", "float16"), "cache_dtype must be auto, uint8 or float16"),
+            (0 <= self.aug_scale < 1 and 0 <= self.aug_shift < 0.5 and self.aug_rotate >= 0
+             and self.aug_gamma >= 0 and 0 <= self.aug_contrast < 1, "augmentation ranges out of bounds"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidArgumentError(f"config: {message}")
+        self.student_spec()
+        if self.teachers:
+            self.teacher_spec()
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise InvalidArgumentError(f"config: unknown field(s) {unknown}")
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TrainConfig":
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise InvalidArgumentError(f"cannot read config {path}: {exc}") from None
+        return cls.from_dict(d)
+
+    def math_diff(self, other: "TrainConfig") -> list[str]:
+        """Fields (other than operational ones) whose values differ: resume refuses these."""
+        a, b = self.to_dict(), other.to_dict()
+        return sorted(k for k in a if k not in OPERATIONAL_FIELDS and a[k] != b[k])
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return replace(self, **changes)
+
+
+# ---------------------------------------------------------------------- CLI mapping
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field, defaults suppressed so only flags actually given override ``--config``."""
+    parser.add_argument("--config", help="JSON config to start from (flags override it)")
+    for f in fields(TrainConfig):
+        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": f.name}
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        if isinstance(default, bool):
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw,
+                                help=f"(default: {default})")
+        elif isinstance(default, list):
+            parser.add_argument(_flag(f.name), nargs="*", **kw, help=f"(default: {default})")
+        elif isinstance(default, dict):
+            parser.add_argument(_flag(f.name), type=json.loads, **kw, help=f"JSON object (default: {default})")
+        else:
+            parser.add_argument(_flag(f.name), type=type(default), **kw, help=f"(default: {default})")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Base config (``--config`` file or defaults) with the given flags applied, validated."""
+    base = TrainConfig.load(args.config) if getattr(args, "config", None) else TrainConfig()
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    cfg = replace(base, **overrides)
+    cfg.validate()
+    return cfg
+
+
+def parse_config(argv: Sequence[str] | None = None, prog: str | None = None) -> TrainConfig:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    add_config_arguments(parser)
+    return config_from_args(parser.parse_args(argv))

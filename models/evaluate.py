@@ -1,0 +1,463 @@
+"""Evaluation: per-label ROC AUC with patient-level bootstrap CIs, paired KD-gain bootstrap, and
+the pointing game of class activation maps on radiologist boxes.
+
+Why patients: images of one patient are correlated, so confidence intervals resample patients
+(all of a patient's images together), not images. Why one code path for every model: the teacher
+(ONNX), a student (PyTorch run directory) and an exported bundle are all :class:`models.distill.Predictor`
+objects and are scored identically; CAMs use :func:`cxr_edge.cam.class_activation_map`, the
+runtime's own function.
+
+CLI::
+
+    python -m models.evaluate score runs/kd_s0 --pointing-game
+    python -m models.evaluate score /work/shared/teachers/densenet121-nih1071.onnx --pointing-game
+    python -m models.evaluate compare --a runs/plain_s0 runs/plain_s1 --b runs/kd_s0 runs/kd_s1
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from scipy.stats import rankdata
+
+from cxr_edge.cam import class_activation_map
+from cxr_edge.errors import InvalidArgumentError
+
+#: bbox.csv finding -> model label, where the spellings differ (the NIH list says "Infiltrate").
+FINDING_TO_LABEL = {"Infiltrate": "Infiltration"}
+
+
+# ============================================================================ AUC
+def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC by the rank-sum (Mann-Whitney U) formula, ties averaged; NaN when one class is absent.
+
+    Equals :func:`sklearn.metrics.roc_auc_score`; written with ranks so the bootstrap can do
+    thousands of them quickly.
+    """
+    y = np.asarray(y_true, dtype=np.float64).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    keep = ~np.isnan(y)
+    y, s = y[keep], s[keep]
+    n_pos = int((y == 1).sum())
+    n_neg = int(y.size - n_pos)
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(s)
+    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def auc_per_label(targets: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """AUC per column of N x L targets (1/0/NaN) and scores; NaN where a label lacks a class."""
+    targets = np.asarray(targets, dtype=np.float64)
+    scores = np.asarray(scores, dtype=np.float64)
+    if targets.shape != scores.shape or targets.ndim != 2:
+        raise InvalidArgumentError(f"targets {targets.shape} and scores {scores.shape} must both be N x L")
+    out = np.full(targets.shape[1], np.nan)
+    complete = ~np.isnan(targets).any(axis=0)
+    if complete.any():  # vectorised over the labels with no unknown cells
+        y = targets[:, complete]
+        ranks = rankdata(scores[:, complete], axis=0)
+        n_pos = y.sum(axis=0)
+        n_neg = y.shape[0] - n_pos
+        with np.errstate(invalid="ignore", divide="ignore"):
+            auc = ((ranks * y).sum(axis=0) - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+        auc[(n_pos == 0) | (n_neg == 0)] = np.nan
+        out[complete] = auc
+    for j in np.flatnonzero(~complete):
+        out[j] = roc_auc(targets[:, j], scores[:, j])
+    return out
+
+
+# ============================================================================ bootstrap
+def patient_resamples(patient_ids: Sequence[str], n: int, seed: int = 0) -> Iterable[np.ndarray]:
+    """``n`` image-index arrays, each drawing patients with replacement and taking all their images."""
+    _, inverse = np.unique(np.asarray(patient_ids, dtype=str), return_inverse=True)
+    inverse = inverse.reshape(-1)
+    order = np.argsort(inverse, kind="stable")
+    counts = np.bincount(inverse)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rng = np.random.default_rng(seed)
+    n_pat = counts.size
+    for _ in range(n):
+        drawn = rng.integers(0, n_pat, size=n_pat)
+        yield np.concatenate([order[starts[p]:starts[p] + counts[p]] for p in drawn])
+
+
+def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
+    v = values[np.isfinite(values)]
+    if v.size == 0:
+        return float("nan"), float("nan")
+    a = (1.0 - level) / 2.0
+    lo, hi = np.quantile(v, [a, 1.0 - a])
+    return float(lo), float(hi)
+
+
+def bootstrap_auc(targets: np.ndarray, scores: np.ndarray, patient_ids: Sequence[str],
+                  label_names: Sequence[str] | None = None, n_boot: int = 1000, seed: int = 0,
+                  level: float = 0.95) -> dict:
+    """Per-label AUC and mean AUC with percentile CIs from a patient-level bootstrap.
+
+    The mean is over labels with both classes among the evaluated images (the others are listed
+    in ``skipped_labels``); inside a resample a label that lost a class is left out of that
+    resample's mean (``degenerate`` counts how often).
+    """
+    targets = np.asarray(targets, dtype=np.float64)
+    scores = np.asarray(scores, dtype=np.float64)
+    n_labels = targets.shape[1]
+    names = list(label_names) if label_names is not None else [f"label_{j}" for j in range(n_labels)]
+    if len(names) != n_labels or len(patient_ids) != targets.shape[0]:
+        raise InvalidArgumentError("one label name per column and one patient id per row are required")
+    point = auc_per_label(targets, scores)
+    valid = np.isfinite(point)
+    boot = np.full((n_boot, n_labels), np.nan)
+    for b, idx in enumerate(patient_resamples(patient_ids, n_boot, seed)):
+        boot[b] = auc_per_label(targets[idx], scores[idx])
+    boot[:, ~valid] = np.nan
+    with np.errstate(invalid="ignore"):
+        boot_mean = np.nanmean(np.where(valid, boot, np.nan), axis=1) if valid.any() else np.full(n_boot, np.nan)
+    per_label = {}
+    for j, name in enumerate(names):
+        lo, hi = _interval(boot[:, j], level)
+        pos = targets[:, j] == 1
+        per_label[name] = {"auc": _f(point[j]), "ci_low": _f(lo), "ci_high": _f(hi), "n_pos": int(pos.sum()),
+                           "n_known": int((~np.isnan(targets[:, j])).sum()),
+                           "degenerate": int(np.isnan(boot[:, j]).sum()) if valid[j] else None}
+    mean_point = float(point[valid].mean()) if valid.any() else float("nan")
+    lo, hi = _interval(boot_mean, level)
+    return {"mean_auc": _f(mean_point), "mean_ci_low": _f(lo), "mean_ci_high": _f(hi), "per_label": per_label,
+            "skipped_labels": [n for n, v in zip(names, valid) if not v], "n_images": int(targets.shape[0]),
+            "n_patients": int(len(set(patient_ids))), "n_boot": n_boot, "seed": seed, "level": level,
+            "resampling": "patients"}
+
+
+def paired_bootstrap(targets: np.ndarray, scores_a: Sequence[np.ndarray], scores_b: Sequence[np.ndarray],
+                     patient_ids: Sequence[str], n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Mean-AUC difference B - A on the same images, averaged over the runs (seeds) of each arm.
+
+    Every resample of patients is applied to all runs at once (paired), so the CI reflects the
+    evaluation set's sampling; per-seed differences are reported alongside. ``p_le_zero`` is the
+    fraction of resamples where the gain is <= 0 (a one-sided bootstrap p-value).
+    """
+    targets = np.asarray(targets, dtype=np.float64)
+    if not scores_a or not scores_b:
+        raise InvalidArgumentError("paired_bootstrap needs at least one run in each arm")
+    for s in (*scores_a, *scores_b):
+        if np.shape(s) != targets.shape:
+            raise InvalidArgumentError(f"scores {np.shape(s)} do not match targets {targets.shape}")
+    valid = np.nansum(targets == 1, axis=0).astype(bool) & np.nansum(targets == 0, axis=0).astype(bool)
+
+    def mean_aucs(idx: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        t = targets if idx is None else targets[idx]
+
+        def one(s: np.ndarray) -> float:
+            auc = auc_per_label(t, np.asarray(s, np.float64) if idx is None else np.asarray(s, np.float64)[idx])
+            auc = np.where(valid, auc, np.nan)
+            return float(np.nanmean(auc)) if np.isfinite(auc).any() else float("nan")
+
+        return np.array([one(s) for s in scores_a]), np.array([one(s) for s in scores_b])
+
+    a0, b0 = mean_aucs(None)
+    deltas = np.full(n_boot, np.nan)
+    seed_deltas = np.full((n_boot, min(len(a0), len(b0))), np.nan)
+    for k, idx in enumerate(patient_resamples(patient_ids, n_boot, seed)):
+        a, b = mean_aucs(idx)
+        deltas[k] = b.mean() - a.mean()
+        if len(a) == len(b):
+            seed_deltas[k] = b - a
+    lo, hi = _interval(deltas, level)
+    out = {"delta_mean_auc": _f(b0.mean() - a0.mean()), "ci_low": _f(lo), "ci_high": _f(hi),
+           "p_le_zero": _f(float(np.mean(deltas[np.isfinite(deltas)] <= 0))) if np.isfinite(deltas).any() else None,
+           "mean_auc_a": [_f(v) for v in a0], "mean_auc_b": [_f(v) for v in b0],
+           "mean_auc_a_avg": _f(a0.mean()), "mean_auc_b_avg": _f(b0.mean()),
+           "seed_std_a": _f(a0.std(ddof=1)) if len(a0) > 1 else None,
+           "seed_std_b": _f(b0.std(ddof=1)) if len(b0) > 1 else None,
+           "n_images": int(targets.shape[0]), "n_patients": int(len(set(patient_ids))), "n_boot": n_boot,
+           "seed": seed, "level": level, "resampling": "patients (paired across all runs)"}
+    if len(a0) == len(b0):
+        out["per_seed"] = [{"delta": _f(b0[k] - a0[k]), "ci_low": _f(_interval(seed_deltas[:, k], level)[0]),
+                            "ci_high": _f(_interval(seed_deltas[:, k], level)[1])} for k in range(len(a0))]
+    return out
+
+
+# ============================================================================ pointing game
+def argmax_point(cam: np.ndarray) -> tuple[int, int] | None:
+    """(row, col) of the CAM's maximum; with a plateau, the plateau pixel nearest its centroid.
+    None for a map with no positive evidence (all zero): counted as a miss."""
+    peak = float(cam.max())
+    if not np.isfinite(peak) or peak <= 0:
+        return None
+    ys, xs = np.nonzero(cam >= peak)
+    if ys.size == 1:
+        return int(ys[0]), int(xs[0])
+    k = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))
+    return int(ys[k]), int(xs[k])
+
+
+def point_in_box(point: tuple[int, int] | None, box: tuple[float, float, float, float], tolerance: float = 0.0) -> bool:
+    """Pixel (row, col) -- its centre (col + 0.5, row + 0.5) -- inside box (x, y, w, h) grown by ``tolerance`` px."""
+    if point is None:
+        return False
+    r, c = point
+    x, y, w, h = box
+    cx, cy = c + 0.5, r + 0.5
+    return (x - tolerance <= cx <= x + w + tolerance) and (y - tolerance <= cy <= y + h + tolerance)
+
+
+def random_point_rate(box: tuple[float, float, float, float], image_hw: tuple[int, int], tolerance: float = 0.0) -> float:
+    """Hit probability of a uniformly random point: (box grown by tolerance, clipped) area / image area."""
+    x, y, w, h = box
+    hh, ww = image_hw
+    x0, x1 = max(0.0, x - tolerance), min(float(ww), x + w + tolerance)
+    y0, y1 = max(0.0, y - tolerance), min(float(hh), y + h + tolerance)
+    return max(0.0, x1 - x0) * max(0.0, y1 - y0) / float(hh * ww)
+
+
+def pointing_game(cams: Sequence[np.ndarray], boxes: Sequence[tuple[float, float, float, float]],
+                  findings: Sequence[str], groups: Sequence[str] | None = None, tolerance: float = 0.0,
+                  n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Hit rate of CAM maxima in boxes (one CAM per (image, finding) box), the random-point baseline,
+    and bootstrap CIs resampling ``groups`` (patients; default: each box its own group)."""
+    if not (len(cams) == len(boxes) == len(findings)):
+        raise InvalidArgumentError("pointing_game: one CAM and one finding per box")
+    hits = np.array([point_in_box(argmax_point(c), b, tolerance) for c, b in zip(cams, boxes)], dtype=np.float64)
+    base = np.array([random_point_rate(b, c.shape, tolerance) for c, b in zip(cams, boxes)], dtype=np.float64)
+    flat = int(sum(argmax_point(c) is None for c in cams))
+    groups = list(groups) if groups is not None else [str(i) for i in range(len(boxes))]
+
+    def summary(sel: np.ndarray) -> dict:
+        h, r, g = hits[sel], base[sel], [groups[i] for i in np.flatnonzero(sel)]
+        if h.size == 0:
+            return {"n": 0}
+        bh, br = [], []
+        for idx in patient_resamples(g, n_boot, seed):
+            bh.append(h[idx].mean())
+            br.append(r[idx].mean())
+        bh, br = np.array(bh), np.array(br)
+        return {"n": int(h.size), "hit_rate": _f(h.mean()), "ci_low": _f(_interval(bh, level)[0]),
+                "ci_high": _f(_interval(bh, level)[1]), "random_baseline": _f(r.mean()),
+                "baseline_ci_low": _f(_interval(br, level)[0]), "baseline_ci_high": _f(_interval(br, level)[1]),
+                "gain_over_random_ci": [_f(v) for v in _interval(bh - br, level)]}
+
+    names = np.asarray(findings)
+    out = {"overall": summary(np.ones(len(boxes), dtype=bool)), "tolerance_px": tolerance, "flat_cams": flat,
+           "per_finding": {f: summary(names == f) for f in sorted(set(findings))}, "n_boot": n_boot, "seed": seed}
+    out["hits"] = hits.astype(int).tolist()
+    return out
+
+
+# ============================================================================ scoring models
+def _f(v: float | None) -> float | None:
+    return None if v is None or not np.isfinite(v) else round(float(v), 6)
+
+
+def predict(predictor, images, cache_indices: Sequence[int], batch_size: int = 64,
+            with_features: bool = False) -> tuple[np.ndarray, list[np.ndarray] | None]:
+    """Logits (N x L) of clean images, and per-image features (C x h x w) when asked."""
+    from models.data import preprocess_batch
+
+    logits, feats = [], [] if with_features else None
+    idx = list(cache_indices)
+    for b in range(0, len(idx), batch_size):
+        lo, fe = predictor.run(preprocess_batch(images, idx[b:b + batch_size], predictor.spec))
+        logits.append(np.asarray(lo, np.float32))
+        if with_features:
+            if fe is None:
+                raise InvalidArgumentError(f"{predictor.name} has no features output: no CAM possible")
+            feats.extend(np.asarray(fe, np.float32))
+    return np.concatenate(logits) if logits else np.zeros((0, 0), np.float32), feats
+
+
+def box_cams(predictor, images, table, boxes, label_names: Sequence[str], batch_size: int = 32):
+    """CAMs (image grid) for every box whose image is in ``table`` and whose finding is a label."""
+    head = predictor.head()
+    if head is None:
+        raise InvalidArgumentError(f"{predictor.name}: classifier weights unknown, cannot build CAMs")
+    weights = head[0]
+    column = {n: j for j, n in enumerate(label_names)}
+    row = {img: k for k, img in enumerate(table.image_ids)}
+    wanted = [b for b in boxes if b.image in row and FINDING_TO_LABEL.get(b.finding, b.finding) in column]
+    unmapped = sorted({b.finding for b in boxes if FINDING_TO_LABEL.get(b.finding, b.finding) not in column})
+    by_image: dict[str, list] = defaultdict(list)
+    for b in wanted:
+        by_image[b.image].append(b)
+    order = sorted(by_image)
+    cams, out_boxes, findings, groups = [], [], [], []
+    for s in range(0, len(order), batch_size):
+        chunk = order[s:s + batch_size]
+        ci = [images.index(img) for img in chunk]
+        _, feats = predict(predictor, images, ci, batch_size=batch_size, with_features=True)
+        for img, c, f in zip(chunk, ci, feats):
+            hw = images.raw(c).shape
+            for b in by_image[img]:
+                label = FINDING_TO_LABEL.get(b.finding, b.finding)
+                cams.append(class_activation_map(f, weights[column[label]], out_hw=hw))
+                out_boxes.append((b.x, b.y, b.w, b.h))
+                findings.append(label)
+                groups.append(table.patient_ids[row[img]])
+    return cams, out_boxes, findings, groups, unmapped
+
+
+def evaluate_logits(targets: np.ndarray, logits: np.ndarray, patient_ids: Sequence[str], label_names: Sequence[str],
+                    n_boot: int = 1000, seed: int = 0) -> dict:
+    """The metrics.json body for one model's logits on one image set."""
+    return bootstrap_auc(targets, logits, patient_ids, label_names, n_boot=n_boot, seed=seed)
+
+
+def format_table(metrics: dict, title: str = "") -> str:
+    lines = [title] if title else []
+    lines.append(f"{'label':<20}{'AUC':>7}  {'95% CI':<17}{'pos':>5}")
+    for name, m in metrics["per_label"].items():
+        auc = "   n/a" if m["auc"] is None else f"{m['auc']:.3f}"
+        ci = "" if m["ci_low"] is None else f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+        lines.append(f"{name:<20}{auc:>7}  {ci:<17}{m['n_pos']:>5}")
+    mean = metrics["mean_auc"]
+    lines.append(f"{'mean AUC':<20}{mean:>7.3f}  [{metrics['mean_ci_low']:.3f}, {metrics['mean_ci_high']:.3f}]"
+                 f"  ({metrics['n_images']} images, {metrics['n_patients']} patients"
+                 + (f"; skipped {metrics['skipped_labels']}" if metrics["skipped_labels"] else "") + ")")
+    pg = metrics.get("pointing_game")
+    if pg:
+        o = pg["overall"]
+        lines.append(f"pointing game: {o['hit_rate']:.3f} [{o['ci_low']:.3f}, {o['ci_high']:.3f}] on {o['n']} boxes; "
+                     f"random point {o['random_baseline']:.3f}; flat CAMs {pg['flat_cams']}")
+        for f, s in pg["per_finding"].items():
+            if s["n"]:
+                lines.append(f"  {f:<18}{s['hit_rate']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}] n={s['n']:<4}"
+                             f"random {s['random_baseline']:.3f}")
+    return "\n".join(lines)
+
+
+def read_image_list(path: str | os.PathLike) -> list[str]:
+    """The ``image`` column of a CSV such as teacher_val_images.csv."""
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None or "image" not in reader.fieldnames:
+            raise InvalidArgumentError(f"{path}: expected a CSV with an 'image' column")
+        return [r["image"].strip() for r in reader if r["image"].strip()]
+
+
+def load_predictions(run_or_file: str | os.PathLike) -> dict:
+    path = Path(run_or_file)
+    path = path / "predictions.npz" if path.is_dir() else path
+    if not path.is_file():
+        raise InvalidArgumentError(f"no predictions at {path}")
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+# ============================================================================ CLI
+def _score(args: argparse.Namespace) -> int:
+    from models.config import TrainConfig
+    from models.data import ImageCache, image_path
+    from models.datasets import read_bboxes, read_nih_sample
+    from models.distill import load_predictor
+    from models.train import split_indices
+
+    source = Path(args.source)
+    is_run = source.is_dir()
+    cfg = TrainConfig.load(source / "config.json") if is_run else TrainConfig()
+    if args.data_root:
+        cfg.data_root = args.data_root
+    if args.shared_dir:
+        cfg.shared_dir = args.shared_dir
+    import torch
+
+    torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
+    table = read_nih_sample(cfg.data_path())
+    if args.images:
+        wanted = set(read_image_list(args.images))
+        eval_idx = np.array([k for k, i in enumerate(table.image_ids) if i in wanted], dtype=np.int64)
+    else:
+        eval_idx = split_indices(cfg, table)[2]
+    sub = table.subset(eval_idx)
+    images = ImageCache([image_path(cfg.data_path(), i) for i in sub.image_ids], sub.image_ids, cfg.cache_dtype)
+    pred = load_predictor(str(source), spec=cfg.teacher_spec(), num_classes=len(table.label_names),
+                          threads=args.threads or None, checkpoint=args.checkpoint)
+    if pred.labels is not None and tuple(pred.labels) != tuple(table.label_names):
+        raise InvalidArgumentError(f"{pred.name}: its labels {pred.labels} are not the table's {table.label_names}")
+    logits, _ = predict(pred, images, range(len(images)), batch_size=args.batch_size)
+    metrics = evaluate_logits(sub.targets, logits, sub.patient_ids, table.label_names, args.bootstrap, args.seed)
+    metrics["model"] = {"source": str(source), "name": pred.name, "checksum": pred.checksum,
+                        "input_size": list(pred.spec.input_size)}
+    if args.pointing_game:
+        boxes = read_bboxes(args.bbox or cfg.data_path() / "bbox.csv")
+        cams, bxs, findings, groups, unmapped = box_cams(pred, images, sub, boxes, table.label_names)
+        pg = pointing_game(cams, bxs, findings, groups, tolerance=args.tolerance, n_boot=args.bootstrap,
+                           seed=args.seed)
+        pg["unmapped_findings"] = unmapped
+        metrics["pointing_game"] = pg
+    print(format_table(metrics, title=f"{pred.name}: {len(images)} evaluation images"))
+    out = Path(args.out) if args.out else (source / "eval.json" if is_run else Path(f"eval-{pred.name}.json"))
+    out.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    if args.save_predictions:
+        np.savez(args.save_predictions, image_ids=np.array(sub.image_ids), logits=logits, targets=sub.targets,
+                 patient_ids=np.array(sub.patient_ids), label_names=np.array(table.label_names))
+    print(f"wrote {out}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    runs_a = [load_predictions(p) for p in args.a]
+    runs_b = [load_predictions(p) for p in args.b]
+    ref = runs_a[0]
+    for p, r in zip([*args.a, *args.b], [*runs_a, *runs_b]):
+        if not np.array_equal(r["image_ids"], ref["image_ids"]) or not np.array_equal(r["label_names"],
+                                                                                    ref["label_names"]):
+            raise InvalidArgumentError(f"{p}: evaluated on other images or labels than {args.a[0]}; not paired")
+    res = paired_bootstrap(ref["targets"], [r["logits"] for r in runs_a], [r["logits"] for r in runs_b],
+                           [str(p) for p in ref["patient_ids"]], n_boot=args.bootstrap, seed=args.seed)
+    res["a"], res["b"] = [str(p) for p in args.a], [str(p) for p in args.b]
+    print(f"A: {', '.join(res['a'])}\nB: {', '.join(res['b'])}")
+    print(f"mean AUC A per run {res['mean_auc_a']} (avg {res['mean_auc_a_avg']})")
+    print(f"mean AUC B per run {res['mean_auc_b']} (avg {res['mean_auc_b_avg']})")
+    for k, s in enumerate(res.get("per_seed", [])):
+        print(f"  run pair {k}: B - A = {s['delta']:+.4f} [{s['ci_low']:+.4f}, {s['ci_high']:+.4f}]")
+    print(f"gain B - A (mean over runs) = {res['delta_mean_auc']:+.4f}, 95% CI [{res['ci_low']:+.4f}, "
+          f"{res['ci_high']:+.4f}], P(gain <= 0) = {res['p_le_zero']} ({res['n_patients']} patients, "
+          f"{res['n_boot']} paired resamples)")
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=2, allow_nan=False) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m models.evaluate", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("score", help="AUC (+CIs) and optionally the pointing game of one model")
+    s.add_argument("source", help="run directory, .onnx (teacher or bundle) or registry_name:weights.pt")
+    s.add_argument("--images", help="CSV with an 'image' column (default: the run's / teacher split's eval set)")
+    s.add_argument("--data-root")
+    s.add_argument("--shared-dir")
+    s.add_argument("--checkpoint", default="final", choices=("final", "best", "last"))
+    s.add_argument("--pointing-game", action="store_true")
+    s.add_argument("--bbox", help="bbox.csv (default: <data-root>/bbox.csv)")
+    s.add_argument("--tolerance", type=float, default=0.0, help="pointing-game box tolerance in image pixels")
+    s.add_argument("--bootstrap", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--out", help="JSON output (default: <run>/eval.json or eval-<name>.json)")
+    s.add_argument("--save-predictions", help="also write an .npz of ids/logits/targets")
+    c = sub.add_parser("compare", help="paired bootstrap of the mean-AUC gain B - A (e.g. KD vs plain)")
+    c.add_argument("--a", nargs="+", required=True, help="run dirs or predictions.npz of arm A (baseline)")
+    c.add_argument("--b", nargs="+", required=True, help="run dirs or predictions.npz of arm B")
+    c.add_argument("--bootstrap", type=int, default=1000)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out")
+    args = parser.parse_args(argv)
+    try:
+        return _score(args) if args.cmd == "score" else _compare(args)
+    except InvalidArgumentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,510 @@
+"""Train a model on the NIH sample: supervised (teachers) or with multi-label knowledge distillation.
+
+    python -m models.train --model eeea_c2 --input-size 128 --epochs 25 --out-dir runs/plain_s0
+    python -m models.train --model eeea_c2 --input-size 128 --epochs 25 --out-dir runs/kd_s0 \\
+        --teachers /work/shared/teachers/densenet121-nih1071.onnx --kd-alpha 0.5 --kd-temperature 2
+    torchrun --nproc_per_node 2 -m models.train ...        # DDP (gloo on CPU, nccl on CUDA)
+
+Why it is built this way: the run must be reproducible and resumable exactly (every random draw
+is a function of the config, checkpoints hold optimizer/scheduler/RNG state), and it must be lean
+enough for a 2-core CPU (images decoded once into memory, a slow teacher's outputs cached).
+No epoch is picked on the evaluation images: the last epoch is evaluated, or the best epoch on a
+patient-wise validation part of the *training* images when ``--val-fraction`` > 0.
+
+A run directory holds ``config.json``, ``last.pt`` (full training state, every epoch),
+``model_final.pt`` (weights + config), ``metrics.json`` (per-label AUC with patient-bootstrap 95% CIs)
+and ``predictions.npz`` (evaluation image ids, logits, targets, patients) for re-evaluation.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from cxr_edge.errors import InvalidArgumentError
+from models.config import TrainConfig, parse_config
+from models.data import AugmentParams, CxrDataset, ImageCache, image_path
+from models.distill import (Predictor, TorchPredictor, attention_map, cached_teacher_outputs, distillation_loss,
+                            file_sha256, load_predictor)
+from models.evaluate import auc_per_label, evaluate_logits, format_table, predict, read_image_list
+
+
+# ============================================================================ plumbing
+class WithFeatures(nn.Module):
+    """forward -> (logits, features): DDP only syncs gradients of what goes through one forward()."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.model.features(x)
+        return self.model.head(feats), feats
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def setup_distributed(cfg: TrainConfig) -> DistInfo:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: join the group (nccl on CUDA, gloo on CPU)."""
+    cuda = cfg.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise InvalidArgumentError("--device cuda asked for, but torch sees no CUDA device")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo(device=torch.device(cfg.device))
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return DistInfo(rank, world, local, device)
+
+
+def set_threads(cfg: TrainConfig, d: DistInfo) -> int:
+    """CPU threads per process: the flag, else the cores shared evenly among ranks (max 2 by default)."""
+    n = cfg.threads or max(1, min(2, os.cpu_count() or 1) // d.world) if d.device.type == "cpu" else \
+        (cfg.threads or 2)
+    torch.set_num_threads(n)
+    cv2.setNumThreads(1)  # 320-px warps: OpenCV's own pool only competes with torch's
+    return n
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": _listify(random.getstate()),
+             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tuplify(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _listify(x):
+    return [_listify(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
+
+
+# ============================================================================ data
+def split_indices(cfg: TrainConfig, table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, val, eval) row indices of the table; patient-disjoint.
+
+    split=teacher: the teacher's training images are trained on, its validation images evaluated
+    (the teacher never trained on them). split=patient: a random patient-wise cut (``split_seed``).
+    ``val_fraction`` > 0 carves a patient-wise validation part out of the training images.
+    """
+    from models.datasets import patient_split
+
+    if cfg.split == "teacher":
+        train_csv, eval_csv = cfg.split_lists()
+        for p in (train_csv, eval_csv):
+            if not p.is_file():
+                raise InvalidArgumentError(f"split=teacher needs {p} (set --shared-dir or --train-list/--eval-list)")
+        row = {img: k for k, img in enumerate(table.image_ids)}
+        parts = []
+        for p in (train_csv, eval_csv):
+            names = read_image_list(p)
+            missing = [n for n in names if n not in row]
+            if missing:
+                raise InvalidArgumentError(f"{len(missing)} images of {p.name} are not in the label table, "
+                                           f"e.g. {missing[0]}")
+            parts.append(np.array(sorted(row[n] for n in names), dtype=np.int64))
+        train, evaluation = parts
+        if set(np.asarray(table.patient_ids)[train]) & set(np.asarray(table.patient_ids)[evaluation]):
+            raise InvalidArgumentError("teacher split lists share patients")
+    else:
+        train, evaluation = patient_split(table, (1.0 - cfg.eval_fraction, cfg.eval_fraction), seed=cfg.split_seed)
+    val = np.zeros(0, dtype=np.int64)
+    if cfg.val_fraction > 0:
+        keep, hold = patient_split(table.subset(train), (1.0 - cfg.val_fraction, cfg.val_fraction),
+                                   seed=cfg.split_seed + 1)
+        train, val = train[keep], train[hold]
+    if cfg.limit_train:
+        train = train[:cfg.limit_train]
+    if cfg.limit_eval:
+        evaluation = evaluation[:cfg.limit_eval]
+    return train, val, evaluation
+
+
+def augment_params(cfg: TrainConfig) -> AugmentParams | None:
+    if not cfg.augment:
+        return None
+    return AugmentParams(scale=cfg.aug_scale, rotate=cfg.aug_rotate, shift=cfg.aug_shift, gamma=cfg.aug_gamma,
+                         contrast=cfg.aug_contrast, hflip=cfg.hflip)
+
+
+# ============================================================================ model / optimiser
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    from models.registry import create_model
+
+    kwargs = dict(cfg.model_kwargs)
+    kwargs.setdefault("drop_rate", cfg.drop_rate)
+    return create_model(cfg.model, num_classes=num_classes, in_chans=cfg.channels, **kwargs)
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and normalisation parameters (1-D tensors)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+
+
+class WarmupCosine:
+    """LR factor: linear warmup over ``warmup`` steps, then cosine to 0 at ``total``."""
+
+    def __init__(self, total: int, warmup: int) -> None:
+        self.total, self.warmup = total, warmup
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int):
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total,
+                                                   pct_start=max(cfg.warmup_frac, 1.0 / total))
+    return torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(total, int(cfg.warmup_frac * total)))
+
+
+# ============================================================================ checkpoints
+def _atomic_save(obj: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_run_model(run_dir: str | os.PathLike, checkpoint: str = "final",
+                   map_location: str = "cpu") -> tuple[nn.Module, TrainConfig, list[str], Path]:
+    """(model in eval mode, its config, label names, file) from a run directory.
+
+    ``checkpoint``: final (model_final.pt), best (model_best.pt, when --val-fraction > 0) or last.
+    """
+    run = Path(run_dir)
+    path = run / {"final": "model_final.pt", "best": "model_best.pt", "last": "last.pt"}[checkpoint]
+    if not path.is_file():
+        raise InvalidArgumentError(f"{run}: no {path.name} (finished runs have model_final.pt)")
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    labels = list(ckpt["labels"])
+    model = build_model(cfg, len(labels))
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), cfg, labels, path
+
+
+# ============================================================================ training
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model: nn.Module
+    history: list = field(default_factory=list)
+    metrics: dict | None = None
+    finished: bool = False
+
+
+def _teacher_outputs(cfg: TrainConfig, d: DistInfo, teachers: Sequence[Predictor], images: ImageCache,
+                     cache_idx: np.ndarray, threads: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Cached (augmentation-free) outputs: N x K x L logits and K attention-map arrays."""
+    logits, maps = [], []
+    for t in teachers:
+        if d.main:
+            start = time.perf_counter()
+            _, _, cache = cached_teacher_outputs(t, cfg.teacher_cache_dir, images, cache_idx, progress=True)
+            print(f"teacher {t.name}: {cache.hits} cached, {cache.misses} computed "
+                  f"({time.perf_counter() - start:.1f}s) {cache.path}", flush=True)
+        d.barrier()
+        lo, mp, _ = cached_teacher_outputs(t, cfg.teacher_cache_dir, images, cache_idx)
+        logits.append(lo)
+        maps.append(mp)
+    return np.stack(logits, axis=1), maps
+
+
+def _online_teacher(teachers: Sequence[Predictor], batch: dict, device: torch.device,
+                    need_maps: bool) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    logits, maps = [], []
+    for t, x in zip(teachers, batch["teacher_images"]):
+        if isinstance(t, TorchPredictor):
+            lo, fe = t.forward_torch(x.to(device))
+        else:
+            lo_np, fe_np = t.run(x.numpy())
+            lo = torch.from_numpy(lo_np).to(device)
+            fe = None if fe_np is None else torch.from_numpy(fe_np).to(device)
+        logits.append(lo.float())
+        if need_maps:
+            if fe is None:
+                raise InvalidArgumentError(f"teacher {t.name} has no features output (needed for --at-beta)")
+            maps.append(attention_map(fe))
+    return torch.stack(logits, dim=1), (maps if need_maps else None)
+
+
+def evaluate_model(model: nn.Module, spec, images: ImageCache, cache_idx: Sequence[int], device: torch.device,
+                   batch_size: int) -> np.ndarray:
+    """Logits of clean images, model put back in its previous mode."""
+    was_training = model.training
+    pred = TorchPredictor(model, spec, name="eval", checksum="", device=str(device))
+    try:
+        logits, _ = predict(pred, images, cache_idx, batch_size=batch_size)
+    finally:
+        model.train(was_training)
+    return logits
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run (or resume) one training run; returns the run dir and the trained (unwrapped) model."""
+    from models.datasets import read_nih_sample
+
+    cfg.validate()
+    d = setup_distributed(cfg)
+    threads = set_threads(cfg, d)
+    run = Path(cfg.out_dir)
+    last = run / "last.pt"
+    if cfg.batch_size % d.world:
+        raise InvalidArgumentError(f"batch_size {cfg.batch_size} must be divisible by the {d.world} processes")
+    if last.exists() and not cfg.resume:
+        raise InvalidArgumentError(f"{run} already holds a checkpoint: pass --resume, or another --out-dir")
+    ckpt = torch.load(last, map_location="cpu", weights_only=True) if (cfg.resume and last.exists()) else None
+    if ckpt is not None:
+        diff = TrainConfig.from_dict(ckpt["config"]).math_diff(cfg)
+        if diff:
+            raise InvalidArgumentError(f"--resume with a different config (fields {diff}); use the run's config.json")
+    if d.main:
+        run.mkdir(parents=True, exist_ok=True)
+        cfg.save(run / "config.json")
+
+    # ---- data
+    t0 = time.perf_counter()
+    table = read_nih_sample(cfg.data_path())
+    labels = list(table.label_names)
+    train_rows, val_rows, eval_rows = split_indices(cfg, table)
+    needed = np.unique(np.concatenate([train_rows, val_rows, eval_rows]))
+    ids = [table.image_ids[i] for i in needed]
+    images = ImageCache([image_path(cfg.data_path(), i) for i in ids], ids, cfg.cache_dtype, workers=threads)
+    pos = {int(r): k for k, r in enumerate(needed)}
+    train_ci = np.array([pos[int(r)] for r in train_rows], dtype=np.int64)
+    val_ci = np.array([pos[int(r)] for r in val_rows], dtype=np.int64)
+    eval_ci = np.array([pos[int(r)] for r in eval_rows], dtype=np.int64)
+    if d.main:
+        print(f"data: {len(train_rows)} train / {len(val_rows)} val / {len(eval_rows)} eval images "
+              f"(split={cfg.split}); decoded {len(images)} in {time.perf_counter() - t0:.1f}s "
+              f"({images.nbytes / 2**20:.0f} MiB); {threads} threads, world {d.world}", flush=True)
+
+    # ---- teachers
+    use_kd = cfg.kd_alpha > 0 or cfg.at_beta > 0
+    teachers: list[Predictor] = []
+    teacher_info = []
+    if use_kd:
+        for src in cfg.teachers:
+            t = load_predictor(src, spec=cfg.teacher_spec(), device=str(d.device), num_classes=len(labels),
+                               threads=threads)
+            if t.labels is not None and list(t.labels) != labels:
+                raise InvalidArgumentError(f"teacher {src}: labels {t.labels} differ from the table's {labels}")
+            teachers.append(t)
+            teacher_info.append({"source": src, "name": t.name, "checksum": t.checksum,
+                                 "input_size": list(t.spec.input_size), "mean": list(t.spec.mean),
+                                 "std": list(t.spec.std), "resize": t.spec.resize})
+    t_logits = None
+    t_maps = None
+    if use_kd and cfg.teacher_mode == "cache":
+        t_logits, t_maps = _teacher_outputs(cfg, d, teachers, images, train_ci, threads)
+        if t_logits.shape[-1] != len(labels):
+            raise InvalidArgumentError(f"teacher gives {t_logits.shape[-1]} logits for {len(labels)} labels")
+        if cfg.at_beta == 0:
+            t_maps = None
+        teachers = []  # outputs are in memory; free the sessions
+
+    train_ds = CxrDataset(images, train_ci, table.targets[train_rows], cfg.student_spec(), augment_params(cfg),
+                          seed=cfg.seed, teacher_logits=t_logits, teacher_maps=t_maps,
+                          teacher_specs=[t.spec for t in teachers] if teachers else None)
+    per_rank = cfg.batch_size // d.world
+    sampler = DistributedSampler(train_ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed)
+    loader = DataLoader(train_ds, batch_size=per_rank, sampler=sampler, num_workers=cfg.num_workers,
+                        drop_last=len(sampler) > per_rank, worker_init_fn=_worker_init,
+                        pin_memory=d.device.type == "cuda")
+    steps = len(loader)
+    if steps == 0:
+        raise InvalidArgumentError("no training batches: too few training images for the batch size")
+
+    # ---- model, optimiser, schedule
+    seed_everything(cfg.seed)
+    model = build_model(cfg, len(labels)).to(d.device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = build_optimizer(cfg, model)
+    sched = build_scheduler(cfg, opt, steps)
+    start_epoch, history = 0, []
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        start_epoch, history = int(ckpt["epoch"]), list(ckpt["history"])
+        if d.main:
+            print(f"resumed {last} at epoch {start_epoch}/{cfg.epochs}", flush=True)
+    net: nn.Module = WithFeatures(model)
+    if d.world > 1:
+        net = DistributedDataParallel(net, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+    best = max((h.get("val_mean_auc") or -1.0 for h in history), default=-1.0)
+    spec = cfg.student_spec()
+    need_maps = cfg.at_beta > 0
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler.set_epoch(epoch)
+        train_ds.set_epoch(epoch)
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + d.rank)  # dropout / drop-path draws
+        net.train()
+        sums: dict[str, float] = defaultdict(float)
+        start = time.perf_counter()
+        for step, batch in enumerate(loader):
+            x = batch["image"].to(d.device, non_blocking=True)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = batch["target"].to(d.device, non_blocking=True)
+            with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+                logits, feats = net(x)
+            tl, tm = batch.get("teacher_logits"), batch.get("teacher_maps")
+            if teachers:
+                tl, tm = _online_teacher(teachers, batch, d.device, need_maps)
+            loss, parts = distillation_loss(
+                logits.float(), y, None if tl is None else tl.to(d.device), cfg.kd_alpha, cfg.kd_temperature,
+                cfg.teacher_combine, feats if need_maps else None,
+                None if tm is None else [m.to(d.device) for m in tm], cfg.at_beta)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            sums["loss"] += float(loss.detach())
+            for k, v in parts.items():
+                sums[k] += v
+            if cfg.log_every and d.main and (step + 1) % cfg.log_every == 0:
+                print(f"  step {step + 1}/{steps} loss {sums['loss'] / (step + 1):.4f}", flush=True)
+        seconds = time.perf_counter() - start
+        record = {"epoch": epoch + 1, "seconds": round(seconds, 2), "lr": opt.param_groups[0]["lr"],
+                  **{k: round(v / steps, 5) for k, v in sums.items()}}
+        if len(val_ci) and d.main:
+            vl = evaluate_model(model, spec, images, val_ci, d.device, cfg.eval_batch_size)
+            auc = auc_per_label(table.targets[val_rows], vl)
+            record["val_mean_auc"] = round(float(np.nanmean(auc)), 5) if np.isfinite(auc).any() else None
+        history.append(record)
+        if d.main:
+            if record.get("val_mean_auc") is not None and record["val_mean_auc"] > best:
+                best = record["val_mean_auc"]
+                _atomic_save({"model": model.state_dict(), "config": cfg.to_dict(), "labels": labels,
+                              "epoch": epoch + 1}, run / "model_best.pt")
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "epoch": epoch + 1, "config": cfg.to_dict(), "history": history, "labels": labels,
+                     "rng": rng_state()}
+            _atomic_save(state, last)
+            if cfg.keep_checkpoints:
+                _atomic_save(state, run / f"epoch_{epoch + 1:03d}.pt")
+            extra = " ".join(f"{k} {record[k]:.4f}" for k in ("bce", "kd", "at") if k in record)
+            val = f" val mAUC {record['val_mean_auc']:.4f}" if record.get("val_mean_auc") is not None else ""
+            print(f"epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.4f} ({extra}) lr {record['lr']:.2e} "
+                  f"{seconds:.1f}s ({seconds / steps:.2f}s/step){val}", flush=True)
+        if cfg.stop_after_epochs and epoch + 1 - start_epoch >= cfg.stop_after_epochs and epoch + 1 < cfg.epochs:
+            d.barrier()
+            return TrainResult(run, model, history, None, finished=False)
+
+    # ---- final evaluation on the held-out images (rank 0)
+    metrics = None
+    d.barrier()
+    if d.main:
+        chosen = "last"
+        final_state = model.state_dict()
+        if len(val_ci) and (run / "model_best.pt").is_file():
+            best_ckpt = torch.load(run / "model_best.pt", map_location="cpu", weights_only=True)
+            eval_model = build_model(cfg, len(labels)).to(d.device)
+            eval_model.load_state_dict(best_ckpt["model"])
+            final_state, chosen = eval_model.state_dict(), f"best on validation (epoch {best_ckpt['epoch']})"
+        else:
+            eval_model = model
+        _atomic_save({"model": final_state, "config": cfg.to_dict(), "labels": labels, "epoch": cfg.epochs,
+                      "checkpoint": chosen}, run / "model_final.pt")
+        logits = evaluate_model(eval_model, spec, images, eval_ci, d.device, cfg.eval_batch_size)
+        sub = table.subset(eval_rows)
+        np.savez(run / "predictions.npz", image_ids=np.array(sub.image_ids), logits=logits, targets=sub.targets,
+                 patient_ids=np.array(sub.patient_ids), label_names=np.array(labels))
+        metrics = evaluate_logits(sub.targets, logits, sub.patient_ids, labels, n_boot=cfg.bootstrap, seed=0)
+        metrics.update({"model": cfg.model, "checkpoint": chosen, "epochs": cfg.epochs, "teachers": teacher_info,
+                        "split": cfg.split, "input_size": cfg.input_size, "kd_alpha": cfg.kd_alpha,
+                        "kd_temperature": cfg.kd_temperature, "at_beta": cfg.at_beta, "seed": cfg.seed,
+                        "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in history])), 2)
+                        if history else None, "world_size": d.world, "threads": threads})
+        (run / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+        print(format_table(metrics, title=f"{run}: evaluation on {len(eval_rows)} held-out images ({chosen} epoch)"),
+              flush=True)
+    d.barrier()
+    return TrainResult(run, model, history, metrics, finished=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cfg = parse_config(argv, prog="python -m models.train")
+        train(cfg)
+    except InvalidArgumentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,152 @@
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import DATA, need_shared
+from cxr_edge import Classifier
+from cxr_edge.errors import (CxrEdgeError, InferenceError, InvalidArgumentError, NoDefaultModelError,
+                             UnsupportedFormatError)
+from cxr_edge.preprocess import preprocess
+
+
+def _image(h=200, w=180, seed=0):
+    rng = np.random.default_rng(seed)
+    img = cv2.GaussianBlur(rng.random((h, w)).astype(np.float32), (0, 0), 5)
+    return (img - img.min()) / (img.max() - img.min())
+
+
+def test_import_never_pulls_torch():
+    import subprocess
+
+    code = "import cxr_edge, cxr_edge.cli, cxr_edge.classifier, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_predict_matches_a_manual_onnxruntime_run(tiny_bundle):
+    clf = Classifier(tiny_bundle, threads=1)
+    img = _image()
+    res = clf.predict(img)
+    x = preprocess(img, clf.manifest.preprocessing)
+    logits = clf.bundle.session.run(["logits"], {"image": x})[0][0]
+    expected = 1 / (1 + np.exp(-logits))
+    np.testing.assert_allclose([res.probabilities[n] for n in clf.labels], expected, rtol=1e-5)
+    assert res.decisions == {n: res.probabilities[n] >= 0.5 for n in clf.labels}
+    assert res.model_id == "tiny-test" and res.image_shape == img.shape
+    assert set(res.timings_ms) >= {"decode", "preprocess", "inference", "total"}
+
+
+def test_thresholds_come_from_the_manifest(tiny_bundle_factory):
+    low = Classifier(tiny_bundle_factory(thresholds=(0.01, 0.01, 0.01)), threads=1).predict(_image())
+    high = Classifier(tiny_bundle_factory(thresholds=(0.99, 0.99, 0.99)), threads=1).predict(_image())
+    assert all(low.decisions.values()) and not any(high.decisions.values())
+
+
+def test_batch_equals_single_predictions(tiny_bundle):
+    clf = Classifier(tiny_bundle, threads=1)
+    imgs = [_image(seed=s) for s in range(5)]
+    batch = clf.predict_batch(imgs, batch_size=2)
+    for img, res in zip(imgs, batch):
+        single = clf.predict(img)
+        for n in clf.labels:
+            assert res.probabilities[n] == pytest.approx(single.probabilities[n], abs=1e-5)
+
+
+def test_batch_collects_errors_and_goes_on(tiny_bundle):
+    clf = Classifier(tiny_bundle, threads=1)
+    out = clf.predict_batch([_image(), b"garbage bytes", _image(seed=3)], errors="collect")
+    assert isinstance(out[1], UnsupportedFormatError)
+    assert out[0].probabilities and out[2].probabilities
+    with pytest.raises(UnsupportedFormatError):
+        clf.predict_batch([_image(), b"garbage bytes"])
+
+
+def test_deterministic_for_fixed_threads(tiny_bundle):
+    img = _image(seed=7)
+    a = Classifier(tiny_bundle, threads=2).predict(img)
+    b = Classifier(tiny_bundle, threads=2).predict(img)
+    assert a.probabilities == b.probabilities
+
+
+def test_cam_on_input_grid_and_is_exact_weighted_sum(tiny_bundle):
+    clf = Classifier(tiny_bundle, threads=1)
+    img = _image(300, 240)
+    res = clf.predict(img)
+    heat = res.cam("label_1")
+    assert heat.shape == (300, 240) and heat.dtype == np.float32
+    assert 0.0 <= heat.min() and heat.max() <= 1.0
+    np.testing.assert_allclose(clf.explain(img, 1), heat, atol=1e-6)
+    x = preprocess(img, clf.manifest.preprocessing)
+    feats = clf.bundle.session.run(["features"], {"image": x})[0][0]
+    raw = np.maximum(np.tensordot(clf.manifest.cam.weights[1], feats, axes=1), 0)
+    small = cv2.resize(heat, raw.shape[::-1], interpolation=cv2.INTER_AREA)
+    if raw.max() > 0:
+        assert np.corrcoef(small.ravel(), raw.ravel())[0, 1] > 0.9
+
+
+def test_unknown_label_is_an_argument_error(tiny_bundle):
+    clf = Classifier(tiny_bundle, threads=1)
+    with pytest.raises(InvalidArgumentError, match="label_0"):
+        clf.explain(_image(), "Pneumothorax")
+
+
+def test_overlay_png_written(tiny_bundle, tmp_path):
+    res = Classifier(tiny_bundle, threads=1).predict(_image())
+    out = tmp_path / "overlay.png"
+    res.write_overlay(out, "label_0")
+    rgb = cv2.imread(str(out), cv2.IMREAD_UNCHANGED)
+    assert rgb.shape == (200, 180, 3)
+
+
+def test_nan_logits_are_refused(tiny_bundle, monkeypatch):
+    clf = Classifier(tiny_bundle, threads=1)
+    real_run = clf.bundle.session.run
+
+    class Fake:
+        def run(self, names, feeds):
+            outs = real_run(names, feeds)
+            outs[0][:] = np.nan
+            return outs
+
+    monkeypatch.setattr(clf.bundle, "session", Fake())
+    with pytest.raises(InferenceError):
+        clf.predict(_image())
+
+
+def test_bad_inputs_are_typed_errors(tiny_bundle):
+    clf = Classifier(tiny_bundle, threads=1)
+    for bad in (b"", b"\x00" * 100, np.full((200, 200), np.nan, np.float32), np.zeros((1, 1), np.uint8)):
+        with pytest.raises(CxrEdgeError):
+            clf.predict(bad)
+
+
+def test_default_model_or_clear_error():
+    try:
+        clf = Classifier()
+    except NoDefaultModelError as exc:
+        assert "no default model" in str(exc)
+    else:
+        assert len(clf.labels) == 14
+
+
+def test_png_and_dicom_of_same_pixels_give_same_probabilities(tiny_bundle, tmp_path):
+    path = need_shared("data", "dicom", "test1.dcm")
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    png = tmp_path / "same.png"
+    cv2.imwrite(str(png), ds.pixel_array.astype(np.uint8))
+    clf = Classifier(tiny_bundle, threads=1)
+    a, b = clf.predict(path), clf.predict(png)
+    for n in clf.labels:
+        assert a.probabilities[n] == pytest.approx(b.probabilities[n], abs=1e-6)
+
+
+def test_real_png_round_trip(tiny_bundle):
+    path = need_shared("data", "nih-cxr14-sample", "fullres")
+    files = sorted(path.glob("*.png"))[:2]
+    clf = Classifier(tiny_bundle, threads=1)
+    for f in files:
+        res = clf.predict(f)
+        assert res.image_shape == (1024, 1024) and res.cam(0).shape == (1024, 1024)
