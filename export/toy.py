@@ -34,18 +34,22 @@ class InvertedResidual(nn.Module):
         return x + y if self.skip else y
 
 
+#: (expand ratio, output channels, repeats, stride) per stage, after a stride-2 stem of ``width`` channels.
+#: TINY: total stride 8, 6 quantizable convs + head - the unit-test model (seconds to quantize).
+#: MOBILE: MobileNetV2-like depth, total stride 32 (224 px -> 7 x 7) - the INT8 speed benchmark.
+TINY_STAGES = ((1, 16, 1, 1), (4, 32, 1, 2), (4, 64, 1, 2))
+MOBILE_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2))
+
+
 class TinyCamNet(nn.Module):
-    """MobileNetV2-like net, total stride 16 (112 px -> 7 x 7 features), ReLU'd features."""
+    """MobileNetV2-style CAM net: stem, inverted residuals, 1x1 conv to ``4 x`` width, ReLU'd features."""
 
     def __init__(self, num_classes: int = 14, in_chans: int = 1, width: int = 16,
-                 stages: Sequence[tuple[int, int, int, int]] | None = None, drop_rate: float = 0.2) -> None:
+                 stages: Sequence[tuple[int, int, int, int]] = TINY_STAGES, drop_rate: float = 0.2) -> None:
         super().__init__()
-        # (expand, out multiplier of width, repeats, stride)
-        stages = stages or ((1, 1, 1, 1), (4, 2, 2, 2), (4, 3, 2, 2), (4, 4, 2, 2))
         layers: list[nn.Module] = [_cbr(in_chans, width, 3, 2)]
         cin = width
-        for expand, mult, repeats, stride in stages:
-            cout = width * mult
+        for expand, cout, repeats, stride in stages:
             for i in range(repeats):
                 layers.append(InvertedResidual(cin, cout, stride if i == 0 else 1, expand))
                 cin = cout
@@ -81,4 +85,24 @@ def settle_batchnorm(model: nn.Module, batch: np.ndarray | torch.Tensor, seed: i
             m.momentum = None
     model.train()
     model(x)
+    return model.eval()
+
+
+def make_toy_model(num_classes: int = 14, in_chans: int = 1, *, stages: Sequence[tuple[int, int, int, int]] = TINY_STAGES,
+                   width: int = 16, seed: int = 0, bn_batch: np.ndarray | None = None,
+                   positive_head: bool = True) -> TinyCamNet:
+    """A seeded toy model that behaves like a trained CAM net for INT8 purposes.
+
+    ``bn_batch`` (real preprocessed images) settles the BatchNorm statistics. ``positive_head``
+    makes the classifier weights non-negative: a trained CAM head weighs ReLU features mostly
+    positively (maps of positive evidence); random-sign weights would give mostly-empty ReLU'd
+    CAMs whose correlation measures noise, not quantization.
+    """
+    torch.manual_seed(seed)
+    model = TinyCamNet(num_classes, in_chans, width, stages)
+    if bn_batch is not None:
+        settle_batchnorm(model, bn_batch, seed)
+    if positive_head:
+        with torch.no_grad():
+            model.classifier.weight.abs_()
     return model.eval()

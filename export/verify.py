@@ -34,13 +34,17 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def per_label_auc(scores: np.ndarray, targets: np.ndarray) -> list[float | None]:
-    """ROC AUC per label; None where the set holds only one class for that label (AUC undefined)."""
+    """ROC AUC per label; None where the set holds only one class for that label (AUC undefined).
+
+    NaN targets (unknown labels) are left out of that label's AUC.
+    """
     if scores.shape != targets.shape:
         raise InvalidArgumentError(f"scores {scores.shape} and targets {targets.shape} differ in shape")
     out: list[float | None] = []
     for j in range(targets.shape[1]):
-        t = targets[:, j]
-        out.append(float(roc_auc_score(t, scores[:, j])) if 0 < t.sum() < len(t) else None)
+        known = np.isfinite(targets[:, j])
+        t, s = targets[known, j], scores[known, j]
+        out.append(float(roc_auc_score(t, s)) if 0 < t.sum() < len(t) else None)
     return out
 
 

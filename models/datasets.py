@@ -222,6 +222,17 @@ def _floats(values: Sequence[str]) -> np.ndarray:
     return out
 
 
+def _ints(values: Sequence[str]) -> np.ndarray:
+    """int32 array; blanks and unparsable values become -1 (these columns are never negative)."""
+    out = np.full(len(values), -1, dtype=np.int32)
+    for i, v in enumerate(values):
+        try:
+            out[i] = int(float(v))
+        except (ValueError, OverflowError):
+            pass
+    return out
+
+
 def _sex(values: Sequence[str]) -> np.ndarray:
     return np.array([_SEX.get(v.strip(), "U") for v in values])
 
@@ -262,7 +273,7 @@ def read_chestxray14(data_entry_csv: PathLike, image_dir: PathLike | None = None
         dataset="chestxray14", label_names=CHESTXRAY14_LABELS, image_ids=cols["Image Index"],
         patient_ids=[p.strip() for p in cols["Patient ID"]], targets=targets,
         extra={"view": views, "frontal": np.isin(views, ("PA", "AP")), "age": _floats(cols["Patient Age"]),
-               "sex": _sex(cols["Patient Gender"]), "follow_up": _floats(cols["Follow-up #"]).astype(np.int32)},
+               "sex": _sex(cols["Patient Gender"]), "follow_up": _ints(cols["Follow-up #"])},
         skipped={"missing_image": 0}, source=str(data_entry_csv))
     if image_dir is None:
         return table
@@ -319,9 +330,9 @@ def read_nih_sample(root: PathLike) -> LabelTable:
         dataset="nih-sample", label_names=CHESTXRAY14_LABELS, image_ids=cols["image"],
         patient_ids=[p.strip() for p in cols["patient_id"]], targets=targets,
         extra={"view": views, "frontal": np.isin(views, ("PA", "AP")), "age": _floats(cols["age"]),
-               "sex": _sex(cols["sex"]), "follow_up": _floats(cols["follow_up"]).astype(np.int32),
-               "original_width": _floats(cols["original_width"]).astype(np.int32),
-               "original_height": _floats(cols["original_height"]).astype(np.int32)},
+               "sex": _sex(cols["sex"]), "follow_up": _ints(cols["follow_up"]),
+               "original_width": _ints(cols["original_width"]),
+               "original_height": _ints(cols["original_height"])},
         source=str(path))
 
 

@@ -1,18 +1,19 @@
 """EEEA-Net-C2-class student: a searched MobileNetV3-space network, the default student.
 
 EEEA-Net (Termritthikun et al., "EEEA-Net: An Early Exit Evolutionary Neural Architecture Search",
-Engineering Applications of AI 103, 2021; used as the student in "Explainable Knowledge
-Distillation for On-Device Chest X-Ray Classification") evaluates its ImageNet-scale models as
-subnets of the Once-for-All MobileNetV3 space at width 1.2 (authors' code builds them through
-OFA/NSGANetV2): per block a kernel in {3, 5, 7} and expansion in {3, 4, 6}, 2-4 blocks per stage,
+Engineering Applications of Artificial Intelligence, 2021; used as the student in "Explainable Knowledge
+Distillation for On-Device Chest X-Ray Classification") builds its ImageNet-scale models as
+subnets of the Once-for-All MobileNetV3 space at width 1.2 (the authors' code loads an OFA /
+NSGANetV2 ``net.config``): per block a kernel in {3, 5, 7} and expansion in {3, 4, 6}, 2-4 blocks per stage,
 squeeze-excite in the 40/112/160-base stages, h-swish from the 80-base stage on.
 
-This is a RE-IMPLEMENTATION OF THAT CLASS, not the published genotype (its net.config is not
-public in a form we could reproduce). The per-block table below is one point of that search space,
+This is a RE-IMPLEMENTATION OF THAT CLASS, not the published genotype (that net.config was
+not available to us). The per-block table below is one point of that search space,
 chosen for ~4.7 M parameters (14 outputs) and ~0.3 GMACs at 224 x 224, 1 input channel. Two
 changes for exact class activation maps and budget: OFA's final-expand + post-pool "feature mix"
 pair is replaced by one 1x1 conv (192 -> 1280, BN, h-swish) BEFORE the global pool, and nothing
-follows the pool but the classifier. Downsampling: the stem and four stages stride 2 (five stride-2 steps, 224 -> 7).
+follows the pool but the classifier. Downsampling: the stem and four stages stride 2 (five
+stride-2 steps in all, 224 -> 7).
 Only depthwise/1x1 convs, BatchNorm, ReLU/h-swish/h-sigmoid: fast on CPU, clean ONNX export.
 """
 from __future__ import annotations
@@ -76,6 +77,6 @@ class EEEANet(CamNet):
     "eeea_c2", "student", 224, HEAD_CH,
     "EEEA-Net-C2-class searched MobileNetV3-space net (mixed 3/5/7 kernels, SE, h-swish); default student",
     "Termritthikun et al., EEEA-Net: An Early Exit Evolutionary Neural Architecture Search, "
-    "Eng. Appl. of AI 103 (2021); re-implementation of the class, not the published genotype"))
+    "Eng. Appl. of Artificial Intelligence (2021); re-implementation of the class, not the published genotype"))
 def eeea_c2(num_classes: int = 14, in_chans: int = 1, **kw) -> EEEANet:
     return EEEANet(num_classes, in_chans, **kw)

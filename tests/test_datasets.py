@@ -52,6 +52,7 @@ def test_chestxray14_synthetic(tmp_path, gz):
     assert list(table.extra["view"]) == ["PA", "PA", "AP", "PA"] and table.extra["frontal"].all()
     assert np.isnan(table.extra["age"][3]) and table.extra["age"][0] == 57
     assert list(table.extra["sex"]) == ["M", "M", "F", "F"]
+    assert table.extra["follow_up"].tolist() == [0, 1, 0, 0]
     with pytest.raises(ValueError):
         table.targets[0, 0] = 0.0  # read-only
 
@@ -342,6 +343,8 @@ def test_real_nih_sample_agrees_with_data_entry(nih_table):
     assert sample.patient_ids == tuple(nih_table.patient_ids[i] for i in idx)
     np.testing.assert_array_equal(sample.extra["view"], nih_table.extra["view"][idx])
     np.testing.assert_array_equal(sample.extra["age"], nih_table.extra["age"][idx])
+    np.testing.assert_array_equal(sample.extra["follow_up"], nih_table.extra["follow_up"][idx])
+    assert (sample.extra["original_width"] > 0).all()
     np.testing.assert_array_equal(sample.to_common().targets, nih_table.to_common().targets[idx])
 
 

@@ -3,8 +3,9 @@
 Each repeat spawns ``python -c <child>``; the child stamps CLOCK_MONOTONIC after importing
 onnxruntime + cxr_edge, after creating the session (``Classifier(...)``: checksum, manifest and
 head self-check included) and after its first prediction on the image file, and reports its peak
-resident memory (``ru_maxrss``; ``VmHWM`` from /proc/self/status as a cross-check). The parent
-stamps the same clock just before spawning, so every phase is measured from process start,
+resident memory: ``VmHWM`` from /proc/self/status where it exists (Linux), else ``ru_maxrss``.
+Why not ``ru_maxrss`` first: Linux carries it across fork + exec, so a child spawned by a big
+parent (this benchmark, holding sessions) would report the parent's RSS. The parent stamps the same clock just before spawning, so every phase is measured from process start,
 interpreter start-up included.
 """
 from __future__ import annotations
@@ -78,18 +79,18 @@ def cold_start_once(model: str, image: str, threads: int, providers: Sequence[st
     if proc.returncode != 0 or "error" in result:
         raise BundleError(f"cold-start subprocess failed: {result.get('error', proc.stderr[-500:])}")
     ms = lambda key: (result[key] - t0) / 1e6  # noqa: E731
-    rss = result["ru_maxrss_kib"] or result["vmhwm_kib"]
+    rss = result["vmhwm_kib"] or result["ru_maxrss_kib"]
     return {"interpreter_ms": ms("t_start"), "import_ms": ms("t_import"), "session_ms": ms("t_session"),
             "first_prediction_ms": ms("t_first"), "process_exit_ms": (t_exit - t0) / 1e6,
             "peak_rss_mib": rss / 1024 if rss else None,
-            "vmhwm_mib": result["vmhwm_kib"] / 1024 if result["vmhwm_kib"] else None}
+            "peak_rss_source": "VmHWM" if result["vmhwm_kib"] else "ru_maxrss"}
 
 
 def cold_start(model: str, image: str, threads: int, providers: Sequence[str] | None,
                repeats: int) -> dict[str, Any]:
     """Median over ``repeats`` fresh processes of each cumulative phase time (ms from process start)."""
     runs = [cold_start_once(model, image, threads, providers) for _ in range(repeats)]
-    keys = [k for k in runs[0] if runs[0][k] is not None]
+    keys = [k for k in runs[0] if isinstance(runs[0][k], float)]
     med = {k: float(np.median([r[k] for r in runs])) for k in keys}
     return {
         "repeats": repeats, "threads": threads,
@@ -97,8 +98,8 @@ def cold_start(model: str, image: str, threads: int, providers: Sequence[str] | 
         "phases_ms_from_process_start": {k: med[k] for k in ("interpreter_ms", "import_ms", "session_ms",
                                                              "first_prediction_ms")},
         "cold_start_ms": med["first_prediction_ms"],
-        "peak_rss_mib": med.get("peak_rss_mib"),
+        "peak_rss_mib": med.get("peak_rss_mib"), "peak_rss_source": runs[0]["peak_rss_source"],
         "method": ("fresh `python -c` per repeat: import onnxruntime + cxr_edge, Classifier(model) (checksum, "
                    "manifest, head self-check), first predict() on the image file; cumulative ms from spawn; "
-                   "peak RSS = ru_maxrss of that process"),
+                   "peak RSS = VmHWM of that process (ru_maxrss where /proc is absent)"),
     }

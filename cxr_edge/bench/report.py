@@ -23,7 +23,8 @@ JSON schema ``cxr-edge-bench/1`` (``--json out.json``); times in milliseconds, s
   ``inference``, ``cam``), ``total_ms``, ``share`` (fractions), ``method``, ``cam_available``,
   ``cold_start`` (optional): ``repeats``, ``threads``, ``cold_start_ms``, ``phases_ms_from_process_start``
   (``interpreter_ms``, ``import_ms``, ``session_ms``, ``first_prediction_ms``, cumulative), ``peak_rss_mib``,
-  ``median`` (all medians), ``method``
+  ``median`` (all medians), ``method``; or ``error`` when the fresh process could not run (e.g. under
+  qemu-user, which cannot spawn a child interpreter)
 - ``skipped``: list of ``model``, ``format``, ``path``, ``reason``
 - ``recommendations``: per model with FP32 and INT8: ``model``, ``recommended_format``, ``int8_speedup``
   (geometric mean of fp32/int8 median latency), ``size_ratio_fp32_over_int8``, ``pairs``, ``reason``
@@ -42,6 +43,8 @@ def _num(v: float | None, digits: int = 2) -> str:
         return f"{v:,.0f}"
     if abs(v) >= 100:
         return f"{v:.1f}"
+    if 0 < abs(v) < 1:
+        return f"{v:.{max(digits, 3)}f}"
     return f"{v:.{digits}f}"
 
 
@@ -88,12 +91,14 @@ def cost_rows(result: dict[str, Any]) -> list[list[str]]:
     rows = []
     for m in result["models"]:
         g, cold = m["graph"], m.get("cold_start") or {}
+        failed = "error" in cold
+        cold = {} if failed else cold
         phases = cold.get("phases_ms_from_process_start") or {}
         rows.append([_name(m), m["format"], f"{m['size_bytes'] / 1e6:.2f} MB",
                      _count(g.get("params")) if g["available"] else "n/a (install onnx)",
                      _count(g.get("macs")) if g["available"] else "n/a (install onnx)",
                      _count(g.get("flops")) if g["available"] else "n/a",
-                     _num(cold.get("cold_start_ms"), 0) if cold else "-",
+                     _num(cold.get("cold_start_ms"), 0) if cold else ("failed" if failed else "-"),
                      " / ".join(_num(phases.get(k), 0) for k in ("import_ms", "session_ms")) if cold else "-",
                      _num(cold.get("peak_rss_mib"), 0) if cold else "-",
                      _num(m["mean_auc"], 3) if m.get("mean_auc") is not None else "n/a"])

@@ -6,6 +6,7 @@ The result is one JSON-able dict whose layout is documented in :mod:`cxr_edge.be
 from __future__ import annotations
 
 import math
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -179,7 +180,13 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> 
                 entry["split"] = stage_split(variant.path, image, top_threads, cfg.providers, cfg.split_repeats)
             if cfg.cold_repeats:
                 log(f"  cold start x{cfg.cold_repeats} (threads={top_threads})")
-                entry["cold_start"] = cold_start(variant.path, image, top_threads, cfg.providers, cfg.cold_repeats)
+                try:
+                    entry["cold_start"] = cold_start(variant.path, image, top_threads, cfg.providers,
+                                                     cfg.cold_repeats)
+                except (BundleError, OSError, subprocess.SubprocessError) as exc:
+                    # e.g. under qemu-user a child python cannot be spawned; the rest stays valid
+                    entry["cold_start"] = {"error": str(exc), "repeats": 0}
+                    log(f"  cold start failed: {exc}")
             models.append(entry)
         image_desc = {"path": cfg.image, "synthetic": False} if cfg.image else \
             {"path": None, "synthetic": True, "description": "deterministic 1024x1024 8-bit PNG (seed 0)"}

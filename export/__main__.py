@@ -1,0 +1,129 @@
+"""``python -m export``: trained model -> verified cxr-edge bundle (+ verification report JSON).
+
+    python -m export --run runs/kd_s0 --out student_int8.onnx --format int8 --calib-images 200 \\
+        --ingraph student_int8_bytes.onnx --report student_int8.report.json
+    python -m export --checkpoint model_final.pt --config runs/kd_s0/config.json --out m.onnx --format fp32 \\
+        --image-dir ../shared/data/nih-cxr14-sample/images --verify-images ../shared/teachers/teacher_val_images.csv
+
+Exit codes: 0 bundle written; 2 bad arguments; 3 INT8 gate failed (no bundle; see the report);
+4 export/parity failure; 1 anything else.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from cxr_edge.errors import CxrEdgeError, InvalidArgumentError
+
+from .errors import ExportError, QuantizationGateError
+from .images import nih_sample_dir
+from .quantize import CALIBRATION_METHODS, DEFAULT_PRESET, PRESETS
+from .thresholds import METHODS
+from .verify import GateCriteria
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("model source (a run directory, or a checkpoint + config/flags)")
+    src.add_argument("--run", help="models.train run directory (config.json + model_final.pt + split)")
+    src.add_argument("--run-checkpoint", default="final", choices=("final", "best", "last"))
+    src.add_argument("--checkpoint", help="checkpoint file (model_final.pt or a bare state dict)")
+    src.add_argument("--config", help="TrainConfig JSON for --checkpoint (one source of truth for preprocessing)")
+    src.add_argument("--arch", help="registry model name (without --config)")
+    src.add_argument("--input-size", type=int)
+    src.add_argument("--channels", type=int, default=1)
+    src.add_argument("--mean", type=float)
+    src.add_argument("--std", type=float)
+    src.add_argument("--resize", default="area")
+    src.add_argument("--labels", help="comma-separated label names (when the checkpoint has none)")
+    img = p.add_argument_group("images (flag mode; run mode uses the run's own split)")
+    img.add_argument("--image-dir", default=None, help="default: <shared>/data/nih-cxr14-sample/images")
+    img.add_argument("--labels-csv", default=None, help="default: <shared>/data/nih-cxr14-sample/labels.csv")
+    img.add_argument("--verify-images", help="CSV/text list of held-out labelled images for the gate")
+    img.add_argument("--calib-list", help="CSV/text list of calibration images (default: image dir minus verify)")
+    img.add_argument("--threshold-images", help="CSV/text list of validation images for thresholds")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", required=True, help="bundle path (.onnx)")
+    out.add_argument("--format", choices=("int8", "fp32"), default="int8")
+    out.add_argument("--report", help="verification report JSON (default: <out>.report.json)")
+    out.add_argument("--ingraph", help="also write a bytes-in bundle with in-graph decoding/preprocessing")
+    out.add_argument("--ingraph-images", type=int, default=50, help="real files to compare the in-graph path on")
+    q = p.add_argument_group("quantization and gate")
+    q.add_argument("--calib-images", type=int, default=200, help="number of calibration images (seeded subset)")
+    q.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET)
+    q.add_argument("--calibrate-method", choices=sorted(CALIBRATION_METHODS), default="minmax")
+    q.add_argument("--fallback-fp32", action="store_true", help="ship fp32 (recorded in provenance) if INT8 fails")
+    q.add_argument("--max-auc-drop", type=float, default=GateCriteria.max_auc_drop, help="AUC points")
+    q.add_argument("--min-cam-median", type=float, default=GateCriteria.min_cam_median)
+    q.add_argument("--debug-quant", action="store_true", help="add qdq_loss_debug SQNR per tensor to the report")
+    e = p.add_argument_group("export")
+    e.add_argument("--thresholds", choices=METHODS, default="youden")
+    e.add_argument("--min-sensitivity", type=float, default=0.9)
+    e.add_argument("--opset", type=int, default=18)
+    e.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript")
+    e.add_argument("--no-optimize", action="store_true", help="skip onnxruntime's offline basic optimization")
+    e.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _source(args: argparse.Namespace):
+    from .source import source_from_checkpoint, source_from_run
+
+    if args.run and args.checkpoint:
+        raise InvalidArgumentError("pass --run or --checkpoint, not both")
+    if args.run:
+        return source_from_run(args.run, args.run_checkpoint)
+    if not args.checkpoint:
+        raise InvalidArgumentError("pass --run RUN_DIR or --checkpoint CKPT (with --config or --arch ...)")
+    data = nih_sample_dir()
+    return source_from_checkpoint(
+        args.checkpoint, config=args.config, arch=args.arch,
+        labels=[s.strip() for s in args.labels.split(",")] if args.labels else None,
+        input_size=args.input_size, channels=args.channels, mean=args.mean, std=args.std, resize=args.resize,
+        image_dir=args.image_dir or data / "images", labels_csv=args.labels_csv or data / "labels.csv",
+        calib_list=args.calib_list, verify_list=args.verify_images, threshold_list=args.threshold_images)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    report_path = args.report or str(Path(args.out).with_suffix("")) + ".report.json"
+    try:
+        from .build_bundle import export_bundle
+
+        report = export_bundle(
+            _source(args), args.out, precision=args.format, calib_images=args.calib_images, preset=args.preset,
+            calibrate_method=args.calibrate_method, fallback_fp32=args.fallback_fp32, ingraph_out=args.ingraph,
+            ingraph_images=args.ingraph_images, report_path=report_path, threshold_method=args.thresholds,
+            min_sensitivity=args.min_sensitivity,
+            criteria=GateCriteria(max_auc_drop=args.max_auc_drop, min_cam_median=args.min_cam_median),
+            opset=args.opset, exporter=args.exporter, optimize=not args.no_optimize, debug=args.debug_quant,
+            seed=args.seed)
+    except InvalidArgumentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except QuantizationGateError as exc:
+        print(f"error: {exc} (numbers in {report_path}; --fallback-fp32 ships fp32 instead)", file=sys.stderr)
+        return 3
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 4
+    except CxrEdgeError as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    summary = {k: report.get(k) for k in ("result", "bundle", "files", "latency_ms_batch1_1thread")}
+    if "gate" in report:
+        summary["gate"] = {k: report["gate"][k] for k in ("passed", "mean_auc_drop_points", "cam_pearson_median",
+                                                          "logit_max_abs_diff", "logit_mean_abs_diff")}
+    if "ingraph" in report:
+        summary["ingraph"] = report["ingraph"]["agreement"]
+    print(json.dumps(summary, indent=2))
+    print(f"report: {report_path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

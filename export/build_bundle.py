@@ -1,0 +1,243 @@
+"""The whole export pipeline: PyTorch model -> checked ONNX -> (INT8 + gate) -> manifest -> bundle(s) + report.
+
+Order matters and every step can refuse:
+  1. export fp32 ONNX (checker full_check) and compare it with PyTorch on real images (ParityError);
+  2. INT8 only: calibrate on real training images, quantize (float CAM head), then compare INT8
+     with fp32 on held-out labelled images: AUC drop and CAM agreement (QuantizationGateError,
+     or with ``fallback_fp32`` ship fp32 and record why in the provenance);
+  3. choose thresholds on the shipped model's outputs, build the manifest, write the bundle and
+     load it back with ``cxr_edge.bundle.load_bundle`` (checksum, wiring, head identity);
+  4. optional bytes-in variant (``export.ingraph``), compared with the Python path on real files.
+The verification report JSON holds every number, also when the gate fails.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxr_edge.bundle import load_bundle, read_manifest, write_bundle
+from cxr_edge.errors import InvalidArgumentError
+
+from .calibration import ArrayCalibrationReader, select_calibration
+from .errors import QuantizationGateError
+from .images import load_batch
+from .ingraph import BYTES_INPUT, RESIZE_MODES, build_ingraph_model, ingraph_session, run_ingraph
+from .manifest_build import HEAD_ATOL, build_manifest
+from .onnx_export import DEFAULT_OPSET, check_parity, classifier_weights, export_onnx, optimize_offline, run_onnx
+from .quantize import DEFAULT_PRESET, debug_quantization, prepare_for_quantization, quantize_int8
+from .source import ExportSource
+from .thresholds import choose_thresholds
+from .verify import GateCriteria, compare_models, gate, sigmoid
+
+PARITY_IMAGES = 32
+
+
+def _write_report(report: dict[str, Any], path: str | os.PathLike | None) -> None:
+    if path:
+        Path(path).write_text(json.dumps(report, indent=2, allow_nan=False, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.generic,)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def latency_ms(model_bytes: bytes, batch: np.ndarray, input_name: str, threads: int = 1, runs: int = 20) -> float:
+    """Median single-image latency (ms) with the runtime's session settings; a report number, not a test."""
+    from cxr_edge.bundle import session_options
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model_bytes, session_options(threads), providers=["CPUExecutionProvider"])
+    x = batch[:1]
+    for _ in range(3):
+        sess.run(None, {input_name: x})
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run(None, {input_name: x})
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
+
+
+def compare_ingraph(ingraph_bytes: bytes, reference_bytes: bytes, paths: list[Path], spec, *,
+                    logits_output: str, features_output: str) -> dict[str, Any]:
+    """In-graph (bytes in) vs Python path (read_image + preprocess + the same model) on real files."""
+    from cxr_edge.imaging import read_image
+    from cxr_edge.preprocess import preprocess
+
+    import onnxruntime as ort
+
+    from cxr_edge.bundle import session_options
+
+    ig = ingraph_session(ingraph_bytes)
+    ref = ort.InferenceSession(reference_bytes, session_options(1), providers=["CPUExecutionProvider"])
+    dl, dp, df, refused = [], [], [], []
+    for p in paths:
+        data = Path(p).read_bytes()
+        try:
+            lg, ft = run_ingraph(ig, data, spec.min_side, spec.max_pixels, [logits_output, features_output])
+        except Exception as exc:  # typed refusals (e.g. grayscale JPEG) are counted, not hidden
+            refused.append({"image": Path(p).name, "error": type(exc).__name__})
+            continue
+        x = preprocess(read_image(data, min_side=spec.min_side, max_pixels=spec.max_pixels).pixels, spec)
+        rl, rf = ref.run([logits_output, features_output], {spec.input_name: x})
+        dl.append(np.abs(lg - rl))
+        dp.append(np.abs(sigmoid(lg) - sigmoid(rl)))
+        df.append(float(np.abs(ft - rf).max() / max(float(np.abs(rf).max()), 1e-12)))
+    if not dl:
+        return {"images": 0, "refused": refused}
+    dl_a, dp_a = np.concatenate(dl), np.concatenate(dp)
+    return {"images": len(dl), "refused": refused,
+            "logit_max_abs_diff": float(dl_a.max()), "logit_mean_abs_diff": float(dl_a.mean()),
+            "prob_max_abs_diff": float(dp_a.max()), "prob_mean_abs_diff": float(dp_a.mean()),
+            "features_max_rel_diff": float(max(df))}
+
+
+def export_bundle(source: ExportSource, out: str | os.PathLike, *, precision: str = "int8", calib_images: int = 200,
+                  preset: str = DEFAULT_PRESET, calibrate_method: str = "minmax", fallback_fp32: bool = False,
+                  ingraph_out: str | os.PathLike | None = None, ingraph_images: int = 50,
+                  report_path: str | os.PathLike | None = None, threshold_method: str = "youden",
+                  min_sensitivity: float = 0.9, criteria: GateCriteria = GateCriteria(), opset: int = DEFAULT_OPSET,
+                  exporter: str = "torchscript", optimize: bool = True, debug: bool = False,
+                  logits_output: str = "logits", features_output: str = "features", seed: int = 0,
+                  measure_latency: bool = True) -> dict[str, Any]:
+    """Run the pipeline (module docstring); returns the report (also written to ``report_path``)."""
+    if precision not in ("int8", "fp32"):
+        raise InvalidArgumentError(f"precision must be int8 or fp32, got {precision!r}")
+    spec, labels = source.spec, source.labels
+    report: dict[str, Any] = {"model_id": source.model_id, "requested_precision": precision, "files": {}}
+    t0 = time.perf_counter()
+    names = dict(logits_output=logits_output, features_output=features_output)
+
+    # 1. fp32 ONNX + parity with PyTorch on real images
+    fp32 = export_onnx(source.model, spec, opset=opset, exporter=exporter, **names)
+    if optimize:
+        fp32 = optimize_offline(fp32)
+    parity_set = source.verification or source.calibration_pool
+    if parity_set is None:
+        raise InvalidArgumentError("no real images to verify the export with: give a run directory or image lists")
+    parity_batch = load_batch(parity_set.paths[:PARITY_IMAGES], spec)
+    report["parity_fp32_vs_torch"] = {"set": parity_set.name, **check_parity(source.model, fp32, parity_batch, spec,
+                                                                              **names)}
+    report["files"]["fp32_onnx_bytes"] = len(fp32)
+    weights, bias = classifier_weights(source.model)
+    shipped, shipped_precision = fp32, "fp32"
+    provenance = dict(source.provenance)
+    provenance["export"] = {"opset": opset, "exporter": exporter, "offline_optimization": "basic" if optimize else None}
+
+    # 2. INT8 + gate
+    ver_batch = ver_logits = None
+    if precision == "int8":
+        if source.verification is None or source.verification.targets is None:
+            raise InvalidArgumentError("INT8 export needs a labelled held-out verification set for the gate")
+        if source.calibration_pool is None:
+            raise InvalidArgumentError("INT8 export needs calibration images")
+        calib_paths = select_calibration(source.calibration_pool.paths, calib_images, seed)
+        reader = ArrayCalibrationReader(load_batch(calib_paths, spec), spec.input_name)
+        prepared = prepare_for_quantization(fp32)
+        q = quantize_int8(prepared, reader, features_output=features_output, input_name=spec.input_name,
+                          preset=preset, calibrate_method=calibrate_method, prepared=True)
+        report["quantization"] = {**q.summary(), "calibration_pool": source.calibration_pool.name}
+        report["files"]["int8_onnx_bytes"] = len(q.model_bytes)
+        ver_batch = load_batch(source.verification.paths, spec)
+        ref = run_onnx(fp32, ver_batch, [logits_output, features_output], spec.input_name, threads=2)
+        new = run_onnx(q.model_bytes, ver_batch, [logits_output, features_output], spec.input_name, threads=2)
+        ver_logits = ref[0]
+        numbers = compare_models(ref, new, source.verification.targets, weights, labels)
+        verdict = gate(numbers, criteria)
+        report["gate"] = {"set": source.verification.name, **numbers, **verdict}
+        if debug:
+            report["quantization_debug"] = debug_quantization(
+                prepared, q.model_bytes, ArrayCalibrationReader(ver_batch[:16], spec.input_name))
+        if measure_latency:
+            report["latency_ms_batch1_1thread"] = {"fp32": latency_ms(fp32, ver_batch, spec.input_name),
+                                                   "int8": latency_ms(q.model_bytes, ver_batch, spec.input_name)}
+        if verdict["passed"]:
+            shipped, shipped_precision = q.model_bytes, "int8"
+            provenance["quantization"] = {k: v for k, v in report["quantization"].items() if k != "float_reasons"}
+            provenance["int8_verification"] = {k: numbers[k] for k in (
+                "images", "mean_auc_ref", "mean_auc_new", "mean_auc_drop_points", "cam_pearson_median",
+                "logit_max_abs_diff", "logit_mean_abs_diff")}
+        elif fallback_fp32:
+            provenance["int8_rejected"] = {"failures": verdict["failures"], "mean_auc_drop_points":
+                                           numbers["mean_auc_drop_points"],
+                                           "cam_pearson_median": numbers["cam_pearson_median"],
+                                           "action": "shipped fp32 (--fallback-fp32)"}
+        else:
+            report["result"] = "refused: INT8 gate failed"
+            _write_report(report, report_path)
+            raise QuantizationGateError("INT8 verification gate failed: " + "; ".join(verdict["failures"]),
+                                        report["gate"])
+
+    # 3. thresholds on the shipped model, manifest, bundle, load-back check
+    tset = source.threshold_set
+    probs = targets = None
+    if tset is not None and tset.targets is not None:
+        batch = ver_batch if (tset is source.verification and ver_batch is not None) else load_batch(tset.paths, spec)
+        probs = sigmoid(run_onnx(shipped, batch, [logits_output], spec.input_name, threads=2)[0])
+        targets = tset.targets
+    thresholds, tdetails = choose_thresholds(probs, targets, labels, method=threshold_method,
+                                             min_sensitivity=min_sensitivity)
+    if tset is not None:
+        tdetails["set"] = tset.name
+        if tset is source.verification:
+            tdetails["caveat"] = ("chosen on the held-out evaluation images (the run has no validation split): "
+                                  "sensitivity/specificity at these thresholds are optimistic on this set")
+    provenance["thresholds"] = tdetails
+    report["thresholds"] = tdetails
+    manifest = build_manifest(model_id=f"{source.model_id}-{shipped_precision}", labels=labels, thresholds=thresholds,
+                              spec=spec, weights=weights, bias=bias, precision=shipped_precision,
+                              provenance=provenance, **names)
+    out = Path(out)
+    sha = write_bundle(shipped, manifest, out)
+    bundle = load_bundle(out, threads=1)  # checksum, wiring, head identity: the device's own checks
+    probe = (ver_batch if ver_batch is not None else parity_batch)[:4]
+    bl, bf = bundle.session.run([logits_output, features_output], {spec.input_name: probe})
+    head_err = float(np.abs(bf.mean(axis=(2, 3)) @ weights.T + bias - bl).max())
+    report["bundle"] = {"path": str(out), "precision": shipped_precision, "model_sha256": sha,
+                        "size_bytes": out.stat().st_size, "head_identity_max_abs_err_real_images": head_err,
+                        "head_check_atol": HEAD_ATOL[shipped_precision], "loads_with_load_bundle": True}
+    report["files"]["bundle_bytes"] = out.stat().st_size
+
+    # 4. optional bytes-in variant
+    if ingraph_out:
+        ig_bytes = build_ingraph_model(shipped, spec)
+        ig_spec = replace(spec, input_name=BYTES_INPUT)
+        ig_prov = dict(provenance)
+        cmp_paths = (source.verification or parity_set).paths[:ingraph_images]
+        agreement = compare_ingraph(ig_bytes, shipped, cmp_paths, spec, **names)
+        ig_prov["ingraph"] = {
+            "input": f"{BYTES_INPUT}: the encoded PNG/JPEG file as a 1-D uint8 tensor (batch of one)",
+            "decoder": "onnxruntime-extensions DecodeImage (register its custom-op library)",
+            "resize_onnx": RESIZE_MODES.get(spec.resize), "python_resize": spec.resize,
+            "preprocessing_spec_note": "preprocessing happens inside the graph; the spec records what it emulates",
+            "refuses": ["non-PNG/JPEG bytes", "truncated/corrupt files", "grayscale JPEG (decoder bug)",
+                        "12-bit JPEG"],
+            "agreement_with_python_path": agreement,
+            "base_bundle_sha256": sha,
+        }
+        ig_manifest = build_manifest(model_id=f"{source.model_id}-{shipped_precision}-ingraph", labels=labels,
+                                     thresholds=thresholds, spec=ig_spec, weights=weights, bias=bias,
+                                     precision=shipped_precision, provenance=ig_prov, **names)
+        ig_sha = write_bundle(ig_bytes, ig_manifest, ingraph_out)
+        read_manifest(Path(ingraph_out).read_bytes())  # checksum + manifest round trip
+        report["ingraph"] = {"path": str(ingraph_out), "model_sha256": ig_sha,
+                             "size_bytes": Path(ingraph_out).stat().st_size, "agreement": agreement,
+                             "note": "load_bundle refuses it by design (its input is bytes, not N x C x H x W); "
+                                     "open it with export.ingraph.ingraph_session / run_ingraph"}
+        report["files"]["ingraph_bundle_bytes"] = Path(ingraph_out).stat().st_size
+    report["result"] = f"wrote {shipped_precision} bundle"
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    _write_report(report, report_path)
+    return report

@@ -1,0 +1,269 @@
+"""cxr-edge-bench: graph cost counting with known answers, result schema, errors and rendering.
+
+No timing thresholds: only structure, counts and exit codes are asserted.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from cxr_edge.bench import graphstats  # noqa: E402
+from cxr_edge.bench.cli import main  # noqa: E402
+from cxr_edge.bench.machine import fp32_flops_per_cycle, machine_slug, parse_cpuinfo  # noqa: E402
+from cxr_edge.bench.report import table  # noqa: E402
+from cxr_edge.bench.timing import measure  # noqa: E402
+from cxr_edge.bench.variants import resolve_variants  # noqa: E402
+
+RNG = np.random.default_rng(0)
+
+
+def _init(name: str, shape, dtype=np.float32) -> onnx.TensorProto:
+    return numpy_helper.from_array((RNG.normal(size=shape)).astype(dtype), name)
+
+
+def _model(nodes, inits, in_shape, out_name, out_shape=None) -> bytes:
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
+        [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, out_shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def conv_dw_gemm() -> bytes:
+    """Conv 1->8 3x3 pad 1 on 16x16, depthwise 3x3 on 8 channels, GAP, Gemm 8->3 (batch symbolic)."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["c1", "w2", "b2"], ["c2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=8),
+        helper.make_node("GlobalAveragePool", ["c2"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"], axis=1),
+        helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], transB=1),
+    ]
+    inits = [_init("w1", (8, 1, 3, 3)), _init("b1", (8,)), _init("w2", (8, 1, 3, 3)), _init("b2", (8,)),
+             _init("fw", (3, 8)), _init("fb", (3,))]
+    return _model(nodes, inits, ["N", 1, 16, 16], "y", ["N", 3])
+
+
+def test_macs_and_params_of_conv_depthwise_gemm():
+    s = graphstats.graph_stats(conv_dw_gemm())
+    assert s.available and not s.uncounted
+    assert s.macs_by_op == {"Conv": 8 * 1 * 3 * 3 * 16 * 16, "Conv (depthwise)": 8 * 1 * 3 * 3 * 16 * 16, "Gemm": 24}
+    assert s.macs == 18432 + 18432 + 24 and s.flops == 2 * s.macs
+    assert s.depthwise_macs == 18432
+    assert s.params == (72 + 8) + (72 + 8) + (24 + 3)
+    assert not s.quantized
+
+
+def test_stride_matmul_and_convtranspose():
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("ConvTranspose", ["c", "wt"], ["t"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Reshape", ["t", "shape"], ["r"]),
+        helper.make_node("MatMul", ["r", "m"], ["y"]),
+    ]
+    inits = [_init("w", (4, 2, 3, 3)), _init("wt", (4, 2, 2, 2)), _init("m", (16, 5)),
+             numpy_helper.from_array(np.array([1, 32, 16], dtype=np.int64), "shape")]
+    s = graphstats.graph_stats(_model(nodes, inits, [1, 2, 8, 8], "y", [1, 32, 5]))
+    conv = 4 * 4 * 4 * (2 * 3 * 3)          # out 4x4x4, each 2*9 MACs
+    convt = (4 * 4 * 4) * (2 * 2 * 2)       # every input element scatters to C_out/g * k
+    matmul = 32 * 5 * 16
+    assert s.macs_by_op == {"Conv": conv, "ConvTranspose": convt, "MatMul": matmul}
+    assert s.params == 72 + 32 + 80           # the int64 shape constant is not a parameter
+
+
+def test_params_rule_excludes_bn_stats_and_quantization_metadata():
+    """QDQ int8 conv weights count once (as int8 elements); BN mean/var, scales, zero points and scalars never."""
+    w_int8 = numpy_helper.from_array(RNG.integers(-127, 127, size=(8, 1, 3, 3)).astype(np.int8), "w_q")
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zp"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w"], axis=0),
+        helper.make_node("Conv", ["xd", "w"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "g", "b", "mean", "var"], ["bn"]),
+        helper.make_node("Mul", ["bn", "half"], ["y"]),
+    ]
+    inits = [w_int8, numpy_helper.from_array(np.full(8, 0.01, np.float32), "w_scale"),
+             numpy_helper.from_array(np.zeros(8, np.int8), "w_zp"),
+             numpy_helper.from_array(np.array(0.02, np.float32), "x_scale"),
+             numpy_helper.from_array(np.array(128, np.uint8), "x_zp"),
+             _init("g", (8,)), _init("b", (8,)), _init("mean", (8,)),
+             numpy_helper.from_array(np.ones(8, np.float32), "var"),
+             numpy_helper.from_array(np.array([0.5], np.float32), "half")]
+    s = graphstats.graph_stats(_model(nodes, inits, ["N", 1, 16, 16], "y", ["N", 8, 16, 16]))
+    assert s.params == 72 + 8 + 8
+    assert s.macs == 8 * 9 * 16 * 16 and s.quantized
+
+
+def test_graph_stats_without_onnx_says_na(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    s = graphstats.graph_stats(b"whatever")
+    assert not s.available and s.macs is None and s.params is None and "install onnx" in s.reason
+
+
+def test_timing_summary_is_ordered():
+    t = measure(lambda: sum(range(100)), runs=7, warmup=2)
+    s = t.summary()
+    assert t.runs == 7 and t.warmup == 2
+    assert s["min"] <= s["median"] <= s["p90"] <= s["p99"] <= s["max"]
+
+
+def test_parse_cpuinfo_x86_and_arm():
+    x86 = ("processor : 0\nvendor_id : GenuineIntel\nmodel name : Xeon X\nflags : fpu avx avx2 fma avx512f "
+           "avx512_vnni\ncpu MHz : 2100.0\nphysical id : 0\ncore id : 0\nprocessor : 1\nphysical id : 0\n"
+           "core id : 0\n")
+    info = parse_cpuinfo(x86)
+    assert info["model"] == "Xeon X" and info["physical_cores"] == 1 and info["processors"] == 2
+    assert {"avx512_vnni", "avx2"} <= info["flags"] and info["mhz"] == 2100.0
+    assert fp32_flops_per_cycle("x86_64", info["flags"])[0] == 64
+    assert fp32_flops_per_cycle("x86_64", {"avx", "avx2", "fma"})[0] == 32
+    arm = "processor : 0\nFeatures : fp asimd evtstrm fphp asimdhp asimddp\nCPU part : 0xd0c\n"
+    info = parse_cpuinfo(arm)
+    assert "asimddp" in info["flags"] and not info["x86_style"]
+    assert fp32_flops_per_cycle("aarch64", info["flags"])[0] == 16
+    assert machine_slug({"cpu_model": "Intel(R) Xeon(R) CPU @ 2.2GHz", "physical_cores": 4, "arch": "x86_64"}) \
+        == "intel-xeon-4c-x86_64"
+
+
+def test_resolve_variants_siblings_and_declared_format(tiny_bundle_factory, tmp_path):
+    from tests.conftest import build_tiny_onnx, make_manifest
+    from cxr_edge.bundle import write_bundle
+
+    base = tiny_bundle_factory()
+    variants, skipped = resolve_variants([str(base)], ["fp32", "int8"])
+    assert [v.format for v in variants] == ["fp32"]
+    assert skipped[0]["format"] == "int8" and "does not exist" in skipped[0]["reason"]
+    # an .int8.onnx whose manifest declares fp32 is refused, not mislabelled
+    b, w, bias = build_tiny_onnx(seed=1)
+    write_bundle(b, make_manifest(w, bias, provenance={"format": "fp32"}), base.with_name(base.stem + ".int8.onnx"))
+    variants, skipped = resolve_variants([str(base)], ["fp32", "int8"])
+    assert [v.format for v in variants] == ["fp32"] and "manifest says" in skipped[0]["reason"]
+    with pytest.raises(Exception, match="unknown format"):
+        resolve_variants([str(base)], ["fp64"])
+
+
+def _run(args, capsys) -> tuple[int, str, str]:
+    rc = main(args)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_json_schema_of_a_tiny_run(tiny_bundle, tmp_path, capsys):
+    out_json = tmp_path / "r.json"
+    rc, out, _ = _run(["--model", str(tiny_bundle), "--threads", "1", "--batch", "1,2", "--runs", "3",
+                       "--warmup", "1", "--cold-repeats", "1", "--split-repeats", "2", "--json", str(out_json),
+                       "--quiet"], capsys)
+    assert rc == 0 and "Latency" in out
+    r = json.loads(out_json.read_text())
+    assert r["schema"] == "cxr-edge-bench/1"
+    for key in ("tool", "created_utc", "machine", "settings", "models", "skipped", "recommendations", "notes"):
+        assert key in r
+    m = r["machine"]
+    assert isinstance(m["isa"], list) and isinstance(m["int8_dot_product"], bool) and m["onnxruntime"] and m["numpy"]
+    assert r["settings"]["image"]["synthetic"] is True
+    assert [s["format"] for s in r["skipped"]] == ["int8"]
+    (model,) = r["models"]
+    assert model["format"] == "fp32" and model["size_bytes"] == tiny_bundle.stat().st_size
+    assert model["graph"]["available"] and model["graph"]["params"] == 8 * 9 + 8 + 3 * 8 + 3
+    assert model["graph"]["macs"] > 0 and model["graph"]["flops"] == 2 * model["graph"]["macs"]
+    assert [(c["threads"], c["batch"]) for c in model["configs"]] == [(1, 1), (1, 2)]
+    for c in model["configs"]:
+        assert c["runs"] == 3 and c["throughput_ips"] > 0 and c["latency_per_image_ms"] > 0
+        lat = c["latency_ms"]
+        assert set(lat) == {"median", "p90", "p99", "mean", "min", "max", "std"}
+        assert all(isinstance(v, float) for v in lat.values()) and lat["std"] >= 0
+        assert all(lat[k] > 0 for k in ("median", "p90", "p99", "mean", "min", "max"))
+    split = model["split"]
+    assert split["image_hw"] == [1024, 1024] and split["repeats"] == 2
+    assert all(split["stages_ms"][k] > 0 for k in ("decode", "preprocess", "inference", "cam"))
+    assert abs(sum(split["share"].values()) - 1.0) < 1e-6
+    cold = model["cold_start"]
+    phases = cold["phases_ms_from_process_start"]
+    assert 0 < phases["interpreter_ms"] <= phases["import_ms"] <= phases["session_ms"] <= phases["first_prediction_ms"]
+    assert cold["peak_rss_mib"] > 0 and cold["cold_start_ms"] == phases["first_prediction_ms"]
+
+
+def test_int8_pair_gets_a_recommendation(tiny_bundle_factory, capsys):
+    from tests.conftest import build_tiny_onnx, make_manifest
+    from cxr_edge.bundle import write_bundle
+
+    base = tiny_bundle_factory()
+    b, w, bias = build_tiny_onnx(seed=2)
+    write_bundle(b, make_manifest(w, bias, provenance={"format": "int8"}), base.with_name(base.stem + ".int8.onnx"))
+    rc, out, _ = _run(["--model", str(base), "--threads", "1", "--batch", "1", "--runs", "2", "--warmup", "0",
+                       "--cold-repeats", "0", "--split-repeats", "0", "--json", "-", "--quiet"], capsys)
+    assert rc == 0
+    r = json.loads(out)
+    assert [m["format"] for m in r["models"]] == ["fp32", "int8"] and not r["skipped"]
+    (rec,) = r["recommendations"]
+    assert rec["recommended_format"] in ("fp32", "int8") and rec["int8_speedup"] > 0 and rec["reason"]
+    assert rec["pairs"][0]["fp32_ms"] > 0 and "split" not in r["models"][0]
+
+
+def test_markdown_tables_render(tiny_bundle, capsys):
+    rc, out, _ = _run(["--model", str(tiny_bundle), "--threads", "1", "--batch", "1", "--runs", "2", "--warmup", "0",
+                       "--cold-repeats", "0", "--split-repeats", "1", "--markdown", "--quiet"], capsys)
+    assert rc == 0
+    lines = out.splitlines()
+    blocks, current = [], []
+    for line in lines + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            blocks.append(current)
+            current = []
+    assert len(blocks) == 3  # latency, cost, split
+    for block in blocks:
+        widths = {ln.count("|") for ln in block}
+        assert len(widths) == 1 and len(block) >= 3
+        assert set(block[1].replace("|", "")) == {"-"}
+    assert any(ln.startswith("### ") for ln in lines)
+    assert "tiny" in blocks[0][2]
+
+
+def test_plain_table_aligns():
+    text = table(["a", "bb"], [["x", "1"], ["yyy", "22"]], markdown=False)
+    assert len({len(ln) for ln in text.splitlines()}) == 1
+
+
+@pytest.mark.parametrize("flags", [["--device", "cuda"], ["--provider", "NoSuchExecutionProvider"]])
+def test_unavailable_provider_is_a_usage_error(tiny_bundle, capsys, flags):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers() and flags[-1] == "cuda":
+        pytest.skip("CUDA is available here")
+    rc, _, err = _run(["--model", str(tiny_bundle), *flags, "--quiet"], capsys)
+    assert rc == 2
+    assert "not available" in err and "CPUExecutionProvider" in err
+    assert "provider_unavailable" in err
+
+
+def test_usage_and_model_errors(tiny_bundle, tmp_path, capsys):
+    assert _run(["--model", str(tiny_bundle), "--batch", "0"], capsys)[0] == 2
+    assert _run(["--model", str(tiny_bundle), "--format", "fp64", "--quiet"], capsys)[0] == 2
+    assert _run(["--model", str(tiny_bundle), "--device", "toaster", "--quiet"], capsys)[0] == 2
+    rc, _, err = _run(["--model", str(tmp_path / "missing.onnx"), "--format", "fp32", "--quiet"], capsys)
+    assert rc == 4 and "could not be loaded" in err
+    broken = tmp_path / "broken.onnx"
+    data = bytearray(tiny_bundle.read_bytes())
+    data[100] ^= 0xFF  # inside the weights: the checksum must refuse it
+    broken.write_bytes(bytes(data))
+    rc, _, err = _run(["--model", str(broken), "--format", "fp32", "--quiet"], capsys)
+    assert rc == 4
+
+
+def test_bench_package_never_imports_torch():
+    import subprocess
+
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import cxr_edge.bench.cli, cxr_edge.bench.runner, cxr_edge.bench.coldstart, cxr_edge.bench.pipeline\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
