@@ -33,7 +33,7 @@ from .onnx_export import DEFAULT_OPSET, check_parity, classifier_weights, export
 from .quantize import DEFAULT_PRESET, debug_quantization, prepare_for_quantization, quantize_int8
 from .source import ExportSource
 from .thresholds import choose_thresholds
-from .verify import GateCriteria, compare_models, gate, sigmoid
+from .verify import GateCriteria, cam_correlations, compare_models, gate, sigmoid
 
 PARITY_IMAGES = 32
 
@@ -70,19 +70,22 @@ def latency_ms(model_bytes: bytes, batch: np.ndarray, input_name: str, threads: 
     return float(np.median(times) * 1e3)
 
 
-def compare_ingraph(ingraph_bytes: bytes, reference_bytes: bytes, paths: list[Path], spec, *,
+def compare_ingraph(ingraph_bytes: bytes, reference_bytes: bytes, paths: list[Path], spec, *, weights: np.ndarray,
                     logits_output: str, features_output: str) -> dict[str, Any]:
-    """In-graph (bytes in) vs Python path (read_image + preprocess + the same model) on real files."""
-    from cxr_edge.imaging import read_image
-    from cxr_edge.preprocess import preprocess
+    """In-graph (bytes in) vs Python path (read_image + preprocess + the same model) on real files.
 
+    Logit/probability differences per (image, label), and the CAM Pearson correlation between
+    the two paths' maps (features differ locally where the two resizes differ: text, edges).
+    """
     import onnxruntime as ort
 
     from cxr_edge.bundle import session_options
+    from cxr_edge.imaging import read_image
+    from cxr_edge.preprocess import preprocess
 
     ig = ingraph_session(ingraph_bytes)
     ref = ort.InferenceSession(reference_bytes, session_options(1), providers=["CPUExecutionProvider"])
-    dl, dp, df, refused = [], [], [], []
+    got_l, got_f, ref_l, ref_f, refused = [], [], [], [], []
     for p in paths:
         data = Path(p).read_bytes()
         try:
@@ -92,16 +95,19 @@ def compare_ingraph(ingraph_bytes: bytes, reference_bytes: bytes, paths: list[Pa
             continue
         x = preprocess(read_image(data, min_side=spec.min_side, max_pixels=spec.max_pixels).pixels, spec)
         rl, rf = ref.run([logits_output, features_output], {spec.input_name: x})
-        dl.append(np.abs(lg - rl))
-        dp.append(np.abs(sigmoid(lg) - sigmoid(rl)))
-        df.append(float(np.abs(ft - rf).max() / max(float(np.abs(rf).max()), 1e-12)))
-    if not dl:
+        got_l.append(lg), got_f.append(ft), ref_l.append(rl), ref_f.append(rf)
+    if not got_l:
         return {"images": 0, "refused": refused}
-    dl_a, dp_a = np.concatenate(dl), np.concatenate(dp)
-    return {"images": len(dl), "refused": refused,
-            "logit_max_abs_diff": float(dl_a.max()), "logit_mean_abs_diff": float(dl_a.mean()),
-            "prob_max_abs_diff": float(dp_a.max()), "prob_mean_abs_diff": float(dp_a.mean()),
-            "features_max_rel_diff": float(max(df))}
+    gl, rl_a = np.concatenate(got_l), np.concatenate(ref_l)
+    gf, rf_a = np.concatenate(got_f), np.concatenate(ref_f)
+    dl, dp = np.abs(gl - rl_a), np.abs(sigmoid(gl) - sigmoid(rl_a))
+    corr = cam_correlations(rf_a, gf, weights)
+    return {"images": len(got_l), "refused": refused,
+            "logit_max_abs_diff": float(dl.max()), "logit_mean_abs_diff": float(dl.mean()),
+            "logit_std_across_images": float(rl_a.std(axis=0).mean()),
+            "prob_max_abs_diff": float(dp.max()), "prob_mean_abs_diff": float(dp.mean()),
+            "features_mean_rel_diff": float(np.abs(gf - rf_a).mean() / max(float(np.abs(rf_a).mean()), 1e-12)),
+            "cam_pearson_median": float(np.median(corr)), "cam_pearson_min": float(corr.min())}
 
 
 def export_bundle(source: ExportSource, out: str | os.PathLike, *, precision: str = "int8", calib_images: int = 200,
@@ -216,7 +222,7 @@ def export_bundle(source: ExportSource, out: str | os.PathLike, *, precision: st
         ig_spec = replace(spec, input_name=BYTES_INPUT)
         ig_prov = dict(provenance)
         cmp_paths = (source.verification or parity_set).paths[:ingraph_images]
-        agreement = compare_ingraph(ig_bytes, shipped, cmp_paths, spec, **names)
+        agreement = compare_ingraph(ig_bytes, shipped, cmp_paths, spec, weights=weights, **names)
         ig_prov["ingraph"] = {
             "input": f"{BYTES_INPUT}: the encoded PNG/JPEG file as a 1-D uint8 tensor (batch of one)",
             "decoder": "onnxruntime-extensions DecodeImage (register its custom-op library)",
