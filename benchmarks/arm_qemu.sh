@@ -84,5 +84,5 @@ say "comparison"
 if [ "${ARM_BENCH:-0}" = "1" ]; then
   say "cxr-edge-bench under emulation (machine detection only; the timings are NOT a benchmark)"
   PYTHONPATH="$SITE:$REPO" "${ARMPY[@]}" -m cxr_edge.bench.cli --model "$BUNDLE" --format fp32 --threads 1 --batch 1 \
-    --runs 2 --warmup 1 --cold-repeats 1 --split-repeats 1
+    --runs 2 --warmup 1 --cold-repeats 0 --split-repeats 1  # qemu-user cannot spawn a child interpreter
 fi

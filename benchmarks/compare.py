@@ -105,6 +105,7 @@ def plot(bench: dict[str, Any], eager: list[dict[str, Any]], path: Path, title: 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
     missing = []
@@ -123,12 +124,18 @@ def plot(bench: dict[str, Any], eager: list[dict[str, Any]], path: Path, title: 
         lat = next((c["latency_ms"]["median"] for c in e["configs"] if c["batch"] == 1), None)
         auc = auc_of.get(e["bundle"])
         if lat is None or auc is None:
-            missing.append(f"{e['arch']} eager: no batch-1 run or no AUC")
+            missing.append(f"{e['arch']} eager: {'no batch-1 run' if lat is None else 'its bundle has no mean_auc'}")
             continue
         ax.scatter([lat], [auc], s=40 + 400 * e["params"] / 7e6, alpha=0.55, marker="s",
                    label=f"{e['arch']} PyTorch eager, {e['params'] / 1e6:.2f} M params")
         ax.annotate(f"{e['arch']} eager", (lat, auc), textcoords="offset points", xytext=(6, -12), fontsize=8)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    lo, hi = ax.get_ylim()
+    if hi - lo < 0.05:  # keep AUC differences in proportion: at least a 0.05-wide axis
+        mid = (hi + lo) / 2
+        ax.set_ylim(mid - 0.025, mid + 0.025)
     ax.set_xlabel("median latency, batch 1 (ms, log scale)")
     ax.set_ylabel("mean AUC (manifest provenance)")
     ax.set_title(title, fontsize=10)
@@ -147,6 +154,10 @@ def markdown(bench: dict[str, Any], eager: list[dict[str, Any]], rat: list[dict[
              missing: list[str]) -> str:
     parts = [f"# cxr-edge comparison on {bench['machine']['cpu_model']} ({bench['machine']['arch']})", "",
              f"Generated {bench['created_utc']} by benchmarks/compare.py. Not a medical device.", "",
+             "Models:", *[f"- `{Path(m['path']).name}`: model_id `{m['model_id']}`, {m['format']}, "
+                          f"{m['graph'].get('params') or 'n/a'} parameters"
+                          + (f", mean AUC {m['mean_auc']}" if m.get("mean_auc") is not None else ", no mean AUC")
+                          + (f" — {m['note']}" if m.get("note") else "") for m in bench["models"]], "",
              render(bench, markdown=True)]
     if eager:
         rows = [[e["arch"], c["threads"], c["batch"], c["runs"], f"{c['latency_ms']['median']:.2f}",

@@ -76,6 +76,12 @@ def _source(args: argparse.Namespace):
     if args.run and args.checkpoint:
         raise InvalidArgumentError("pass --run or --checkpoint, not both")
     if args.run:
+        given = [f for f, v in (("--verify-images", args.verify_images), ("--calib-list", args.calib_list),
+                                ("--threshold-images", args.threshold_images), ("--arch", args.arch),
+                                ("--config", args.config)) if v]
+        if given:
+            raise InvalidArgumentError(f"{', '.join(given)} cannot be combined with --run: a run directory brings "
+                                       "its own model, preprocessing and train/validation/evaluation split")
         return source_from_run(args.run, args.run_checkpoint)
     if not args.checkpoint:
         raise InvalidArgumentError("pass --run RUN_DIR or --checkpoint CKPT (with --config or --arch ...)")

@@ -101,13 +101,15 @@ def compare_ingraph(ingraph_bytes: bytes, reference_bytes: bytes, paths: list[Pa
     gl, rl_a = np.concatenate(got_l), np.concatenate(ref_l)
     gf, rf_a = np.concatenate(got_f), np.concatenate(ref_f)
     dl, dp = np.abs(gl - rl_a), np.abs(sigmoid(gl) - sigmoid(rl_a))
-    corr = cam_correlations(rf_a, gf, weights)
+    corr_all = cam_correlations(rf_a, gf, weights)
+    corr = corr_all[np.isfinite(corr_all)] if np.isfinite(corr_all).any() else np.ones(1)
     return {"images": len(got_l), "refused": refused,
             "logit_max_abs_diff": float(dl.max()), "logit_mean_abs_diff": float(dl.mean()),
             "logit_std_across_images": float(rl_a.std(axis=0).mean()),
             "prob_max_abs_diff": float(dp.max()), "prob_mean_abs_diff": float(dp.mean()),
             "features_mean_rel_diff": float(np.abs(gf - rf_a).mean() / max(float(np.abs(rf_a).mean()), 1e-12)),
-            "cam_pearson_median": float(np.median(corr)), "cam_pearson_min": float(corr.min())}
+            "cam_pearson_median": float(np.median(corr)), "cam_pearson_min": float(corr.min()),
+            "cam_pairs_both_empty": int(corr_all.size - np.isfinite(corr_all).sum())}
 
 
 def export_bundle(source: ExportSource, out: str | os.PathLike, *, precision: str = "int8", calib_images: int = 200,
@@ -140,7 +142,11 @@ def export_bundle(source: ExportSource, out: str | os.PathLike, *, precision: st
     weights, bias = classifier_weights(source.model)
     shipped, shipped_precision = fp32, "fp32"
     provenance = dict(source.provenance)
-    provenance["export"] = {"opset": opset, "exporter": exporter, "offline_optimization": "basic" if optimize else None}
+    provenance["export"] = {"opset": opset, "exporter": exporter, "offline_optimization": "basic" if optimize else None,
+                            "parity_fp32_vs_torch": {k: report["parity_fp32_vs_torch"][k] for k in (
+                                "images", "logits_max_abs_diff", "features_max_abs_diff")},
+                            "calibration_pool": source.calibration_pool.describe() if source.calibration_pool else None,
+                            "verification_set": source.verification.describe() if source.verification else None}
 
     # 2. INT8 + gate
     ver_batch = ver_logits = None

@@ -107,6 +107,20 @@ def check_onnx(model: onnx.ModelProto | bytes) -> None:
         raise ExportError(f"the exported ONNX model is invalid: {exc}") from None
 
 
+def prune_opset_imports(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop opset imports of domains no node uses (in place; returns ``proto``).
+
+    onnxruntime's optimizer (offline optimization, ``quant_pre_process``) writes every domain its
+    registry knows - ``com.microsoft.*``, ``ai.onnx.contrib`` 1000 when onnxruntime-extensions is
+    loaded - which other runtimes may reject and ``onnx.compose`` refuses to merge.
+    """
+    used = {n.domain or "" for n in proto.graph.node}
+    keep = [o for o in proto.opset_import if (o.domain or "") in used or o.domain in ("", "ai.onnx")]
+    del proto.opset_import[:]
+    proto.opset_import.extend(keep)
+    return proto
+
+
 def optimize_offline(model_bytes: bytes, level: str = "basic") -> bytes:
     """Constant folding / redundant-node removal with onnxruntime's offline optimizer.
 
@@ -127,6 +141,7 @@ def optimize_offline(model_bytes: bytes, level: str = "basic") -> bytes:
         proto = onnx.load(str(out))
     # onnxruntime tags the file with its own producer; keep ours so provenance stays readable
     proto.producer_name = "cxr-edge-export"
+    prune_opset_imports(proto)
     check_onnx(proto)
     return proto.SerializeToString()
 

@@ -55,7 +55,7 @@ def choose_thresholds(probs: np.ndarray | None, targets: np.ndarray | None, labe
             entry["reason"] = f"fewer than {min_positives} positives or negatives: default threshold"
             thr = DEFAULT_THRESHOLD
         else:
-            fpr, tpr, thr_curve = roc_curve(t, p)
+            fpr, tpr, thr_curve = roc_curve(t, p, drop_intermediate=False)
             finite = np.isfinite(thr_curve)
             fpr, tpr, thr_curve = fpr[finite], tpr[finite], thr_curve[finite]
             if method == "youden":

@@ -106,3 +106,25 @@ def make_toy_model(num_classes: int = 14, in_chans: int = 1, *, stages: Sequence
         with torch.no_grad():
             model.classifier.weight.abs_()
     return model.eval()
+
+
+def synthetic_radiographs(n: int, size: int = 160, seed: int = 0) -> list[np.ndarray]:
+    """``n`` smooth [0, 1] float32 gray images (two bright 'lung' ellipses, soft blobs, noise).
+
+    Only for tests that must run without the shared real data (graph checks, dynamic batch);
+    accuracy claims are always measured on real radiographs.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    out = []
+    for _ in range(n):
+        img = 0.25 + 0.1 * rng.random() * yy
+        for cx in (0.3, 0.7):
+            cx += rng.normal(0, 0.03)
+            img += 0.35 * np.exp(-(((xx - cx) / 0.16) ** 2 + ((yy - 0.5) / 0.3) ** 2))
+        for _ in range(3):
+            bx, by, r = rng.random(), rng.random(), 0.03 + 0.08 * rng.random()
+            img += rng.normal(0, 0.15) * np.exp(-((xx - bx) ** 2 + (yy - by) ** 2) / (2 * r * r))
+        img += rng.normal(0, 0.01, img.shape)
+        out.append(np.clip(img, 0.0, 1.0).astype(np.float32))
+    return out

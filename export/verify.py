@@ -6,7 +6,10 @@ Criteria (defaults from the issue), measured on a held-out set of real, labelled
   * CAM agreement: Pearson correlation of the fp32 and int8 class activation maps of every
     (image, label) pair, median at least ``min_cam_median`` (0.9). Maps come from
     :func:`cxr_edge.cam.class_activation_map` on the feature grid itself (h x w, the ReLU'd and
-    peak-normalised ``W[c] . features``), so upsampling cannot inflate the agreement.
+    peak-normalised ``W[c] . features``), so upsampling cannot inflate the agreement. Pairs where
+    *both* maps are empty (no positive evidence anywhere, common for a trained model's absent
+    findings) agree trivially: they are counted but left out of the median, which would otherwise
+    read 1.0 while the maps that matter disagree. One empty and one non-empty map counts as r = 0.
 Also reported: max / mean |logit| and |probability| differences and the files' sizes.
 """
 from __future__ import annotations
@@ -62,7 +65,7 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def cam_correlations(feats_ref: np.ndarray, feats_new: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """N x L Pearson correlations of CAMs computed from two models' features (N x C x h x w)."""
+    """N x L Pearson correlations of CAMs from two models' features (N x C x h x w); NaN where both are empty."""
     if feats_ref.shape != feats_new.shape or feats_ref.ndim != 4:
         raise InvalidArgumentError(f"feature tensors must be N x C x h x w and equal, got "
                                    f"{feats_ref.shape} and {feats_new.shape}")
@@ -70,8 +73,9 @@ def cam_correlations(feats_ref: np.ndarray, feats_new: np.ndarray, weights: np.n
     out = np.empty((n, weights.shape[0]), dtype=np.float64)
     for i in range(n):
         for c in range(weights.shape[0]):
-            out[i, c] = pearson(class_activation_map(feats_ref[i], weights[c], (h, w)),
-                                class_activation_map(feats_new[i], weights[c], (h, w)))
+            a = class_activation_map(feats_ref[i], weights[c], (h, w))
+            b = class_activation_map(feats_new[i], weights[c], (h, w))
+            out[i, c] = np.nan if not a.any() and not b.any() else pearson(a, b)
     return out
 
 
@@ -84,7 +88,8 @@ def compare_models(ref: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np
     auc_ref, auc_new = per_label_auc(l_ref, targets), per_label_auc(l_new, targets)
     valid = [j for j, a in enumerate(auc_ref) if a is not None]
     drops = {labels[j]: 100.0 * (auc_ref[j] - auc_new[j]) for j in valid}
-    corr = cam_correlations(f_ref, f_new, weights)
+    corr_all = cam_correlations(f_ref, f_new, weights)
+    corr = corr_all[np.isfinite(corr_all)]
     dl = np.abs(l_ref - l_new)
     dp = np.abs(sigmoid(l_ref) - sigmoid(l_new))
     return {
@@ -94,10 +99,10 @@ def compare_models(ref: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np
         "mean_auc_new": float(np.mean([auc_new[j] for j in valid])) if valid else None,
         "mean_auc_drop_points": float(np.mean(list(drops.values()))) if valid else None,
         "auc_drop_points_per_label": drops,
-        "cam_pearson_median": float(np.median(corr)),
-        "cam_pearson_p10": float(np.percentile(corr, 10)),
-        "cam_pearson_mean": float(np.mean(corr)),
-        "cam_pairs": int(corr.size),
+        "cam_pearson_median": float(np.median(corr)) if corr.size else None,
+        "cam_pearson_p10": float(np.percentile(corr, 10)) if corr.size else None,
+        "cam_pearson_mean": float(np.mean(corr)) if corr.size else None,
+        "cam_pairs": int(corr.size), "cam_pairs_both_empty": int(corr_all.size - corr.size),
         "logit_max_abs_diff": float(dl.max()), "logit_mean_abs_diff": float(dl.mean()),
         "prob_max_abs_diff": float(dp.max()), "prob_mean_abs_diff": float(dp.mean()),
     }
@@ -112,7 +117,9 @@ def gate(numbers: dict[str, Any], criteria: GateCriteria = GateCriteria()) -> di
     elif not drop <= criteria.max_auc_drop:
         failures.append(f"mean AUC drop {drop:.3f} points > {criteria.max_auc_drop}")
     med = numbers.get("cam_pearson_median")
-    if med is None or not med >= criteria.min_cam_median:
+    if med is None:
+        failures.append("every CAM is empty in both models: CAM agreement cannot be measured")
+    elif not med >= criteria.min_cam_median:
         failures.append(f"median CAM Pearson r {med:.3f} < {criteria.min_cam_median}")
     return {"passed": not failures, "failures": failures, "criteria": asdict(criteria)}
 

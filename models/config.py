@@ -14,7 +14,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from cxr_edge.errors import InvalidArgumentError
+from cxr_edge.errors import InvalidArgumentError, ManifestError
 from cxr_edge.manifest import PreprocessSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,9 +154,12 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise InvalidArgumentError(f"config: {message}")
-        self.student_spec()
-        if self.teachers:
-            self.teacher_spec()
+        try:
+            self.student_spec()
+            if self.teachers:
+                self.teacher_spec()
+        except ManifestError as exc:
+            raise InvalidArgumentError(f"config: {exc}") from None
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

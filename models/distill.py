@@ -164,7 +164,10 @@ def _onnx_head(model_bytes: bytes, logits_name: str) -> tuple[np.ndarray, np.nda
 
 class OnnxPredictor(Predictor):
     """An ONNX model run with onnxruntime: a cxr-edge bundle (spec/labels/CAM weights from its
-    manifest) or a bare model such as the shared teacher (spec from the caller, head from the graph)."""
+    manifest) or a bare model such as the shared teacher (spec from the caller, head from the graph).
+
+    ``spec`` applies to bare models only: a bundle is always run with its manifest's preprocessing.
+    """
 
     def __init__(self, path: str | os.PathLike, spec: PreprocessSpec | None = None, threads: int | None = None,
                  logits_output: str = "logits", features_output: str | None = "features") -> None:
@@ -185,9 +188,6 @@ class OnnxPredictor(Predictor):
                 features_output = manifest.cam.features_output
                 bias = manifest.cam.bias if manifest.cam.bias is not None else np.zeros(len(manifest.labels))
                 self._head = (manifest.cam.weights, np.asarray(bias, np.float32))
-            if spec is not None and spec != self.spec:
-                raise InvalidArgumentError(f"{self.path.name}: its manifest's preprocessing differs from the one "
-                                           "asked for; a bundle is always run with its own")
         else:
             if spec is None:
                 raise InvalidArgumentError(f"{self.path.name} has no cxr-edge manifest: pass its preprocessing spec")

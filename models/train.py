@@ -216,9 +216,9 @@ class WarmupCosine:
 
 def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int):
     total = cfg.epochs * steps_per_epoch
-    if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total,
-                                                   pct_start=max(cfg.warmup_frac, 1.0 / total))
+    if cfg.schedule == "onecycle" and total >= 4:  # torch's OneCycleLR needs >= 1 step per phase
+        pct = min(max(cfg.warmup_frac, 2.0 / total), (total - 1.5) / total)
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=pct)
     return torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(total, int(cfg.warmup_frac * total)))
 
 
@@ -435,7 +435,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             if cfg.log_every and d.main and (step + 1) % cfg.log_every == 0:
                 print(f"  step {step + 1}/{steps} loss {sums['loss'] / (step + 1):.4f}", flush=True)
         seconds = time.perf_counter() - start
-        record = {"epoch": epoch + 1, "seconds": round(seconds, 2), "lr": opt.param_groups[0]["lr"],
+        record = {"epoch": epoch + 1, "steps": steps, "seconds": round(seconds, 2), "lr": opt.param_groups[0]["lr"],
                   **{k: round(v / steps, 5) for k, v in sums.items()}}
         if len(val_ci) and d.main:
             vl = evaluate_model(model, spec, images, val_ci, d.device, cfg.eval_batch_size)

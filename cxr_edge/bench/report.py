@@ -8,12 +8,14 @@ JSON schema ``cxr-edge-bench/1`` (``--json out.json``); times in milliseconds, s
   asimddp, i8mm, sve, ...), ``int8_dot_product`` (bool), ``emulated`` (bool), ``python``,
   ``onnxruntime``, ``numpy``, ``opencv``, ``providers_available``, ``peak_fp32`` (null or ``ghz``,
   ``ghz_source``, ``flops_per_cycle_per_core``, ``cores``, ``gflops``, ``assumption``), ``notes``
+- ``load_average``: ``start``, ``end`` (1-minute load average, null where the OS has none; a note
+  flags a machine busy with other work)
 - ``settings``: ``formats``, ``threads``, ``batches``, ``providers``, ``runs`` (null = auto policy),
   ``warmup``, ``cold_repeats``, ``split_repeats``, ``image`` (``path``, ``synthetic``)
 - ``models``: one per bundle file measured:
   ``model`` (FP32 sibling path, groups formats), ``path``, ``format`` (fp32/fp16/int8), ``model_id``,
   ``model_sha256``, ``size_bytes``, ``labels``, ``input_size``, ``providers`` (active), ``mean_auc``
-  (manifest provenance.metrics.mean_auc or null),
+  (manifest provenance.metrics.mean_auc or null), ``note`` (manifest provenance.note or null),
   ``graph``: ``available``, ``params``, ``macs`` (per image), ``flops`` (= 2 x macs), ``macs_by_op``,
   ``depthwise_macs``, ``quantized``, ``uncounted``, ``reason``, ``rule`` (null counts when onnx is absent),
   ``configs``: list of ``threads``, ``batch``, ``runs``, ``warmup``, ``latency_ms`` (``median``, ``p90``,

@@ -6,6 +6,7 @@ The result is one JSON-able dict whose layout is documented in :mod:`cxr_edge.be
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import tempfile
 import time
@@ -52,6 +53,14 @@ class BenchConfig:
         for name in ("warmup", "cold_repeats", "split_repeats"):
             if getattr(self, name) < 0:
                 raise InvalidArgumentError(f"--{name.replace('_', '-')} must be >= 0")
+
+
+def _load_average() -> float | None:
+    """1-minute load average (None where the OS has none): a busy machine makes every number noisy."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _model_input(bundle, image: str) -> np.ndarray:
@@ -150,6 +159,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> 
     cfg.validate()
     started = time.time()
     machine = machine_info()
+    load_start = _load_average()
     variants, skipped = resolve_variants(cfg.models, cfg.formats)
     if not variants:
         raise BundleError("nothing to benchmark: " + "; ".join(s["reason"] for s in skipped))
@@ -171,6 +181,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> 
                 "input_size": list(manifest.preprocessing.input_size),
                 "providers": list(bundle.session.get_providers()),
                 "mean_auc": (manifest.provenance.get("metrics") or {}).get("mean_auc"),
+                "note": manifest.provenance.get("note"),
                 "graph": stats,
             }
             del bundle
@@ -205,10 +216,17 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> 
     if any(not m["graph"]["available"] for m in models):
         notes.append("MACs/params: " + models[0]["graph"]["reason"])
     notes += machine.get("notes", [])
+    load = _load_average()
+    if load is not None and load_start is not None:
+        if max(load, load_start) > machine["usable_cpus"] + 0.5:
+            notes.append(f"the machine was busy (1-min load average {load_start:.1f} at start, {load:.1f} at end, "
+                         f"on {machine['usable_cpus']} CPUs): other processes competed for the cores, so "
+                         "latencies are inflated and noisy; rerun on an idle machine for reference numbers")
     return {
         "schema": SCHEMA, "tool": f"cxr-edge-bench {__version__}",
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "duration_s": time.time() - started, "machine": machine,
+        "load_average": {"start": load_start, "end": load},
         "settings": {"formats": cfg.formats, "threads": cfg.threads, "batches": cfg.batches,
                      "providers": cfg.providers, "runs": cfg.runs, "warmup": cfg.warmup,
                      "cold_repeats": cfg.cold_repeats, "split_repeats": cfg.split_repeats, "image": image_desc},

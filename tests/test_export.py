@@ -1,0 +1,232 @@
+"""torch -> ONNX export, parity, dynamic batch, manifest/bundle, thresholds and the CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from conftest import NIH_LABELS, need_shared
+
+from cxr_edge.bundle import load_bundle, read_manifest, write_bundle
+from cxr_edge.errors import InvalidArgumentError
+from cxr_edge.manifest import PreprocessSpec
+from cxr_edge.preprocess import preprocess
+from export.errors import ParityError
+from export.manifest_build import HEAD_ATOL, build_manifest, tool_versions
+from export.onnx_export import (check_onnx, check_parity, classifier_weights, export_onnx, optimize_offline,
+                                run_onnx, torch_outputs)
+from export.thresholds import choose_thresholds
+from export.toy import make_toy_model, synthetic_radiographs
+
+SPEC = PreprocessSpec(input_size=(112, 112), mean=(0.49465,), std=(0.25223,), min_side=32)
+
+
+@pytest.fixture(scope="module")
+def synth_batch() -> np.ndarray:
+    return preprocess(synthetic_radiographs(6, 160, seed=1), SPEC)
+
+
+@pytest.fixture(scope="module")
+def toy(synth_batch):
+    return make_toy_model(num_classes=5, bn_batch=synth_batch, seed=3)
+
+
+@pytest.fixture(scope="module")
+def toy_onnx(toy) -> bytes:
+    return export_onnx(toy, SPEC)
+
+
+def test_export_passes_full_checker_with_manifest_names(toy):
+    spec = PreprocessSpec(input_name="pixels", input_size=(112, 112), mean=(0.5,), std=(0.25,), min_side=32)
+    data = export_onnx(toy, spec, logits_output="scores", features_output="fmap", opset=17)
+    proto = onnx.load_from_string(data)
+    onnx.checker.check_model(proto, full_check=True)
+    assert [i.name for i in proto.graph.input] == ["pixels"]
+    assert [o.name for o in proto.graph.output] == ["scores", "fmap"]
+    assert next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) == 17
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, 112, 112]
+
+
+def test_dynamic_batch_rows_match_single_images(toy_onnx, synth_batch):
+    three = synth_batch[:3]
+    logits3, feats3 = run_onnx(toy_onnx, three, ["logits", "features"], "image")
+    assert logits3.shape == (3, 5) and feats3.shape[0] == 3 and feats3.shape[1] == 256
+    for i in range(3):
+        logits1, feats1 = run_onnx(toy_onnx, three[i:i + 1], ["logits", "features"], "image")
+        assert logits1.shape == (1, 5)
+        np.testing.assert_allclose(logits1[0], logits3[i], atol=1e-5)
+        np.testing.assert_allclose(feats1[0], feats3[i], atol=1e-5)
+
+
+def test_parity_with_torch_on_synthetic_and_detects_a_changed_model(toy, toy_onnx, synth_batch):
+    numbers = check_parity(toy, toy_onnx, synth_batch, SPEC)
+    assert numbers["logits_max_abs_diff"] < 1e-3 and numbers["images"] == len(synth_batch)
+    changed = make_toy_model(num_classes=5, bn_batch=synth_batch, seed=3)
+    with torch.no_grad():
+        changed.classifier.bias += 0.05
+    with pytest.raises(ParityError) as err:
+        check_parity(changed, toy_onnx, synth_batch, SPEC)
+    assert err.value.numbers["logits_max_abs_diff"] > 0.04
+
+
+def test_parity_on_real_images(toy, toy_onnx):
+    from export.images import list_image_dir, load_batch
+
+    images = need_shared("data", "nih-cxr14-sample", "images")
+    batch = load_batch(list_image_dir(images)[:8], SPEC)
+    numbers = check_parity(toy, toy_onnx, batch, SPEC)
+    assert numbers["logits_max_abs_diff"] <= 1e-4 + 1e-3 * 10
+
+
+def test_head_identity_holds_in_the_exported_graph(toy, toy_onnx, synth_batch):
+    w, b = classifier_weights(toy)
+    logits, feats = run_onnx(toy_onnx, synth_batch, ["logits", "features"], "image")
+    assert np.abs(feats.mean(axis=(2, 3)) @ w.T + b - logits).max() < 1e-4
+    t_logits, _ = torch_outputs(toy, synth_batch)
+    np.testing.assert_allclose(t_logits, logits, atol=1e-4)
+
+
+def test_offline_optimization_keeps_outputs(toy_onnx, synth_batch):
+    opt = optimize_offline(toy_onnx)
+    check_onnx(opt)
+    a = run_onnx(toy_onnx, synth_batch, ["logits"], "image")[0]
+    b = run_onnx(opt, synth_batch, ["logits"], "image")[0]
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_export_refuses_bad_arguments(toy):
+    with pytest.raises(InvalidArgumentError):
+        export_onnx(toy, SPEC, opset=16)
+    with pytest.raises(InvalidArgumentError):
+        export_onnx(toy, SPEC, logits_output="x", features_output="x")
+    with pytest.raises(InvalidArgumentError):
+        export_onnx(nn.Sequential(nn.Conv2d(1, 2, 3)), SPEC)  # no features/head/classifier
+
+
+def test_manifest_and_bundle_load_with_load_bundle(tmp_path, toy, toy_onnx):
+    w, b = classifier_weights(toy)
+    labels = tuple(f"finding_{i}" for i in range(5))
+    manifest = build_manifest(model_id="toy", labels=labels, thresholds=[0.3, 0.4, 0.5, 0.6, 0.7], spec=SPEC,
+                              weights=w, bias=b, precision="fp32", provenance={"architecture": "toy", "seed": 3})
+    path = tmp_path / "toy.onnx"
+    sha = write_bundle(toy_onnx, manifest, path)
+    bundle = load_bundle(path, threads=1)
+    m = bundle.manifest
+    assert m.model_sha256 == sha and m.labels == labels and m.preprocessing == SPEC
+    np.testing.assert_array_equal(m.cam.weights, w)
+    assert m.cam.head_check_atol == HEAD_ATOL["fp32"]
+    versions = m.provenance["tool_versions"]
+    assert {"python", "torch", "onnx", "onnxruntime", "cxr-edge"} <= set(versions)
+    assert m.provenance["precision"] == "fp32" and "export_date" in m.provenance
+    # a manifest whose CAM weights do not belong to the graph must be refused at load
+    bad = build_manifest(model_id="toy", labels=labels, thresholds=[0.5] * 5, spec=SPEC, weights=w * 1.1, bias=b,
+                         precision="fp32")
+    write_bundle(toy_onnx, bad, tmp_path / "bad.onnx")
+    from cxr_edge.errors import ManifestError
+
+    with pytest.raises(ManifestError):
+        load_bundle(tmp_path / "bad.onnx", threads=1)
+
+
+def test_tool_versions_are_real():
+    versions = tool_versions()
+    assert versions["torch"].startswith(torch.__version__.split("+")[0])
+    assert versions["onnx"] == onnx.__version__
+
+
+def test_thresholds_youden_sensitivity_and_defaults():
+    rng = np.random.default_rng(0)
+    targets = (rng.random((400, 3)) < 0.3).astype(np.float32)
+    probs = np.clip(0.25 + 0.5 * targets + rng.normal(0, 0.12, targets.shape), 0, 1)
+    targets[:, 2] = 0.0  # one class only: no ROC curve
+    thr, details = choose_thresholds(probs, targets, ["a", "b", "c"], method="youden")
+    assert 0.3 < thr[0] < 0.7 and 0.3 < thr[1] < 0.7 and thr[2] == 0.5
+    assert "reason" in details["per_label"]["c"]
+    thr_s, det_s = choose_thresholds(probs, targets, ["a", "b", "c"], method="sensitivity", min_sensitivity=0.95)
+    assert det_s["per_label"]["a"]["sensitivity"] >= 0.95
+    pos = probs[targets[:, 0] == 1, 0]
+    assert (pos >= thr_s[0]).mean() >= 0.95  # the operating point keeps its promise...
+    assert (pos >= np.nextafter(thr_s[0], 1.0)).mean() < 0.95  # ...and is the highest such
+    assert choose_thresholds(None, None, ["a", "b"])[0] == (0.5, 0.5)
+    with pytest.raises(InvalidArgumentError):
+        choose_thresholds(probs, targets, ["a", "b", "c"], method="magic")
+
+
+def test_thresholds_ignore_unknown_labels():
+    targets = np.array([[1.0], [0.0], [np.nan], [1.0], [0.0], [1.0], [0.0], [np.nan]], dtype=np.float32)
+    probs = np.array([[0.9], [0.1], [0.99], [0.8], [0.2], [0.7], [0.3], [0.01]], dtype=np.float32)
+    thr, details = choose_thresholds(probs, targets, ["x"])
+    assert details["per_label"]["x"]["positives"] == 3 and details["per_label"]["x"]["negatives"] == 3
+    assert 0.3 < thr[0] <= 0.7
+
+
+def test_cli_fp32_from_checkpoint_flags(tmp_path):
+    """The CLI end to end with a registry model (skipped while models/ is absent)."""
+    registry = pytest.importorskip("models.registry")
+    names = registry.list_models("student")
+    if not names:
+        pytest.skip("no student model registered")
+    sample = need_shared("data", "nih-cxr14-sample")
+    from export.__main__ import main
+
+    arch = "mobilenetv3_small" if "mobilenetv3_small" in names else names[0]
+    torch.manual_seed(0)
+    model = registry.create_model(arch, num_classes=len(NIH_LABELS), in_chans=1)
+    ckpt = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), ckpt)
+    verify = tmp_path / "verify.csv"
+    verify.write_text("image\n" + "\n".join(sorted(p.name for p in (sample / "images").iterdir())[:12]) + "\n")
+    calib = tmp_path / "calib.csv"
+    calib.write_text("image\n" + "\n".join(sorted(p.name for p in (sample / "images").iterdir())[20:24]) + "\n")
+    out = tmp_path / "cli.onnx"
+    rc = main(["--checkpoint", str(ckpt), "--arch", arch, "--input-size", "64", "--mean", "0.49465",
+               "--std", "0.25223", "--labels", ",".join(NIH_LABELS), "--out", str(out), "--format", "fp32",
+               "--verify-images", str(verify), "--calib-list", str(calib)])
+    assert rc == 0
+    report = json.loads((tmp_path / "cli.report.json").read_text())
+    assert report["bundle"]["precision"] == "fp32" and report["parity_fp32_vs_torch"]["images"] == 12
+    manifest = read_manifest(out.read_bytes())
+    assert manifest.provenance["architecture"] == arch and manifest.labels == NIH_LABELS
+    load_bundle(out, threads=1)
+
+
+def test_cli_argument_errors_exit_2(tmp_path, capsys):
+    from export.__main__ import main
+
+    assert main(["--out", str(tmp_path / "x.onnx")]) == 2
+    assert "--run" in capsys.readouterr().err
+
+
+def test_cli_run_directory_uses_the_runs_config_and_split(tmp_path):
+    """A models.train run dir (config.json + model_final.pt) -> bundle; spec and split come from the run."""
+    pytest.importorskip("models.train")
+    need_shared("data", "nih-cxr14-sample")
+    need_shared("teachers", "teacher_val_images.csv")
+    from models.config import TrainConfig
+    from models.registry import create_model, list_models
+
+    from export.__main__ import main
+
+    arch = "mobilenetv3_small" if "mobilenetv3_small" in list_models() else list_models("student")[0]
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = TrainConfig(model=arch, input_size=64, limit_train=24, limit_eval=16, out_dir=str(run), seed=7)
+    cfg.save(run / "config.json")
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=len(NIH_LABELS), in_chans=1, drop_rate=cfg.drop_rate)
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "labels": list(NIH_LABELS), "epoch": 1,
+                "checkpoint": "last"}, run / "model_final.pt")
+    out = tmp_path / "run.onnx"
+    assert main(["--run", str(run), "--out", str(out), "--format", "fp32"]) == 0
+    manifest = load_bundle(out, threads=1).manifest
+    assert manifest.preprocessing == cfg.student_spec()
+    prov = manifest.provenance
+    assert prov["architecture"] == arch and prov["seed"] == 7
+    assert prov["training_data"]["train"]["images"] == 24 and prov["training_data"]["evaluation"]["images"] == 16
+    assert prov["export"]["verification_set"]["images"] == 16
+    assert "optimistic" in prov["thresholds"]["caveat"]  # no validation split: thresholds on the eval images
