@@ -25,7 +25,8 @@ NIH_STD = 0.25223
 
 #: Fields that may differ between an interrupted run and its ``--resume`` (they do not change the math).
 OPERATIONAL_FIELDS = frozenset({"resume", "stop_after_epochs", "num_workers", "threads", "device",
-                                "teacher_cache_dir", "log_every", "data_root", "shared_dir"})
+                                "teacher_cache_dir", "log_every", "data_root", "shared_dir", "channels_last",
+                                "compile", "eval_batch_size", "bootstrap", "keep_checkpoints"})
 
 
 def shared_dir() -> Path:
@@ -91,7 +92,8 @@ class TrainConfig:
     # --- runtime
     device: str = "cpu"
     amp: bool = False                  # bf16 autocast
-    channels_last: bool = False
+    channels_last: bool = True         # NHWC: ~1.5x faster for the depthwise students on CPU
+    compile: bool = False              # torch.compile the training step (minutes to compile; opt-in)
     num_workers: int = 0
     threads: int = 0                   # torch.set_num_threads; 0 = min(2, cpu count) on CPU
     out_dir: str = "runs/default"

@@ -228,7 +228,8 @@ def pointing_game(cams: Sequence[np.ndarray], boxes: Sequence[tuple[float, float
         raise InvalidArgumentError("pointing_game: one CAM and one finding per box")
     hits = np.array([point_in_box(argmax_point(c), b, tolerance) for c, b in zip(cams, boxes)], dtype=np.float64)
     base = np.array([random_point_rate(b, c.shape, tolerance) for c, b in zip(cams, boxes)], dtype=np.float64)
-    flat = int(sum(argmax_point(c) is None for c in cams))
+    is_flat = np.array([argmax_point(c) is None for c in cams], dtype=bool)
+    flat = int(is_flat.sum())
     groups = list(groups) if groups is not None else [str(i) for i in range(len(boxes))]
 
     def summary(sel: np.ndarray) -> dict:
@@ -240,7 +241,7 @@ def pointing_game(cams: Sequence[np.ndarray], boxes: Sequence[tuple[float, float
             bh.append(h[idx].mean())
             br.append(r[idx].mean())
         bh, br = np.array(bh), np.array(br)
-        return {"n": int(h.size), "hit_rate": _f(h.mean()), "ci_low": _f(_interval(bh, level)[0]),
+        return {"n": int(h.size), "flat": int(is_flat[sel].sum()), "hit_rate": _f(h.mean()), "ci_low": _f(_interval(bh, level)[0]),
                 "ci_high": _f(_interval(bh, level)[1]), "random_baseline": _f(r.mean()),
                 "baseline_ci_low": _f(_interval(br, level)[0]), "baseline_ci_high": _f(_interval(br, level)[1]),
                 "gain_over_random_ci": [_f(v) for v in _interval(bh - br, level)]}
@@ -329,7 +330,7 @@ def format_table(metrics: dict, title: str = "") -> str:
         for f, s in pg["per_finding"].items():
             if s["n"]:
                 lines.append(f"  {f:<18}{s['hit_rate']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}] n={s['n']:<4}"
-                             f"random {s['random_baseline']:.3f}")
+                             f"random {s['random_baseline']:.3f}  flat {s['flat']}")
     return "\n".join(lines)
 
 

@@ -365,7 +365,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             raise InvalidArgumentError(f"teacher gives {t_logits.shape[-1]} logits for {len(labels)} labels")
         if cfg.at_beta == 0:
             t_maps = None
-        teachers = []  # outputs are in memory; free the sessions
+        teachers, t = [], None  # outputs are in memory; free the sessions
 
     train_ds = CxrDataset(images, train_ci, table.targets[train_rows], cfg.student_spec(), augment_params(cfg),
                           seed=cfg.seed, teacher_logits=t_logits, teacher_maps=t_maps,
@@ -398,6 +398,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     net: nn.Module = WithFeatures(model)
     if d.world > 1:
         net = DistributedDataParallel(net, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
 
     best = max((h.get("val_mean_auc") or -1.0 for h in history), default=-1.0)
     spec = cfg.student_spec()

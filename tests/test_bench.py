@@ -267,3 +267,26 @@ def test_bench_package_never_imports_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr
+
+
+def _entry(fmt: str, medians: dict, size: int, dw: int = 0) -> dict:
+    return {"format": fmt, "size_bytes": size, "graph": {"macs": 1000, "depthwise_macs": dw},
+            "configs": [{"threads": t, "batch": b, "latency_ms": {"median": v}} for (t, b), v in medians.items()]}
+
+
+def test_recommendation_logic():
+    from cxr_edge.bench.runner import _recommend
+
+    avx2 = {"isa": ["avx2", "fma"], "int8_dot_product": False}
+    vnni = {"isa": ["avx2", "avx512_vnni"], "int8_dot_product": True}
+    fp32 = _entry("fp32", {(2, 1): 10.0, (2, 8): 80.0}, 4000, dw=500)
+    r = _recommend("m", fp32, _entry("int8", {(2, 1): 5.0, (2, 8): 40.0}, 1000), vnni)
+    assert r["recommended_format"] == "int8" and abs(r["int8_speedup"] - 2.0) < 1e-9 and "avx512_vnni" in r["reason"]
+    assert r["size_ratio_fp32_over_int8"] == 4.0
+    r = _recommend("m", fp32, _entry("int8", {(2, 1): 11.0, (2, 8): 88.0}, 1000), avx2)
+    assert r["recommended_format"] == "fp32" and "not faster" in r["reason"] and "VNNI" in r["reason"]
+    assert "depthwise convolutions (50% of MACs)" in r["reason"]
+    r = _recommend("m", fp32, _entry("int8", {(2, 1): 5.0, (2, 8): 90.0}, 1000), avx2)  # faster on average only
+    assert r["recommended_format"] == "fp32" and "not consistently faster" in r["reason"]
+    r = _recommend("m", fp32, _entry("int8", {(1, 1): 5.0}, 1000), avx2)
+    assert r["recommended_format"] is None and not r["pairs"]

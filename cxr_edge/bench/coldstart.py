@@ -5,8 +5,9 @@ onnxruntime + cxr_edge, after creating the session (``Classifier(...)``: checksu
 head self-check included) and after its first prediction on the image file, and reports its peak
 resident memory: ``VmHWM`` from /proc/self/status where it exists (Linux), else ``ru_maxrss``.
 Why not ``ru_maxrss`` first: Linux carries it across fork + exec, so a child spawned by a big
-parent (this benchmark, holding sessions) would report the parent's RSS. The parent stamps the same clock just before spawning, so every phase is measured from process start,
-interpreter start-up included.
+parent (this benchmark, holding sessions) would report the parent's RSS. The parent stamps the
+same clock just before spawning, so every phase is measured from process start, interpreter
+start-up included.
 """
 from __future__ import annotations
 

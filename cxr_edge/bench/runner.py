@@ -27,6 +27,8 @@ from .variants import ProviderUnavailableError, Variant, resolve_variants
 
 SCHEMA = "cxr-edge-bench/1"
 INT8_MIN_SPEEDUP = 1.05  # below this INT8 is "not faster" (run-to-run noise is a few percent)
+# INT8 is recommended only when it is >= 1.05x faster on the geometric mean AND not slower in any
+# measured threads/batch configuration; otherwise FP32 (simpler, exact) with the per-config numbers.
 
 
 @dataclass
@@ -124,7 +126,7 @@ def _recommend(group: str, fp32: dict[str, Any], int8: dict[str, Any], machine: 
     if speedup is None:
         faster = None
         reasons.append("no common threads/batch configuration to compare")
-    elif speedup >= INT8_MIN_SPEEDUP:
+    elif speedup >= INT8_MIN_SPEEDUP and all(p["int8_speedup"] >= 1.0 for p in pairs):
         faster = "int8"
         reasons.append(f"INT8 is {speedup:.2f}x faster than FP32 on this CPU (geometric mean over "
                        f"{len(pairs)} configurations)")
@@ -134,14 +136,20 @@ def _recommend(group: str, fp32: dict[str, Any], int8: dict[str, Any], machine: 
                                                                           "asimddp", "i8mm")) + ")")
     else:
         faster = "fp32"
-        reasons.append(f"INT8 is not faster than FP32 on this CPU ({speedup:.2f}x, geometric mean over "
-                       f"{len(pairs)} configurations)")
+        per = ", ".join(f"{p['threads']} threads batch {p['batch']}: {p['int8_speedup']:.2f}x" for p in pairs)
+        if speedup >= INT8_MIN_SPEEDUP:  # faster on average, slower somewhere: not a consistent gain
+            reasons.append(f"INT8 is not consistently faster than FP32 on this CPU ({per}); keep FP32 unless "
+                           "the faster configuration is the one deployed")
+        else:
+            reasons.append(f"INT8 is not faster than FP32 on this CPU ({speedup:.2f}x, geometric mean; {per})")
         if not machine.get("int8_dot_product"):
             isa = machine.get("isa") or []
-            simd = "AVX-512" if "avx512f" in isa else "AVX2" if "avx2" in isa else ("NEON" if "asimd" in isa else "SIMD")
-            reasons.append(f"{simd} without VNNI/dot-product instructions: onnxruntime's INT8 kernels widen "
-                           "to 16-bit multiplies and gain little over FP32 FMA, while the QDQ "
-                           "quantize/dequantize steps add work")
+            simd = ("AVX-512" if "avx512f" in isa else "AVX2" if "avx2" in isa
+                    else "NEON" if "asimd" in isa else "SIMD")
+            reasons.append(f"likely cause: {simd} without VNNI/dot-product instructions, so each INT8 dot "
+                           "product takes a multiply-add-widen sequence (vpmaddubsw + vpmaddwd on x86) instead "
+                           "of one instruction, and the QDQ quantize/dequantize steps and the ops left in "
+                           "float eat the smaller gain")
         dw = fp32.get("graph", {}).get("depthwise_macs") or 0
         macs = fp32.get("graph", {}).get("macs") or 0
         if macs and dw / macs > 0.1:
