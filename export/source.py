@@ -10,7 +10,6 @@ Two ways in, one result (:class:`ExportSource`):
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -22,6 +21,8 @@ from torch import nn
 
 from cxr_edge.errors import InvalidArgumentError
 from cxr_edge.manifest import PreprocessSpec
+
+from models.distill import file_sha256
 
 from .images import list_image_dir, patient_count, read_labels, read_name_list, resolve_images
 
@@ -51,14 +52,6 @@ class ExportSource:
     verification: ImageSet | None = None
     threshold_set: ImageSet | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _rows_to_set(name: str, table, rows: np.ndarray, root: Path) -> ImageSet:
