@@ -39,20 +39,20 @@ class TrainConfig:
     """Everything a run depends on. Defaults = the student recipe on the NIH sample."""
 
     # --- model
-    model: str = "eeea_c2"
+    model: str = "eeea_c2"             # a models.registry name
     drop_rate: float = 0.2
     model_kwargs: dict = field(default_factory=dict)
     # --- student preprocessing (a cxr_edge PreprocessSpec; the runtime uses the same numbers)
-    input_size: int = 128
+    input_size: int = 128              # student input side (px)
     channels: int = 1
     mean: float = NIH_MEAN
     std: float = NIH_STD
     resize: str = "area"
     # --- distillation: teacher specs are ONNX paths, "registry_name:weights.pt" or a run dir
-    teachers: list = field(default_factory=list)
+    teachers: list = field(default_factory=list)  # .onnx path(s), registry_name:weights.pt, or run dir(s)
     teacher_mode: str = "cache"        # cache: clean-image outputs stored on disk; online: run every batch
     teacher_combine: str = "logits"    # logits: sigmoid(mean_k t_k / T); probs: mean_k sigmoid(t_k / T)
-    teacher_input_size: int = 224
+    teacher_input_size: int = 224      # teacher input side (px); a bundle teacher uses its manifest's
     teacher_mean: float = NIH_MEAN
     teacher_std: float = NIH_STD
     teacher_resize: str = "area"
@@ -97,7 +97,7 @@ class TrainConfig:
     num_workers: int = 0
     threads: int = 0                   # torch.set_num_threads; 0 = min(2, cpu count) on CPU
     out_dir: str = "runs/default"
-    resume: bool = False
+    resume: bool = False               # continue from <out_dir>/last.pt (refused if the recipe changed)
     stop_after_epochs: int = 0         # >0: exit after this many epochs in this invocation (preemption test)
     keep_checkpoints: bool = False     # keep epoch_NNN.pt besides last.pt
     eval_batch_size: int = 64
@@ -203,21 +203,41 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _field_comments() -> dict[str, str]:
+    """The ``# ...`` comment after each field in the class source: the flag's help text."""
+    import inspect
+    import re
+
+    try:
+        source = inspect.getsource(TrainConfig)
+    except (OSError, TypeError):  # pragma: no cover - no source available (frozen build)
+        return {}
+    pattern = re.compile(r"^\s+(\w+): [^#\n]+#\s*(.+)$", re.MULTILINE)
+    return {m.group(1): m.group(2).strip() for m in pattern.finditer(source)}
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field, defaults suppressed so only flags actually given override ``--config``."""
     parser.add_argument("--config", help="JSON config to start from (flags override it)")
+    comments = _field_comments()
     for f in fields(TrainConfig):
         kw: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": f.name}
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         if isinstance(default, bool):
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw,
-                                help=f"(default: {default})")
+                                help=_help(comments, f.name, default))
         elif isinstance(default, list):
-            parser.add_argument(_flag(f.name), nargs="*", **kw, help=f"(default: {default})")
+            parser.add_argument(_flag(f.name), nargs="*", **kw, help=_help(comments, f.name, default))
         elif isinstance(default, dict):
-            parser.add_argument(_flag(f.name), type=json.loads, **kw, help=f"JSON object (default: {default})")
+            parser.add_argument(_flag(f.name), type=json.loads, **kw,
+                                help="JSON object; " + _help(comments, f.name, default))
         else:
-            parser.add_argument(_flag(f.name), type=type(default), **kw, help=f"(default: {default})")
+            parser.add_argument(_flag(f.name), type=type(default), **kw, help=_help(comments, f.name, default))
+
+
+def _help(comments: dict[str, str], name: str, default: Any) -> str:
+    text = comments.get(name, "")
+    return (f"{text} " if text else "") + f"(default: {default!r})".replace("%", "%%")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -15,7 +15,9 @@ Teachers (and every model evaluated by :mod:`models.evaluate`) are *predictors*:
 spec plus ``run(batch) -> (logits, features)``, backed by onnxruntime (an ONNX teacher or cxr-edge
 bundle) or by a PyTorch model. A teacher too slow to run online on CPU is run once per image,
 augmentation-free, and its outputs cached on disk keyed by teacher checksum + preprocessing + image
-id + pixel digest; ``python -m models.distill cache`` fills that cache.
+id + pixel digest; ``python -m models.distill cache`` fills that cache. Cached outputs are of the
+clean image while the student sees a mildly augmented one (labels are image-level, so the soft
+targets still hold); the cached attention maps are warped with the student's affine (models.data).
 """
 from __future__ import annotations
 

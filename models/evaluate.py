@@ -210,7 +210,8 @@ def point_in_box(point: tuple[int, int] | None, box: tuple[float, float, float, 
     return (x - tolerance <= cx <= x + w + tolerance) and (y - tolerance <= cy <= y + h + tolerance)
 
 
-def random_point_rate(box: tuple[float, float, float, float], image_hw: tuple[int, int], tolerance: float = 0.0) -> float:
+def random_point_rate(box: tuple[float, float, float, float], image_hw: tuple[int, int],
+                      tolerance: float = 0.0) -> float:
     """Hit probability of a uniformly random point: (box grown by tolerance, clipped) area / image area."""
     x, y, w, h = box
     hh, ww = image_hw
@@ -241,7 +242,8 @@ def pointing_game(cams: Sequence[np.ndarray], boxes: Sequence[tuple[float, float
             bh.append(h[idx].mean())
             br.append(r[idx].mean())
         bh, br = np.array(bh), np.array(br)
-        return {"n": int(h.size), "flat": int(is_flat[sel].sum()), "hit_rate": _f(h.mean()), "ci_low": _f(_interval(bh, level)[0]),
+        return {"n": int(h.size), "flat": int(is_flat[sel].sum()), "hit_rate": _f(h.mean()),
+                "ci_low": _f(_interval(bh, level)[0]),
                 "ci_high": _f(_interval(bh, level)[1]), "random_baseline": _f(r.mean()),
                 "baseline_ci_low": _f(_interval(br, level)[0]), "baseline_ci_high": _f(_interval(br, level)[1]),
                 "gain_over_random_ci": [_f(v) for v in _interval(bh - br, level)]}

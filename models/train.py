@@ -40,7 +40,7 @@ from cxr_edge.errors import InvalidArgumentError
 from models.config import TrainConfig, parse_config
 from models.data import AugmentParams, CxrDataset, ImageCache, image_path
 from models.distill import (Predictor, TorchPredictor, attention_map, cached_teacher_outputs, distillation_loss,
-                            file_sha256, load_predictor)
+                            load_predictor)
 from models.evaluate import auc_per_label, evaluate_logits, format_table, predict, read_image_list
 
 
@@ -410,7 +410,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         torch.manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + d.rank)  # dropout / drop-path draws
         net.train()
         sums: dict[str, float] = defaultdict(float)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for step, batch in enumerate(loader):
             x = batch["image"].to(d.device, non_blocking=True)
             if cfg.channels_last:
@@ -436,8 +436,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                 sums[k] += v
             if cfg.log_every and d.main and (step + 1) % cfg.log_every == 0:
                 print(f"  step {step + 1}/{steps} loss {sums['loss'] / (step + 1):.4f}", flush=True)
-        seconds = time.perf_counter() - start
-        record = {"epoch": epoch + 1, "steps": steps, "seconds": round(seconds, 2), "lr": opt.param_groups[0]["lr"],
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        record = {"epoch": epoch + 1, "steps": steps, "seconds": round(seconds, 2),
+                  "cpu_seconds": round(cpu_seconds, 2), "lr": opt.param_groups[0]["lr"],
                   **{k: round(v / steps, 5) for k, v in sums.items()}}
         if len(val_ci) and d.main:
             vl = evaluate_model(model, spec, images, val_ci, d.device, cfg.eval_batch_size)
@@ -458,7 +459,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             extra = " ".join(f"{k} {record[k]:.4f}" for k in ("bce", "kd", "at") if k in record)
             val = f" val mAUC {record['val_mean_auc']:.4f}" if record.get("val_mean_auc") is not None else ""
             print(f"epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.4f} ({extra}) lr {record['lr']:.2e} "
-                  f"{seconds:.1f}s ({seconds / steps:.2f}s/step){val}", flush=True)
+                  f"{seconds:.1f}s ({seconds / steps:.2f}s/step, cpu {cpu_seconds:.0f}s){val}", flush=True)
         if cfg.stop_after_epochs and epoch + 1 - start_epoch >= cfg.stop_after_epochs and epoch + 1 < cfg.epochs:
             d.barrier()
             return TrainResult(run, model, history, None, finished=False)

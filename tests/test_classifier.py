@@ -150,3 +150,25 @@ def test_real_png_round_trip(tiny_bundle):
     for f in files:
         res = clf.predict(f)
         assert res.image_shape == (1024, 1024) and res.cam(0).shape == (1024, 1024)
+
+
+def test_embedded_default_model_on_the_sample():
+    from importlib import resources
+
+    sample = resources.files("cxr_edge") / "data" / "sample_chest_pa.png"
+    try:
+        clf = Classifier(threads=1)
+    except NoDefaultModelError:
+        pytest.skip("this checkout ships no default model")
+    res = clf.predict(str(sample))
+    assert len(res.probabilities) == 14 and all(0.0 < p < 1.0 for p in res.probabilities.values())
+    assert "not a medical device" in clf.manifest.notice
+    assert res.cam(res.positive_labels[0] if res.positive_labels else 0).shape == res.image_shape
+
+
+def test_missing_default_model_is_a_clear_error(monkeypatch, tmp_path):
+    import cxr_edge.bundle as bundle_mod
+
+    monkeypatch.setattr(bundle_mod, "DEFAULT_BUNDLE", "does-not-exist.onnx")
+    with pytest.raises(NoDefaultModelError, match="no default model"):
+        Classifier()
