@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Mapping, NamedTuple, Sequence, TypeVar, U
 import numpy as np
 
 from cxr_edge.errors import CxrEdgeError, InvalidArgumentError
+from models.config import shared_dir
 from models.labelsets import CHESTXRAY14_LABELS, CHEXPERT_LABELS, COMMON_LABELS, COMMON_MAPS
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -552,11 +553,6 @@ def read_bboxes(path: PathLike, scale: float = 1.0) -> list[BBox]:
 # --------------------------------------------------------------------------------------------
 # Summary CLI
 # --------------------------------------------------------------------------------------------
-def shared_dir() -> Path:
-    """``$CXR_EDGE_SHARED`` or ``<repo>/../shared`` (where the real data lives, never in the repo)."""
-    return Path(os.environ.get("CXR_EDGE_SHARED", Path(__file__).resolve().parents[2] / "shared")).resolve()
-
-
 def _summary(table: LabelTable) -> str:
     positives = np.nansum(table.targets, axis=0).astype(int)
     top = sorted(zip(positives, table.label_names), reverse=True)[:8]
