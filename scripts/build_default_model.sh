@@ -21,8 +21,11 @@ cp build/student.int8.onnx cxr_edge/data/default.onnx
 "$PY" -m models.evaluate score cxr_edge/data/default.onnx --pointing-game --out "$RUNS/shipped_eval.json"
 # 4. speed: the runtime bench (fp32 vs INT8) and the comparison with the teacher and PyTorch eager
 [ -f build/teacher.onnx ] || "$PY" benchmarks/wrap_teacher.py --out build/teacher.onnx --int8 --measure-auc
-"$PY" -m cxr_edge.bench.cli --device cpu --model build/student.onnx --format fp32,int8 --threads 1,2 --batch 1,8 \
-    --json build/default.bench.json --markdown | tee build/default.bench.md
+"$PY" -m cxr_edge.bench.cli --device cpu --model build/student.onnx --model build/teacher.onnx --format fp32,int8 \
+    --threads 1,2 --batch 1,8 --image cxr_edge/data/sample_chest_pa.png --json build/bench_all.json --markdown \
+    | tee benchmarks/results/cxr-edge-bench_default_and_teacher_amd-epyc-2c-x86_64.md
+"$PY" benchmarks/compare.py --student build/student.onnx --teacher build/teacher.onnx --eager-arch eeea_c2 \
+    --eager-checkpoint "$RUNS/$RUN/model_final.pt" --eager-teacher --threads 2 --batch 1,8 --cold-repeats 3 --split-repeats 5
 # 5. the model card, from the JSON files above
 "$PY" scripts/model_card.py --runs "$RUNS" --run "$RUN" --student-eval "$RUNS/shipped_eval.json" \
-    --report build/default.report.json --bench build/default.bench.json --bundle cxr_edge/data/default.onnx
+    --report build/default.report.json --bench build/bench_all.json --bundle cxr_edge/data/default.onnx

@@ -18,4 +18,4 @@ for seed in 0 1 2; do
       --out-dir "$RUNS/kd-s$seed" > "$RUNS/kd-s$seed.log" 2>&1 &
   wait
 done
-"$PY" -m models.evaluate compare --a "$RUNS"/plain-s* --b "$RUNS"/kd-s* --out "$RUNS/kd_gain.json"
+"$PY" -m models.evaluate compare --a "$RUNS"/plain-s[0-9] --b "$RUNS"/kd-s[0-9] --out "$RUNS/kd_gain.json"
