@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -117,8 +117,6 @@ def embed_manifest(model_bytes: bytes, manifest: Manifest) -> bytes:
     """
     body, metadata = split_model(model_bytes)
     digest = hashlib.sha256(body).hexdigest()
-    from dataclasses import replace
-
     manifest = replace(manifest, model_sha256=digest)
     manifest.validate()
     metadata[MANIFEST_KEY] = manifest.to_json()
