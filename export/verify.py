@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from cxr_edge.cam import class_activation_map
 from cxr_edge.errors import InvalidArgumentError
+from models.evaluate import auc_per_label
 
 from .errors import QuantizationGateError
 
@@ -43,12 +43,7 @@ def per_label_auc(scores: np.ndarray, targets: np.ndarray) -> list[float | None]
     """
     if scores.shape != targets.shape:
         raise InvalidArgumentError(f"scores {scores.shape} and targets {targets.shape} differ in shape")
-    out: list[float | None] = []
-    for j in range(targets.shape[1]):
-        known = np.isfinite(targets[:, j])
-        t, s = targets[known, j], scores[known, j]
-        out.append(float(roc_auc_score(t, s)) if 0 < t.sum() < len(t) else None)
-    return out
+    return [None if np.isnan(a) else float(a) for a in auc_per_label(targets, scores)]
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
