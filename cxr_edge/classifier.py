@@ -41,8 +41,9 @@ class Prediction:
     model_id: str
     labels: tuple[str, ...]
     probabilities: dict[str, float]
-    decisions: dict[str, bool]
-    thresholds: dict[str, float]
+    #: True/False at the manifest threshold; None = undetermined (the bundle makes no decision for it)
+    decisions: dict[str, bool | None]
+    thresholds: dict[str, float | None]
     timings_ms: dict[str, float]
     image_shape: tuple[int, int]
     image_info: dict[str, Any] = field(default_factory=dict)
@@ -52,7 +53,13 @@ class Prediction:
 
     @property
     def positive_labels(self) -> list[str]:
-        return [name for name in self.labels if self.decisions[name]]
+        """Labels decided positive, most probable first."""
+        pos = [name for name in self.labels if self.decisions[name]]
+        return sorted(pos, key=lambda n: -self.probabilities[n])
+
+    @property
+    def undetermined_labels(self) -> list[str]:
+        return [name for name in self.labels if self.decisions[name] is None]
 
     def _label_index(self, label: str | int) -> int:
         return label_index(self.labels, label)
@@ -77,7 +84,9 @@ class Prediction:
         return {
             "source": self.source, "ok": True, "model_id": self.model_id,
             "probabilities": {k: round(v, 6) for k, v in self.probabilities.items()},
-            "decisions": self.decisions, "positive": self.positive_labels,
+            "decisions": {k: ("undetermined" if v is None else v) for k, v in self.decisions.items()},
+            "thresholds": {k: (None if v is None else round(v, 6)) for k, v in self.thresholds.items()},
+            "positive": self.positive_labels, "undetermined": self.undetermined_labels,
             "image": {"height": self.image_shape[0], "width": self.image_shape[1], **self.image_info},
             "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
         }
@@ -110,7 +119,7 @@ class Classifier:
         self.allow_any_body_part = allow_any_body_part
         m = self.manifest
         self._outputs = [m.logits_output] + ([m.cam.features_output] if m.cam.method == "weights" else [])
-        self._thresholds = np.asarray(m.thresholds, dtype=np.float32)
+        self._thresholds = np.asarray([np.nan if t is None else t for t in m.thresholds], dtype=np.float32)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -152,8 +161,9 @@ class Classifier:
             results.append(Prediction(
                 source=sources[i], model_id=self.model_id, labels=labels,
                 probabilities={name: float(v) for name, v in zip(labels, p)},
-                decisions={name: bool(v >= t) for name, v, t in zip(labels, p, self._thresholds)},
-                thresholds={name: float(t) for name, t in zip(labels, self._thresholds)},
+                decisions={name: (None if np.isnan(t) else bool(v >= t)) for name, v, t in
+                           zip(labels, p, self._thresholds)},
+                thresholds={name: (None if np.isnan(t) else float(t)) for name, t in zip(labels, self._thresholds)},
                 timings_ms=timings, image_shape=img.pixels.shape, image_info={"format": img.format, **img.info},
                 _features=None if features is None else np.array(features[i], dtype=np.float32),
                 _cam_weights=self.manifest.cam.weights, _pixels=img.pixels if keep_image else None,

@@ -101,8 +101,12 @@ def _human(pred, cams: dict[str, str]) -> str:
     lines = [f"{pred.source}  ({pred.image_shape[1]}x{pred.image_shape[0]} {pred.image_info.get('format', '')}, "
              f"{pred.timings_ms['total']:.1f} ms)"]
     for name in sorted(pred.labels, key=lambda n: -pred.probabilities[n]):
+        t = pred.thresholds[name]
+        if t is None:
+            lines.append(f"  {name:<20} {pred.probabilities[name]:6.3f}  (undetermined: no decision for this label)")
+            continue
         flag = "POSITIVE" if pred.decisions[name] else ""
-        lines.append(f"  {name:<20} {pred.probabilities[name]:6.3f}  (threshold {pred.thresholds[name]:.3f}) {flag}")
+        lines.append(f"  {name:<20} {pred.probabilities[name]:6.3f}  (threshold {t:.3f}) {flag}".rstrip())
     for label, path in cams.items():
         lines.append(f"  heatmap {label}: {path}")
     return "\n".join(lines)
@@ -180,7 +184,8 @@ def cmd_explain(args) -> int:
                           "overlay": args.out, "model": {"id": clf.model_id, "notice": clf.manifest.notice}}))
     else:
         print(f"{label}: probability {pred.probabilities[label]:.3f} "
-              f"({'positive' if pred.decisions[label] else 'negative'}); overlay written to {args.out}")
+              f"({ {True: 'positive', False: 'negative', None: 'undetermined'}[pred.decisions[label]] }); "
+              f"overlay written to {args.out}")
     return EXIT_OK
 
 
@@ -213,7 +218,7 @@ def cmd_info(args) -> int:
           f"cam        {m.cam.method} from output {m.cam.features_output!r}")
     print("labels     threshold")
     for name, t in zip(m.labels, m.thresholds):
-        print(f"  {name:<20} {t:.3f}")
+        print(f"  {name:<20} {'undetermined' if t is None else f'{t:.3f}'}")
     print("provenance")
     for key, value in m.provenance.items():
         text = json.dumps(value) if not isinstance(value, str) else value

@@ -155,7 +155,9 @@ class Manifest:
 
     model_id: str
     labels: tuple[str, ...]
-    thresholds: tuple[float, ...]
+    #: per label: the decision threshold in (0, 1), or None = "undetermined" (the label is too rare
+    #: or too weakly predicted on the calibration data to decide: probabilities only, no true/false)
+    thresholds: tuple[float | None, ...]
     preprocessing: PreprocessSpec
     cam: CamSpec
     logits_output: str = "logits"
@@ -174,7 +176,8 @@ class Manifest:
         _require(len(self.labels) > 0, "labels must not be empty")
         _require(len(set(self.labels)) == len(self.labels), "labels must be unique")
         _require(len(self.thresholds) == len(self.labels), "one threshold per label is required")
-        _require(all(0.0 < t < 1.0 for t in self.thresholds), "thresholds must lie in (0, 1)")
+        _require(all(t is None or (isinstance(t, float) and 0.0 < t < 1.0) for t in self.thresholds),
+                 "thresholds must lie in (0, 1) (or be null: undetermined)")
         self.preprocessing.validate()
         if self.cam.method == "weights":
             _require(self.cam.weights is not None and self.cam.weights.shape[0] == len(self.labels),
@@ -184,7 +187,8 @@ class Manifest:
     def to_json(self) -> str:
         d = {
             "format": self.format, "format_version": self.format_version, "model_id": self.model_id,
-            "labels": list(self.labels), "thresholds": [float(t) for t in self.thresholds],
+            "labels": list(self.labels),
+            "thresholds": [None if t is None else float(t) for t in self.thresholds],
             "preprocessing": _plain(asdict(self.preprocessing)), "logits_output": self.logits_output,
             "cam": self.cam.to_dict(), "model_sha256": self.model_sha256,
             "provenance": self.provenance, "notice": self.notice,
@@ -201,7 +205,7 @@ class Manifest:
         try:
             m = cls(
                 model_id=str(d["model_id"]), labels=tuple(str(x) for x in d["labels"]),
-                thresholds=tuple(float(x) for x in d["thresholds"]),
+                thresholds=tuple(None if x is None else float(x) for x in d["thresholds"]),
                 preprocessing=PreprocessSpec.from_dict(d["preprocessing"]),
                 cam=CamSpec.from_dict(d.get("cam", {"method": "none"})),
                 logits_output=str(d.get("logits_output", "logits")),
@@ -213,6 +217,11 @@ class Manifest:
             raise ManifestError(f"manifest is missing or has a bad field: {exc!r}") from None
         m.validate()
         return m
+
+    @property
+    def decided_labels(self) -> tuple[str, ...]:
+        """Labels with a decision threshold (the others are reported as undetermined)."""
+        return tuple(n for n, t in zip(self.labels, self.thresholds) if t is not None)
 
     def summary(self) -> dict[str, Any]:
         """Manifest as plain JSON-able data without the bulky CAM arrays (for ``info``/JSON output)."""

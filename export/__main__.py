@@ -59,10 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--fallback-fp32", action="store_true", help="ship fp32 (recorded in provenance) if INT8 fails")
     q.add_argument("--max-auc-drop", type=float, default=GateCriteria.max_auc_drop, help="AUC points")
     q.add_argument("--min-cam-median", type=float, default=GateCriteria.min_cam_median)
+    q.add_argument("--max-flip-rate", type=float, default=GateCriteria.max_flip_rate)
     q.add_argument("--debug-quant", action="store_true", help="add qdq_loss_debug SQNR per tensor to the report")
     e = p.add_argument_group("export")
-    e.add_argument("--thresholds", choices=METHODS, default="youden")
-    e.add_argument("--min-sensitivity", type=float, default=0.9)
+    e.add_argument("--thresholds", choices=METHODS, default="breakeven",
+                   help="operating-point rule on the calibration split (export/thresholds.py)")
+    e.add_argument("--min-sensitivity", "--target", dest="min_sensitivity", type=float, default=0.9,
+                   help="the rule's target for --thresholds sensitivity / specificity")
+    e.add_argument("--min-positive-patients", type=int, default=10,
+                   help="labels with fewer positive calibration patients get no decision (undetermined)")
+    e.add_argument("--model-id", help="model id written into the manifest (default: architecture-run name)")
     e.add_argument("--opset", type=int, default=18)
     e.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript")
     e.add_argument("--no-optimize", action="store_true", help="skip onnxruntime's offline basic optimization")
@@ -104,8 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _source(args), args.out, precision=args.format, calib_images=args.calib_images, preset=args.preset,
             calibrate_method=args.calibrate_method, fallback_fp32=args.fallback_fp32, ingraph_out=args.ingraph,
             ingraph_images=args.ingraph_images, report_path=report_path, threshold_method=args.thresholds,
-            min_sensitivity=args.min_sensitivity,
-            criteria=GateCriteria(max_auc_drop=args.max_auc_drop, min_cam_median=args.min_cam_median),
+            min_sensitivity=args.min_sensitivity, min_positive_patients=args.min_positive_patients,
+            model_id=args.model_id,
+            criteria=GateCriteria(max_auc_drop=args.max_auc_drop, min_cam_median=args.min_cam_median,
+                                  max_flip_rate=args.max_flip_rate),
             opset=args.opset, exporter=args.exporter, optimize=not args.no_optimize, debug=args.debug_quant,
             seed=args.seed)
     except InvalidArgumentError as exc:

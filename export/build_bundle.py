@@ -5,7 +5,7 @@ Order matters and every step can refuse:
   2. INT8 only: calibrate on real training images, quantize (float CAM head), then compare INT8
      with fp32 on held-out labelled images: AUC drop and CAM agreement (QuantizationGateError,
      or with ``fallback_fp32`` ship fp32 and record why in the provenance);
-  3. choose thresholds on the shipped model's outputs, build the manifest, write the bundle and
+  3. choose thresholds on the shipped model's outputs (calibration split), build the manifest, write the bundle and
      load it back with ``cxr_edge.bundle.load_bundle`` (checksum, wiring, head identity);
   4. optional bytes-in variant (``export.ingraph``), compared with the Python path on real files.
 The verification report JSON holds every number, also when the gate fails.
@@ -112,11 +112,33 @@ def compare_ingraph(ingraph_bytes: bytes, reference_bytes: bytes, paths: list[Pa
             "cam_pairs_both_empty": int(corr_all.size - np.isfinite(corr_all).sum())}
 
 
+def _fit_thresholds(model_bytes: bytes, source: ExportSource, spec, labels, names: dict, cache: dict, *,
+                    method: str, target: float, min_positive_patients: int, seed: int):
+    """Thresholds on ``model_bytes``'s outputs for the source's calibration (threshold) set."""
+    tset = source.threshold_set
+    probs = targets = pids = None
+    if tset is not None and tset.targets is not None:
+        if "batch" not in cache:
+            cache["batch"] = load_batch(tset.paths, spec)
+        probs = sigmoid(run_onnx(model_bytes, cache["batch"], [names["logits_output"]], spec.input_name,
+                                 threads=2)[0])
+        targets, pids = tset.targets, tset.patient_ids
+    thresholds, details = choose_thresholds(probs, targets, labels, method=method, target=target,
+                                            patient_ids=pids, min_positive_patients=min_positive_patients,
+                                            seed=seed)
+    if tset is not None:
+        details["set"] = tset.name
+        if tset is source.verification:
+            details["caveat"] = ("chosen on the held-out evaluation images (the run has no calibration split): "
+                                 "sensitivity/specificity at these thresholds are optimistic on this set")
+    return thresholds, details
+
+
 def export_bundle(source: ExportSource, out: str | os.PathLike, *, precision: str = "int8", calib_images: int = 200,
                   preset: str = DEFAULT_PRESET, calibrate_method: str = "minmax", fallback_fp32: bool = False,
                   ingraph_out: str | os.PathLike | None = None, ingraph_images: int = 50,
-                  report_path: str | os.PathLike | None = None, threshold_method: str = "youden",
-                  min_sensitivity: float = 0.9, criteria: GateCriteria = GateCriteria(), opset: int = DEFAULT_OPSET,
+                  report_path: str | os.PathLike | None = None, threshold_method: str = "breakeven",
+                  min_sensitivity: float = 0.9, min_positive_patients: int = 10, model_id: str | None = None, criteria: GateCriteria = GateCriteria(), opset: int = DEFAULT_OPSET,
                   exporter: str = "torchscript", optimize: bool = True, debug: bool = False,
                   logits_output: str = "logits", features_output: str = "features", seed: int = 0,
                   measure_latency: bool = True) -> dict[str, Any]:
@@ -124,7 +146,8 @@ def export_bundle(source: ExportSource, out: str | os.PathLike, *, precision: st
     if precision not in ("int8", "fp32"):
         raise InvalidArgumentError(f"precision must be int8 or fp32, got {precision!r}")
     spec, labels = source.spec, source.labels
-    report: dict[str, Any] = {"model_id": source.model_id, "requested_precision": precision, "files": {}}
+    base_id = model_id or source.model_id
+    report: dict[str, Any] = {"model_id": base_id, "requested_precision": precision, "files": {}}
     t0 = time.perf_counter()
     names = dict(logits_output=logits_output, features_output=features_output)
 
@@ -148,8 +171,11 @@ def export_bundle(source: ExportSource, out: str | os.PathLike, *, precision: st
                             "calibration_pool": source.calibration_pool.describe() if source.calibration_pool else None,
                             "verification_set": source.verification.describe() if source.verification else None}
 
-    # 2. INT8 + gate
+    # 2. INT8 + gate (decision flips at the thresholds the INT8 candidate would ship with)
     ver_batch = ver_logits = None
+    tcache: dict = {}
+    tkw = dict(method=threshold_method, target=min_sensitivity, min_positive_patients=min_positive_patients,
+               seed=seed)
     if precision == "int8":
         if source.verification is None or source.verification.targets is None:
             raise InvalidArgumentError("INT8 export needs a labelled held-out verification set for the gate")
@@ -166,7 +192,8 @@ def export_bundle(source: ExportSource, out: str | os.PathLike, *, precision: st
         ref = run_onnx(fp32, ver_batch, [logits_output, features_output], spec.input_name, threads=2)
         new = run_onnx(q.model_bytes, ver_batch, [logits_output, features_output], spec.input_name, threads=2)
         ver_logits = ref[0]
-        numbers = compare_models(ref, new, source.verification.targets, weights, labels)
+        thresholds, tdetails = _fit_thresholds(q.model_bytes, source, spec, labels, names, tcache, **tkw)
+        numbers = compare_models(ref, new, source.verification.targets, weights, labels, thresholds)
         verdict = gate(numbers, criteria)
         report["gate"] = {"set": source.verification.name, **numbers, **verdict}
         if debug:
@@ -178,9 +205,11 @@ def export_bundle(source: ExportSource, out: str | os.PathLike, *, precision: st
         if verdict["passed"]:
             shipped, shipped_precision = q.model_bytes, "int8"
             provenance["quantization"] = {k: v for k, v in report["quantization"].items() if k != "float_reasons"}
-            provenance["int8_verification"] = {k: numbers[k] for k in (
-                "images", "mean_auc_ref", "mean_auc_new", "mean_auc_drop_points", "cam_pearson_median",
-                "logit_max_abs_diff", "logit_mean_abs_diff")}
+            provenance["int8_verification"] = {k: numbers.get(k) for k in (
+                "images", "mean_auc_ref", "mean_auc_new", "mean_auc_drop_points", "decision_flip_rate",
+                "decision_flips", "decision_pairs", "cam_pearson_median", "cam_pearson_median_all_pairs",
+                "cam_pairs_one_empty", "logit_max_abs_diff", "logit_mean_abs_diff")}
+            provenance["int8_verification"]["criteria"] = verdict["criteria"]
         elif fallback_fp32:
             provenance["int8_rejected"] = {"failures": verdict["failures"], "mean_auc_drop_points":
                                            numbers["mean_auc_drop_points"],
@@ -192,23 +221,12 @@ def export_bundle(source: ExportSource, out: str | os.PathLike, *, precision: st
             raise QuantizationGateError("INT8 verification gate failed: " + "; ".join(verdict["failures"]),
                                         report["gate"])
 
-    # 3. thresholds on the shipped model, manifest, bundle, load-back check
-    tset = source.threshold_set
-    probs = targets = None
-    if tset is not None and tset.targets is not None:
-        batch = ver_batch if (tset is source.verification and ver_batch is not None) else load_batch(tset.paths, spec)
-        probs = sigmoid(run_onnx(shipped, batch, [logits_output], spec.input_name, threads=2)[0])
-        targets = tset.targets
-    thresholds, tdetails = choose_thresholds(probs, targets, labels, method=threshold_method,
-                                             min_sensitivity=min_sensitivity)
-    if tset is not None:
-        tdetails["set"] = tset.name
-        if tset is source.verification:
-            tdetails["caveat"] = ("chosen on the held-out evaluation images (the run has no validation split): "
-                                  "sensitivity/specificity at these thresholds are optimistic on this set")
+    # 3. thresholds (fitted with the gate's candidate above when INT8 shipped), manifest, bundle, load-back
+    if shipped_precision != "int8":
+        thresholds, tdetails = _fit_thresholds(shipped, source, spec, labels, names, tcache, **tkw)
     provenance["thresholds"] = tdetails
     report["thresholds"] = tdetails
-    manifest = build_manifest(model_id=f"{source.model_id}-{shipped_precision}", labels=labels, thresholds=thresholds,
+    manifest = build_manifest(model_id=f"{base_id}-{shipped_precision}", labels=labels, thresholds=thresholds,
                               spec=spec, weights=weights, bias=bias, precision=shipped_precision,
                               provenance=provenance, **names)
     out = Path(out)
@@ -239,7 +257,7 @@ def export_bundle(source: ExportSource, out: str | os.PathLike, *, precision: st
             "agreement_with_python_path": agreement,
             "base_bundle_sha256": sha,
         }
-        ig_manifest = build_manifest(model_id=f"{source.model_id}-{shipped_precision}-ingraph", labels=labels,
+        ig_manifest = build_manifest(model_id=f"{base_id}-{shipped_precision}-ingraph", labels=labels,
                                      thresholds=thresholds, spec=ig_spec, weights=weights, bias=bias,
                                      precision=shipped_precision, provenance=ig_prov, **names)
         ig_sha = write_bundle(ig_bytes, ig_manifest, ingraph_out)

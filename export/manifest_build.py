@@ -38,7 +38,7 @@ def tool_versions() -> dict[str, str]:
     return out
 
 
-def build_manifest(*, model_id: str, labels: Sequence[str], thresholds: Sequence[float], spec: PreprocessSpec,
+def build_manifest(*, model_id: str, labels: Sequence[str], thresholds: Sequence[float | None], spec: PreprocessSpec,
                    weights: np.ndarray, bias: np.ndarray, precision: str, logits_output: str = "logits",
                    features_output: str = "features", provenance: Mapping[str, Any] | None = None,
                    head_check_atol: float | None = None) -> Manifest:
@@ -50,7 +50,7 @@ def build_manifest(*, model_id: str, labels: Sequence[str], thresholds: Sequence
     cam = CamSpec(method="weights", features_output=features_output, weights=np.asarray(weights, np.float32),
                   bias=np.asarray(bias, np.float32),
                   head_check_atol=head_check_atol if head_check_atol is not None else HEAD_ATOL[precision])
-    manifest = Manifest(model_id=model_id, labels=tuple(labels), thresholds=tuple(float(t) for t in thresholds),
+    manifest = Manifest(model_id=model_id, labels=tuple(labels), thresholds=tuple(None if t is None else float(t) for t in thresholds),
                         preprocessing=spec, cam=cam, logits_output=logits_output, model_sha256="0" * 64,
                         provenance=_jsonable(prov))
     manifest.validate()

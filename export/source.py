@@ -35,6 +35,7 @@ class ImageSet:
     paths: list[Path]
     targets: np.ndarray | None = None
     patients: int | None = None
+    patient_ids: list[str] | None = None
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "images": len(self.paths), "patients": self.patients,
@@ -60,7 +61,7 @@ def _rows_to_set(name: str, table, rows: np.ndarray, root: Path) -> ImageSet:
     rows = np.asarray(rows, dtype=np.int64)
     return ImageSet(name, [image_path(root, table.image_ids[i]) for i in rows],
                     np.asarray(table.targets)[rows].astype(np.float32),
-                    len({table.patient_ids[i] for i in rows}))
+                    len({table.patient_ids[i] for i in rows}), [str(table.patient_ids[i]) for i in rows])
 
 
 def source_from_run(run_dir: str | os.PathLike, checkpoint: str = "final") -> ExportSource:
@@ -73,23 +74,31 @@ def source_from_run(run_dir: str | os.PathLike, checkpoint: str = "final") -> Ex
     if not (run / "config.json").is_file():
         raise InvalidArgumentError(f"{run} is not a training run directory (no config.json)")
     model, cfg, labels, ckpt_path = load_run_model(run, checkpoint)
+    from models.train import fold_indices
+
     spec = cfg.student_spec()
     table = read_nih_sample(cfg.data_path())
     if tuple(table.label_names) != tuple(labels):
         raise InvalidArgumentError(f"the run's labels {labels} differ from the label table's {table.label_names}")
     train_rows, val_rows, eval_rows = split_indices(cfg, table)
+    train_rows, _ = fold_indices(cfg, table, train_rows)
     root = cfg.data_path()
     train_set = _rows_to_set("run train split", table, train_rows, root)
     eval_set = _rows_to_set("run evaluation split (held out)", table, eval_rows, root)
-    val_set = _rows_to_set("run validation split", table, val_rows, root) if len(val_rows) else None
+    val_set = (_rows_to_set("run calibration split (validation patients: epoch and thresholds)", table, val_rows,
+                            root) if len(val_rows) else None)
     metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else None
     try:
         arch_desc = model_config(cfg.model).description
+        pcfg = model_config(cfg.model).pretrained if cfg.pretrained else None
     except Exception:
-        arch_desc = ""
+        arch_desc, pcfg = "", None
+    pretrained = ({"package": pcfg.package, "file": pcfg.file_name, "sha256": pcfg.sha256, "license": pcfg.license,
+                   "mean": list(pcfg.mean), "std": list(pcfg.std), "stem": "RGB filters summed to 1 channel"}
+                  if pcfg else None)
     prov: dict[str, Any] = {
         "architecture": cfg.model, "architecture_description": arch_desc,
-        "model_kwargs": cfg.model_kwargs, "run_dir": run.name,
+        "model_kwargs": cfg.model_kwargs, "run_dir": run.name, "pretrained": pretrained,
         "checkpoint": {"file": ckpt_path.name, "sha256": file_sha256(ckpt_path)},
         "teachers": (metrics or {}).get("teachers") or list(cfg.teachers),
         "distillation": {"kd_alpha": cfg.kd_alpha, "kd_temperature": cfg.kd_temperature, "at_beta": cfg.at_beta},

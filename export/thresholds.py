@@ -1,12 +1,20 @@
-"""Per-label decision thresholds chosen on a validation set.
+"""Per-label operating points chosen on a calibration set (neither training nor reporting images).
 
-Methods:
-  * ``youden`` - the probability maximising Youden's J = sensitivity + specificity - 1 on the ROC
-    curve: the operating point that weighs a missed finding and a false alarm equally.
-  * ``sensitivity`` - the highest threshold whose sensitivity is at least ``min_sensitivity``
-    (a screening operating point: few missed findings, more false alarms).
-A label without both classes in the set cannot have an ROC curve: it keeps ``DEFAULT_THRESHOLD``
-(0.5) and the reason is recorded. Thresholds are clipped into (0, 1) as the manifest requires.
+Rules (``method``):
+  * ``breakeven`` - the threshold where the flag rate equals the label's prevalence (precision =
+    recall on the calibration set): the model flags about as many images as carry the finding,
+    so flags per image track true labels per image. The default.
+  * ``f1`` - the threshold maximising F1 (precision/recall harmonic mean).
+  * ``youden`` - the threshold maximising sensitivity + specificity - 1 (weighs a miss and a false
+    alarm equally; flags far more than the prevalence when a finding is rare).
+  * ``specificity`` - the lowest threshold whose specificity is at least ``target`` (a fixed
+    false-alarm budget); ``sensitivity`` - the highest threshold with sensitivity >= ``target``.
+  * ``fixed`` - 0.5 everywhere (no data).
+
+A label gets **no decision** (threshold None: "undetermined" in the manifest and the output) when
+the calibration set holds fewer than ``min_positive_patients`` distinct positive patients, or when
+the lower end of its AUC's 95% patient-bootstrap interval is not above 0.5: a threshold fitted on
+a handful of patients, or on a score no better than chance, would be noise dressed as a decision.
 """
 from __future__ import annotations
 
@@ -18,54 +26,108 @@ from sklearn.metrics import roc_curve
 from cxr_edge.errors import InvalidArgumentError
 
 DEFAULT_THRESHOLD = 0.5
-METHODS = ("youden", "sensitivity", "fixed")
+METHODS = ("breakeven", "f1", "youden", "specificity", "sensitivity", "fixed")
 _EPS = 1e-4
 
 
-def choose_thresholds(probs: np.ndarray | None, targets: np.ndarray | None, labels: Sequence[str], *,
-                      method: str = "youden", min_sensitivity: float = 0.9,
-                      min_positives: int = 3) -> tuple[tuple[float, ...], dict[str, Any]]:
-    """Return (thresholds, details). ``probs``/``targets`` are N x L (sigmoid outputs, 0/1 labels).
+def _pick(method: str, t: np.ndarray, p: np.ndarray, target: float) -> float:
+    """The threshold of ``method`` for 0/1 targets ``t`` and scores ``p`` (both classes present)."""
+    if method in ("youden", "sensitivity", "specificity"):
+        fpr, tpr, thr = roc_curve(t, p, drop_intermediate=False)
+        finite = np.isfinite(thr)
+        fpr, tpr, thr = fpr[finite], tpr[finite], thr[finite]
+        if method == "youden":
+            return float(thr[int(np.argmax(tpr - fpr))])
+        if method == "sensitivity":
+            return float(thr[int(np.flatnonzero(tpr >= target)[0])])  # thresholds run high -> low
+        ok = np.flatnonzero(1.0 - fpr >= target)
+        return float(thr[int(ok[-1])])
+    order = np.sort(np.unique(p))[::-1]  # candidate thresholds, high -> low
+    flagged = np.array([(p >= c).sum() for c in order], dtype=np.float64)
+    tp = np.array([((p >= c) & (t == 1)).sum() for c in order], dtype=np.float64)
+    pos = float(t.sum())
+    if method == "f1":
+        f1 = 2 * tp / (flagged + pos)
+        return float(order[int(np.argmax(f1))])
+    # breakeven: the flag count closest to the number of positives (the lower threshold on a tie)
+    k = int(np.argmin(np.abs(flagged - pos)))
+    return float(order[k])
 
-    ``None`` data or method ``fixed`` gives 0.5 everywhere. A label with fewer than
-    ``min_positives`` positives (or negatives) keeps 0.5: a threshold fitted on one or two cases
-    would be noise.
+
+def operating_point(t: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Sensitivity, specificity, PPV and flag rate of ``p >= threshold`` against 0/1 targets."""
+    flag = p >= threshold
+    pos, neg = t == 1, t == 0
+    tp, fp = int((flag & pos).sum()), int((flag & neg).sum())
+    return {"sensitivity": tp / max(1, int(pos.sum())), "specificity": 1.0 - fp / max(1, int(neg.sum())),
+            "ppv": tp / int(flag.sum()) if flag.any() else None, "flag_rate": float(flag.mean()),
+            "prevalence": float(pos.mean())}
+
+
+def choose_thresholds(probs: np.ndarray | None, targets: np.ndarray | None, labels: Sequence[str], *,
+                      method: str = "breakeven", target: float = 0.9, patient_ids: Sequence[str] | None = None,
+                      min_positive_patients: int = 10, require_auc_above_chance: bool = True,
+                      n_boot: int = 1000, seed: int = 0,
+                      min_sensitivity: float | None = None) -> tuple[tuple[float | None, ...], dict[str, Any]]:
+    """Return (thresholds, details); a threshold is None for an undetermined label (module docstring).
+
+    ``probs``/``targets`` are N x L (sigmoid outputs, 0/1 labels, NaN unknown); ``patient_ids``
+    (one per row) count positives per patient and drive the AUC bootstrap (default: one patient
+    per image). ``min_sensitivity`` is the old name of ``target`` for ``method="sensitivity"``.
     """
     if method not in METHODS:
         raise InvalidArgumentError(f"threshold method must be one of {METHODS}, got {method!r}")
-    if not 0.0 < min_sensitivity <= 1.0:
-        raise InvalidArgumentError(f"min_sensitivity must lie in (0, 1], got {min_sensitivity}")
+    if min_sensitivity is not None:
+        target = min_sensitivity
+    if not 0.0 < target <= 1.0:
+        raise InvalidArgumentError(f"the rule's target must lie in (0, 1], got {target}")
     n_labels = len(labels)
-    details: dict[str, Any] = {"method": method, "default": DEFAULT_THRESHOLD, "per_label": {}}
-    if method == "sensitivity":
-        details["min_sensitivity"] = min_sensitivity
+    details: dict[str, Any] = {"method": method, "per_label": {},
+                               "undetermined_rule": {"min_positive_patients": min_positive_patients,
+                                                     "auc_ci_low_above_0.5": require_auc_above_chance}}
+    if method in ("sensitivity", "specificity"):
+        details["target"] = target
     if probs is None or targets is None or method == "fixed":
-        details["note"] = "no validation data (or method 'fixed'): 0.5 for every label"
+        details["note"] = "no calibration data (or method 'fixed'): 0.5 for every label"
         return tuple([DEFAULT_THRESHOLD] * n_labels), details
     if probs.shape != targets.shape or probs.shape[1] != n_labels:
         raise InvalidArgumentError(f"probs {probs.shape} / targets {targets.shape} do not match {n_labels} labels")
-    details["images"] = int(len(targets))
-    out: list[float] = []
+    pids = np.asarray(list(patient_ids) if patient_ids is not None else [str(i) for i in range(len(targets))])
+    if len(pids) != len(targets):
+        raise InvalidArgumentError("one patient id per row is required")
+    auc = None
+    if require_auc_above_chance:
+        from models.evaluate import bootstrap_auc
+
+        auc = bootstrap_auc(targets, probs, list(pids), list(labels), n_boot=n_boot, seed=seed)["per_label"]
+    details.update(images=int(len(targets)), patients=int(len(set(pids))))
+    out: list[float | None] = []
     for j, label in enumerate(labels):
-        known = np.isfinite(targets[:, j])  # NaN = unknown label: not evidence either way
+        known = np.isfinite(targets[:, j])
         t, p = targets[known, j], probs[known, j]
-        pos, neg = int(t.sum()), int(len(t) - t.sum())
-        entry: dict[str, Any] = {"positives": pos, "negatives": neg}
-        if pos < min_positives or neg < min_positives:
-            entry["reason"] = f"fewer than {min_positives} positives or negatives: default threshold"
-            thr = DEFAULT_THRESHOLD
+        pos_patients = len(set(pids[known][t == 1]))
+        entry: dict[str, Any] = {"positives": int(t.sum()), "negatives": int(len(t) - t.sum()),
+                                 "positive_patients": pos_patients}
+        if auc is not None:
+            entry["auc"] = {k: auc[label][k] for k in ("auc", "ci_low", "ci_high")}
+        thr: float | None
+        if pos_patients < min_positive_patients or t.sum() == len(t):
+            entry["undetermined"] = f"{pos_patients} positive patients < {min_positive_patients}"
+            thr = None
+        elif auc is not None and not (auc[label]["ci_low"] is not None and auc[label]["ci_low"] > 0.5):
+            entry["undetermined"] = f"AUC 95% CI [{auc[label]['ci_low']}, {auc[label]['ci_high']}] includes 0.5"
+            thr = None
         else:
-            fpr, tpr, thr_curve = roc_curve(t, p, drop_intermediate=False)
-            finite = np.isfinite(thr_curve)
-            fpr, tpr, thr_curve = fpr[finite], tpr[finite], thr_curve[finite]
-            if method == "youden":
-                k = int(np.argmax(tpr - fpr))
-            else:
-                ok = np.flatnonzero(tpr >= min_sensitivity)
-                k = int(ok[0])  # roc_curve orders thresholds high -> low: first hit is the highest
-            thr = float(np.clip(thr_curve[k], _EPS, 1.0 - _EPS))
-            entry.update(sensitivity=float(tpr[k]), specificity=float(1.0 - fpr[k]))
+            thr = float(np.clip(_pick(method, t, p, target), _EPS, 1.0 - _EPS))
+            entry.update({k: v for k, v in operating_point(t, p, thr).items()})
         entry["threshold"] = thr
         details["per_label"][label] = entry
         out.append(thr)
+    decided = [j for j, v in enumerate(out) if v is not None]
+    if decided:
+        known_all = np.isfinite(targets[:, decided]).all(axis=1)
+        flags = np.stack([probs[:, j] >= out[j] for j in decided], axis=1)[known_all]
+        details["flags_per_image"] = float(flags.sum(axis=1).mean())
+        details["true_labels_per_image_decided"] = float(np.nansum(targets[known_all][:, decided], axis=1).mean())
+    details["true_labels_per_image_all"] = float(np.nansum(targets, axis=1).mean())
     return tuple(out), details

@@ -1,8 +1,11 @@
 """The INT8-vs-fp32 verification gate: no quantized bundle ships unless it keeps accuracy and CAMs.
 
 Criteria (defaults from the issue), measured on a held-out set of real, labelled images:
-  * mean ROC AUC drop (fp32 - int8, in AUC points = 100 x AUC) at most ``max_auc_drop`` (0.5),
-    over the labels that have both classes in the set;
+  * mean ROC AUC change (fp32 - int8, in AUC points = 100 x AUC) at most ``max_auc_drop`` (0.5)
+    in absolute value, over the labels that have both classes in the set (two-sided: INT8 noise
+    that happens to raise the AUC is no evidence of a faithful model);
+  * decisions flipped at the manifest thresholds: at most ``max_flip_rate`` (2%) of the
+    (image, decided label) pairs;
   * CAM agreement: Pearson correlation of the fp32 and int8 class activation maps of every
     (image, label) pair, median at least ``min_cam_median`` (0.9). Maps come from
     :func:`cxr_edge.cam.class_activation_map` on the feature grid itself (h x w, the ReLU'd and
@@ -28,8 +31,9 @@ from .errors import QuantizationGateError
 
 @dataclass(frozen=True)
 class GateCriteria:
-    max_auc_drop: float = 0.5     # AUC points (0-100 scale)
-    min_cam_median: float = 0.9   # Pearson r
+    max_auc_drop: float = 0.5     # |AUC change| in points (0-100 scale): two-sided, a rise is noise too
+    min_cam_median: float = 0.9   # Pearson r, median over all (image, label) pairs and over non-empty ones
+    max_flip_rate: float = 0.02   # decisions changed at the manifest thresholds, share of (image, label) pairs
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -75,8 +79,14 @@ def cam_correlations(feats_ref: np.ndarray, feats_new: np.ndarray, weights: np.n
 
 
 def compare_models(ref: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np.ndarray], targets: np.ndarray,
-                   weights: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
-    """Numbers comparing a candidate (``new``: logits, features) with the reference fp32 model."""
+                   weights: np.ndarray, labels: Sequence[str],
+                   thresholds: Sequence[float | None] | None = None) -> dict[str, Any]:
+    """Numbers comparing a candidate (``new``: logits, features) with the reference fp32 model.
+
+    With ``thresholds`` (the manifest's; None = undetermined label), decision flips are counted
+    over the decided labels. CAM agreement is reported over *all* pairs (both maps empty = 1, one
+    empty and the other not = 0: a disagreement) and over the pairs where both maps are non-empty.
+    """
     (l_ref, f_ref), (l_new, f_new) = ref, new
     if l_ref.shape != l_new.shape or l_ref.shape != targets.shape:
         raise InvalidArgumentError(f"logits {l_ref.shape}/{l_new.shape} and targets {targets.shape} must match")
@@ -85,6 +95,19 @@ def compare_models(ref: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np
     drops = {labels[j]: 100.0 * (auc_ref[j] - auc_new[j]) for j in valid}
     corr_all = cam_correlations(f_ref, f_new, weights)
     corr = corr_all[np.isfinite(corr_all)]
+    every = np.where(np.isfinite(corr_all), corr_all, 1.0)
+    flips: dict[str, Any] = {}
+    if thresholds is not None:
+        decided = [j for j, t in enumerate(thresholds) if t is not None]
+        flips = {"decision_flip_rate": 0.0, "decision_flips": 0, "decision_pairs": 0}  # nothing decided
+        if decided:
+            thr = np.array([thresholds[j] for j in decided], dtype=np.float64)
+            d_ref = sigmoid(l_ref[:, decided]) >= thr
+            d_new = sigmoid(l_new[:, decided]) >= thr
+            changed = d_ref != d_new
+            flips = {"decision_flip_rate": float(changed.mean()), "decision_flips": int(changed.sum()),
+                     "decision_pairs": int(changed.size),
+                     "decision_flips_per_label": {labels[j]: int(changed[:, k].sum()) for k, j in enumerate(decided)}}
     dl = np.abs(l_ref - l_new)
     dp = np.abs(sigmoid(l_ref) - sigmoid(l_new))
     return {
@@ -93,6 +116,9 @@ def compare_models(ref: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np
         "mean_auc_ref": float(np.mean([auc_ref[j] for j in valid])) if valid else None,
         "mean_auc_new": float(np.mean([auc_new[j] for j in valid])) if valid else None,
         "mean_auc_drop_points": float(np.mean(list(drops.values()))) if valid else None,
+        **flips,
+        "cam_pearson_median_all_pairs": float(np.median(every)) if every.size else None,
+        "cam_pairs_one_empty": int(np.sum(np.isfinite(corr_all) & (corr_all == 0.0))),
         "auc_drop_points_per_label": drops,
         "cam_pearson_median": float(np.median(corr)) if corr.size else None,
         "cam_pearson_p10": float(np.percentile(corr, 10)) if corr.size else None,
@@ -109,8 +135,14 @@ def gate(numbers: dict[str, Any], criteria: GateCriteria = GateCriteria()) -> di
     drop = numbers.get("mean_auc_drop_points")
     if drop is None:
         failures.append("no label has both classes in the verification set: AUC cannot be measured")
-    elif not drop <= criteria.max_auc_drop:
-        failures.append(f"mean AUC drop {drop:.3f} points > {criteria.max_auc_drop}")
+    elif not abs(drop) <= criteria.max_auc_drop:
+        failures.append(f"mean AUC change {-drop:+.3f} points: |change| > {criteria.max_auc_drop}")
+    flip = numbers.get("decision_flip_rate")
+    if flip is not None and not flip <= criteria.max_flip_rate:
+        failures.append(f"decision flip rate {flip:.4f} > {criteria.max_flip_rate}")
+    med_all = numbers.get("cam_pearson_median_all_pairs")
+    if med_all is not None and not med_all >= criteria.min_cam_median:
+        failures.append(f"median CAM agreement over all pairs {med_all:.3f} < {criteria.min_cam_median}")
     med = numbers.get("cam_pearson_median")
     if med is None:
         failures.append("every CAM is empty in both models: CAM agreement cannot be measured")

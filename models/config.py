@@ -42,16 +42,19 @@ class TrainConfig:
     model: str = "eeea_c2"             # a models.registry name
     drop_rate: float = 0.2
     model_kwargs: dict = field(default_factory=dict)
+    pretrained: bool = False           # load the registry's ImageNet weights (its pretrained_cfg: file, SHA-256, mean/std)
+    head_lr_mult: float = 1.0          # learning-rate multiplier of the (new) classifier vs the backbone
     # --- student preprocessing (a cxr_edge PreprocessSpec; the runtime uses the same numbers)
     input_size: int = 128              # student input side (px)
     channels: int = 1
-    mean: float = NIH_MEAN
-    std: float = NIH_STD
+    mean: float = -1.0                 # < 0: the pretrained weights' normalisation, else the NIH pool's (0.49465)
+    std: float = -1.0                  # < 0: the pretrained weights' normalisation, else the NIH pool's (0.25223)
     resize: str = "area"
     # --- distillation: teacher specs are ONNX paths, "registry_name:weights.pt" or a run dir
     teachers: list = field(default_factory=list)  # .onnx path(s), registry_name:weights.pt, or run dir(s)
     teacher_mode: str = "cache"        # cache: clean-image outputs stored on disk; online: run every batch
     teacher_combine: str = "logits"    # logits: sigmoid(mean_k t_k / T); probs: mean_k sigmoid(t_k / T)
+    teacher_weights: list = field(default_factory=list)  # one weight per teacher (default equal); missing rows skipped
     teacher_input_size: int = 224      # teacher input side (px); a bundle teacher uses its manifest's
     teacher_mean: float = NIH_MEAN
     teacher_std: float = NIH_STD
@@ -60,6 +63,7 @@ class TrainConfig:
     kd_alpha: float = 0.0              # 0 = plain supervised BCE
     kd_temperature: float = 2.0
     at_beta: float = 0.0               # attention-transfer weight (final activations)
+    box_beta: float = 0.0              # CAM supervision from the training images' radiologist boxes (bbox.csv)
     # --- data
     data_root: str = ""                # default: <shared>/data/nih-cxr14-sample
     shared_dir: str = ""               # default: $CXR_EDGE_SHARED or <repo>/../shared
@@ -69,6 +73,8 @@ class TrainConfig:
     eval_fraction: float = 0.2         # split=patient: fraction of patients held out for evaluation
     split_seed: int = 0                # patient-wise splits (kept apart from `seed` so all seeds share eval images)
     val_fraction: float = 0.0          # >0: patient-wise part of the training images to pick the epoch on
+    n_folds: int = 0                   # >1: cross-fitting: train on all folds of the training images but `fold`
+    fold: int = 0                      # the held-out fold (its out-of-fold predictions -> oof_predictions.npz)
     limit_train: int = 0               # >0: use only the first N training images (smoke tests)
     limit_eval: int = 0
     cache_dtype: str = "auto"          # in-memory decoded images: uint8 (8-bit sources), float16, auto
@@ -105,10 +111,24 @@ class TrainConfig:
     log_every: int = 0                 # >0: also print every N steps
 
     # ------------------------------------------------------------------ derived values
+    def normalisation(self) -> tuple[float, float]:
+        """(mean, std) of the student input: explicit values, else the pretrained weights' own
+        (registry ``pretrained_cfg``: one source of truth), else the NIH pool's statistics."""
+        if self.mean >= 0 and self.std > 0:
+            return self.mean, self.std
+        if self.pretrained:
+            from models.registry import model_config
+
+            pcfg = model_config(self.model).pretrained
+            if pcfg is not None:
+                return pcfg.gray_mean_std()
+        return NIH_MEAN, NIH_STD
+
     def student_spec(self) -> PreprocessSpec:
+        mean, std = self.normalisation()
         spec = PreprocessSpec(input_size=(self.input_size, self.input_size), channels=self.channels,
-                              resize=self.resize, mean=(self.mean,) * self.channels,
-                              std=(self.std,) * self.channels, min_side=min(128, self.input_size))
+                              resize=self.resize, mean=(mean,) * self.channels,
+                              std=(std,) * self.channels, min_side=min(128, self.input_size))
         spec.validate()
         return spec
 
@@ -139,6 +159,12 @@ class TrainConfig:
             (0.0 <= self.kd_alpha <= 1.0, "kd_alpha must lie in [0, 1]"),
             (self.kd_temperature > 0, "kd_temperature must be > 0"),
             (self.at_beta >= 0, "at_beta must be >= 0"),
+            (self.head_lr_mult > 0, "head_lr_mult must be > 0"),
+            (self.box_beta >= 0, "box_beta must be >= 0"),
+            (not self.teacher_weights or len(self.teacher_weights) == len(self.teachers),
+             "teacher_weights needs one weight per --teachers entry"),
+            (self.n_folds == 0 or (self.n_folds >= 2 and 0 <= self.fold < self.n_folds),
+             "n_folds must be 0 or >= 2, with 0 <= fold < n_folds"),
             (not ((self.kd_alpha > 0 or self.at_beta > 0) and not self.teachers),
              "kd_alpha/at_beta > 0 need at least one --teachers entry"),
             (self.teacher_mode in ("cache", "online"), "teacher_mode must be cache or online"),
@@ -156,6 +182,16 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise InvalidArgumentError(f"config: {message}")
+        if self.pretrained:
+            from models.registry import model_config
+
+            pcfg = model_config(self.model).pretrained
+            if pcfg is None:
+                raise InvalidArgumentError(f"config: model {self.model!r} has no pretrained weights registered")
+            if (self.mean >= 0 or self.std > 0) and (self.mean, self.std) != pcfg.gray_mean_std():
+                raise InvalidArgumentError(
+                    f"config: --mean/--std {self.mean}/{self.std} differ from the pretrained weights' normalisation "
+                    f"{pcfg.gray_mean_std()}: leave them unset")
         try:
             self.student_spec()
             if self.teachers:

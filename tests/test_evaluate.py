@@ -141,3 +141,38 @@ def test_score_cli_with_onnx_bundle_and_compare_cli(tmp_path, capsys):
     assert "pointing game" in capsys.readouterr().out
     rc = main(["compare", "--a", str(preds), "--b", str(preds), "--bootstrap", "20", "--out", str(tmp_path / "c.json")])
     assert rc == 0 and json.loads((tmp_path / "c.json").read_text())["delta_mean_auc"] == 0
+
+
+def test_fixed_point_baselines_centre_and_best_cell_from_training_boxes():
+    from models.evaluate import best_fixed_cell, cell_centres, fixed_point_hits
+
+    hw = (320, 320)
+    assert cell_centres(hw, 4)[0] == (40, 40) and len(cell_centres(hw, 7)) == 49
+    train = [("Cardiomegaly", (100.0, 150.0, 120.0, 100.0))] * 5 + [("Nodule", (10.0, 10.0, 60.0, 60.0))] * 3
+    cells = best_fixed_cell(train, hw, 4)
+    assert cells["Nodule"] == (40, 40)
+    eval_boxes = [(0.0, 0.0, 80.0, 80.0), (140.0, 140.0, 40.0, 40.0)]
+    hits = fixed_point_hits(eval_boxes, ["Nodule", "Mass"], [hw, hw], cells)
+    assert hits[0] == 1.0  # Nodule's own cell
+    centre = fixed_point_hits(eval_boxes, ["Nodule", "Mass"], [hw, hw], None)
+    assert centre.tolist() == [0.0, 1.0]
+    cams = [np.zeros(hw, np.float32), np.zeros(hw, np.float32)]
+    cams[0][20, 20] = 1.0  # model hits box 0, misses box 1 (empty map)
+    pg = pointing_game(cams, eval_boxes, ["Nodule", "Mass"], n_boot=50, baselines={"centre_point": centre})
+    b = pg["overall"]["baselines"]["centre_point"]
+    assert b["hit_rate"] == 0.5 and pg["overall"]["hit_rate"] == 0.5
+    assert pg["per_finding"]["Mass"]["baselines"]["centre_point"]["hit_rate"] == 1.0
+
+
+def test_operating_points_count_flags_against_true_labels():
+    from models.evaluate import operating_points
+
+    t = np.array([[1, 0, 0], [0, 0, 1], [1, 1, 0], [0, 0, 0]], dtype=np.float64)
+    p = np.array([[0.9, 0.2, 0.1], [0.8, 0.1, 0.9], [0.3, 0.9, 0.1], [0.1, 0.1, 0.1]])
+    op = operating_points(t, p, [0.5, None, 0.5], ["a", "b", "c", "d"], ["x", "y", "z"], n_boot=50)
+    x = op["per_label"]["x"]
+    assert x["sensitivity"]["value"] == 0.5 and x["specificity"]["value"] == 0.5 and x["ppv"]["value"] == 0.5
+    assert x["flag_rate"]["value"] == 0.5 and op["undetermined"] == ["y"] and "y" not in op["per_label"]
+    assert op["flags_per_image"] == pytest.approx(0.75)  # x flags 2, z flags 1, over 4 images
+    assert op["true_labels_per_image_all"] == pytest.approx(1.0)
+    assert op["true_labels_per_image_decided"] == pytest.approx(0.75)

@@ -139,15 +139,21 @@ def test_tool_versions_are_real():
     assert versions["onnx"] == onnx.__version__
 
 
-def test_thresholds_youden_sensitivity_and_defaults():
-    rng = np.random.default_rng(0)
-    targets = (rng.random((400, 3)) < 0.3).astype(np.float32)
+def _scores(n=400, labels=3, seed=0):
+    rng = np.random.default_rng(seed)
+    targets = (rng.random((n, labels)) < 0.3).astype(np.float32)
     probs = np.clip(0.25 + 0.5 * targets + rng.normal(0, 0.12, targets.shape), 0, 1)
-    targets[:, 2] = 0.0  # one class only: no ROC curve
-    thr, details = choose_thresholds(probs, targets, ["a", "b", "c"], method="youden")
-    assert 0.3 < thr[0] < 0.7 and 0.3 < thr[1] < 0.7 and thr[2] == 0.5
-    assert "reason" in details["per_label"]["c"]
-    thr_s, det_s = choose_thresholds(probs, targets, ["a", "b", "c"], method="sensitivity", min_sensitivity=0.95)
+    return targets, probs
+
+
+def test_thresholds_youden_sensitivity_and_defaults():
+    targets, probs = _scores()
+    targets[:, 2] = 0.0  # one class only: no ROC curve, no decision
+    thr, details = choose_thresholds(probs, targets, ["a", "b", "c"], method="youden", n_boot=100)
+    assert 0.3 < thr[0] < 0.7 and 0.3 < thr[1] < 0.7 and thr[2] is None
+    assert "undetermined" in details["per_label"]["c"]
+    thr_s, det_s = choose_thresholds(probs, targets, ["a", "b", "c"], method="sensitivity", target=0.95,
+                                     n_boot=100)
     assert det_s["per_label"]["a"]["sensitivity"] >= 0.95
     pos = probs[targets[:, 0] == 1, 0]
     assert (pos >= thr_s[0]).mean() >= 0.95  # the operating point keeps its promise...
@@ -157,10 +163,58 @@ def test_thresholds_youden_sensitivity_and_defaults():
         choose_thresholds(probs, targets, ["a", "b", "c"], method="magic")
 
 
+def test_thresholds_breakeven_flags_as_many_images_as_carry_the_finding():
+    targets, probs = _scores()
+    thr, details = choose_thresholds(probs, targets, ["a", "b", "c"], method="breakeven", n_boot=100)
+    for j in range(3):
+        flagged, positives = int((probs[:, j] >= thr[j]).sum()), int(targets[:, j].sum())
+        assert abs(flagged - positives) <= 2  # precision = recall on the calibration set
+    assert abs(details["flags_per_image"] - details["true_labels_per_image_decided"]) < 0.02
+    youden = choose_thresholds(probs, targets, ["a", "b", "c"], method="youden", n_boot=100)[1]
+    assert youden["flags_per_image"] >= details["flags_per_image"] - 0.02  # Youden never flags less here
+
+
+def test_thresholds_f1_and_specificity_rules():
+    targets, probs = _scores(seed=1)
+    thr_f1, _ = choose_thresholds(probs, targets, ["a", "b", "c"], method="f1", n_boot=100)
+    for j in range(3):
+        def f1(t):
+            f, y = probs[:, j] >= t, targets[:, j] == 1
+            return 2 * (f & y).sum() / (f.sum() + y.sum())
+        grid = np.unique(probs[:, j])
+        assert f1(thr_f1[j]) >= max(f1(t) for t in grid) - 1e-9
+    thr_sp, _ = choose_thresholds(probs, targets, ["a", "b", "c"], method="specificity", target=0.95, n_boot=100)
+    neg = probs[targets[:, 0] == 0, 0]
+    assert (neg < thr_sp[0]).mean() >= 0.95
+    lower = probs[:, 0][probs[:, 0] < thr_sp[0]].max()  # the next candidate threshold down
+    assert (neg < lower).mean() < 0.95  # the lowest threshold that keeps the promise
+
+
+def test_thresholds_undetermined_for_few_positive_patients_and_chance_auc():
+    rng = np.random.default_rng(2)
+    n = 300
+    targets = np.zeros((n, 3), np.float32)
+    targets[:60, 0] = 1          # a: 60 positive images...
+    targets[:12, 1] = 1          # b: 12 positive images, but all from 3 patients
+    targets[:80, 2] = 1          # c: common, but the score is noise
+    probs = rng.random((n, 3)).astype(np.float32)
+    probs[:60, 0] += 0.8
+    probs = np.clip(probs, 0, 1)
+    patients = [f"p{i}" for i in range(n)]
+    for i in range(12):
+        patients[i] = f"q{i % 3}"
+    thr, details = choose_thresholds(probs, targets, ["a", "b", "c"], patient_ids=patients,
+                                     min_positive_patients=10, n_boot=200)
+    assert thr[0] is not None
+    assert thr[1] is None and "positive patients" in details["per_label"]["b"]["undetermined"]
+    assert details["per_label"]["b"]["positive_patients"] == 3
+    assert thr[2] is None and "includes 0.5" in details["per_label"]["c"]["undetermined"]
+
+
 def test_thresholds_ignore_unknown_labels():
     targets = np.array([[1.0], [0.0], [np.nan], [1.0], [0.0], [1.0], [0.0], [np.nan]], dtype=np.float32)
     probs = np.array([[0.9], [0.1], [0.99], [0.8], [0.2], [0.7], [0.3], [0.01]], dtype=np.float32)
-    thr, details = choose_thresholds(probs, targets, ["x"])
+    thr, details = choose_thresholds(probs, targets, ["x"], min_positive_patients=3, require_auc_above_chance=False)
     assert details["per_label"]["x"]["positives"] == 3 and details["per_label"]["x"]["negatives"] == 3
     assert 0.3 < thr[0] <= 0.7
 

