@@ -1,17 +1,37 @@
 """Turn any supported input into one [0, 1] float32 grayscale radiograph, or refuse with a typed error.
 
 Sources: a path, raw bytes (PNG, JPEG, DICOM), a numpy array or a PIL image. The format is
-decided from magic bytes (never from a file extension). PNG/JPEG headers are checked for size
-before any pixel is decoded (decompression bombs) and their chunk/marker structure is walked
-so a truncated file never yields silently padded pixels. Decoding is OpenCV's (fast, 16-bit).
-DICOM lives in :mod:`cxr_edge.dicom`, imported only when a DICOM arrives (pydicom is slow to import).
+decided from magic bytes (never from a file extension). Every input is checked before any pixel
+is decoded, and nothing a decoder would silently patch up is let through:
+
+* Paths: only regular files are read (a FIFO, device, socket or directory is refused without
+  being read, so ``/dev/zero`` or a pipe never hangs), symlinks are followed but must end at a
+  regular file, and files over :func:`~cxr_edge.radiograph.max_file_bytes` are refused before
+  reading. Error messages never quote the path (a file name can carry patient data).
+* PNG: the chunk list is walked to IEND with CRCs checked, the header size is checked
+  against ``max_pixels``, and the zlib stream is inflated in bounded pieces to check it yields
+  exactly the rows the header declares with valid filter bytes. Only then does OpenCV decode a
+  minimal copy (IHDR, PLTE, IDAT, IEND): libpng never meets a problem it would print to stderr.
+  ``sBIT`` is honoured for the intensity scale (see :func:`_png_scale`).
+* JPEG: the marker structure is walked to EOI (see :func:`_jpeg_layout`), the frame size is
+  checked against ``max_pixels`` and against the least coded data such a frame needs, the scan
+  count is bounded and the scans must code the whole image; decoding is Pillow's libjpeg-turbo
+  (silent, unlike OpenCV's), and a scan that ends early is detected (see :func:`_read_jpeg`).
+* Every format: NaN/inf pixels are refused before an image is returned.
+
+DICOM lives in :mod:`cxr_edge.dicom`, imported only when a DICOM arrives (pydicom is slow to
+import); the shared :class:`Radiograph` and checks live in :mod:`cxr_edge.radiograph`.
 """
 from __future__ import annotations
 
+import errno
+import io
 import os
 import re
+import stat
 import struct
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
@@ -20,30 +40,14 @@ import numpy as np
 
 from .errors import (CorruptImageError, ImageError, InvalidArgumentError, InvalidImageError,
                      UnsupportedFormatError)
+from .radiograph import Radiograph, check_dimensions, check_finite, max_file_bytes, to_unit_range
 
-__all__ = ["Radiograph", "read_image", "sniff_format", "SUPPORTED_FORMATS"]
+__all__ = ["Radiograph", "read_image", "sniff_format", "SUPPORTED_FORMATS", "check_dimensions", "to_unit_range",
+           "max_file_bytes"]
 
 SUPPORTED_FORMATS = "PNG (8/16-bit), JPEG, DICOM (CR/DX chest)"
 
 Source = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, np.ndarray, Any]
-
-
-@dataclass(frozen=True, eq=False, repr=False)
-class Radiograph:
-    """A decoded radiograph: float32 H x W pixels in [0, 1] (0 = black) plus non-identifying facts.
-
-    ``info`` never holds patient attributes (names, IDs, dates, institutions, UIDs), so it can be
-    logged or returned to a client as is.
-    """
-
-    pixels: np.ndarray
-    format: str
-    bit_depth: int
-    info: dict = field(default_factory=dict)
-
-    def __repr__(self) -> str:  # the default repr would dump the pixel array
-        return (f"Radiograph(format={self.format!r}, shape={tuple(self.pixels.shape)}, "
-                f"bit_depth={self.bit_depth}, info={self.info!r})")
 
 
 # --------------------------------------------------------------------------- format sniffing
@@ -122,40 +126,7 @@ def sniff_format(data: bytes) -> str:
                                  f"supported formats: {SUPPORTED_FORMATS}")
 
 
-# --------------------------------------------------------------------------- shared checks
-
-def check_dimensions(height: int, width: int, *, min_side: int, max_pixels: int, what: str = "image") -> None:
-    """Refuse sizes no chest radiograph has: a side under ``min_side``, or over ``max_pixels`` in all.
-
-    Called on header values, before decoding, so a decompression bomb never allocates its pixels.
-    """
-    if height <= 0 or width <= 0:
-        raise CorruptImageError(f"the {what} declares an empty size {width}x{height}")
-    if height * width > max_pixels:
-        raise InvalidImageError(f"the {what} is {width}x{height} = {height * width:,} pixels, over the limit of "
-                                f"{max_pixels:,} (max_pixels); refused before decoding")
-    if min(height, width) < min_side:
-        raise InvalidImageError(f"the {what} is {width}x{height}, too small to be a radiograph "
-                                f"(each side must be at least {min_side} pixels, min_side)")
-
-
-def to_unit_range(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Map ``lo -> 0`` and ``hi -> 1`` (float32, C-contiguous, clipped to [0, 1]).
-
-    Integer data with ``lo == 0`` takes one float32 division, so an 8-bit PNG and an 8-bit
-    DICOM without a window give bit-identical results (``pixel / 255``).
-    """
-    if hi == lo:
-        raise CorruptImageError("the image's declared intensity range is empty; cannot scale it")
-    if np.issubdtype(arr.dtype, np.integer) and lo == 0 and hi > 0:
-        out = np.divide(arr, np.float32(hi), dtype=np.float32)
-    else:
-        scaled = np.subtract(arr, lo, dtype=np.float64)
-        scaled *= 1.0 / (hi - lo)
-        out = scaled.astype(np.float32)
-    np.clip(out, 0.0, 1.0, out=out)
-    return np.ascontiguousarray(out)
-
+# --------------------------------------------------------------------------- limits
 
 def _validate_limits(min_side: int, max_pixels: int) -> None:
     if isinstance(min_side, bool) or not isinstance(min_side, (int, np.integer)) or min_side < 1:
@@ -183,60 +154,210 @@ def _to_gray(img: np.ndarray, order: str) -> np.ndarray:
     c0, c1, c2 = img[:, :, 0], img[:, :, 1], img[:, :, 2]
     if np.array_equal(c0, c1) and np.array_equal(c0, c2):
         return c0
-    if img.dtype == np.float64:
+    if img.dtype == np.float64 or img.dtype == np.float16:
         img = img.astype(np.float32)
     code = {("bgr", 3): cv2.COLOR_BGR2GRAY, ("bgr", 4): cv2.COLOR_BGRA2GRAY,
             ("rgb", 3): cv2.COLOR_RGB2GRAY, ("rgb", 4): cv2.COLOR_RGBA2GRAY}[(order, channels)]
-    return cv2.cvtColor(np.ascontiguousarray(img), code)
+    try:
+        return cv2.cvtColor(np.ascontiguousarray(img), code)
+    except cv2.error:
+        raise InvalidImageError(f"cannot convert a {img.dtype} colour image to grayscale") from None
 
 
 # --------------------------------------------------------------------------- PNG
 
 _PNG_BIT_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
-_PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}  # what the pixels represent (palette -> RGB)
+_PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # samples per pixel as stored (palette: one index)
+_PNG_SBIT_LEN = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
+_PNG_CRITICAL = (b"IHDR", b"PLTE", b"IDAT", b"IEND")
+_PNG_CHUNK_TYPE = re.compile(rb"[A-Za-z]{4}")
+_PNG_MAX_CHUNKS = 1_000_000  # the walk is Python: a file of millions of empty chunks is refused, not walked
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+_INFLATE_PIECE = 4 << 20
 
 
-def _png_header(data: bytes) -> tuple[int, int, int, int]:
-    """(width, height, bit_depth, colour_type) from IHDR, after walking the chunk list to IEND.
+@dataclass(frozen=True)
+class _PngLayout:
+    width: int
+    height: int
+    bit_depth: int
+    colour_type: int
+    interlace: int
+    sbit: tuple[int, ...] | None  # the sBIT chunk's values, when one precedes the image data
+    idat: tuple[tuple[int, int], ...]  # (start, end) of each IDAT payload
+    minimal: bytes  # signature + IHDR (+ PLTE) + IDAT chunks + IEND: what the decoder is given
 
-    The walk reads only 8-byte chunk headers (no CRC, no inflate) and refuses any file whose
-    chunks run past the end or which lacks IEND: a truncated PNG never reaches the decoder.
+
+def _png_header(data: bytes) -> _PngLayout:
+    """The IHDR facts and chunk layout, after walking the chunk list to IEND.
+
+    The walk reads chunk headers and checks the CRC of every chunk that is used (IHDR, PLTE, IDAT,
+    sBIT, IEND; other ancillary chunks are dropped, as libpng would drop a damaged one). It refuses
+    any file whose chunks run past the end or which lacks IEND (a truncated PNG never reaches the
+    decoder), unknown critical chunks, IDAT chunks that are not consecutive, and a PLTE that
+    a grayscale image must not have or a palette image lacks.
     """
     if len(data) < 33 or data[12:16] != b"IHDR" or data[8:12] != b"\x00\x00\x00\x0d":
         raise CorruptImageError("the PNG is truncated or damaged: no valid IHDR header")
-    width, height, bit_depth, colour_type = struct.unpack_from(">IIBB", data, 16)
+    width, height, bit_depth, colour_type, compression, filtering, interlace = struct.unpack_from(">IIBBBBB", data, 16)
     if colour_type not in _PNG_BIT_DEPTHS or bit_depth not in _PNG_BIT_DEPTHS[colour_type]:
         raise CorruptImageError(f"the PNG header is invalid (bit depth {bit_depth}, colour type {colour_type})")
-    pos, n, seen_idat = 8, len(data), False
+    if compression != 0 or filtering != 0 or interlace not in (0, 1):
+        raise CorruptImageError("the PNG header is invalid (unknown compression, filter or interlace method)")
+    view = memoryview(data)
+    pos, n = 8, len(data)
+    idat: list[tuple[int, int]] = []
+    idat_done = False
+    sbit: tuple[int, ...] | None = None
+    plte: tuple[int, int] | None = None
+    count = 0
     while True:
         if pos + 12 > n:
             raise CorruptImageError("the PNG is truncated: its chunks end before the IEND chunk")
+        count += 1
+        if count > _PNG_MAX_CHUNKS:
+            raise CorruptImageError(f"the PNG has over {_PNG_MAX_CHUNKS:,} chunks; refused as damaged")
         (length,) = struct.unpack_from(">I", data, pos)
         ctype = data[pos + 4:pos + 8]
         end = pos + 12 + length
         if end > n:
             raise CorruptImageError("the PNG is truncated: a chunk runs past the end of the data")
+        if not _PNG_CHUNK_TYPE.fullmatch(ctype):
+            raise CorruptImageError("the PNG is damaged: a chunk has an invalid type code")
+        critical = ctype in _PNG_CRITICAL
+        if not critical and not (ctype[0] & 0x20):  # uppercase first letter: the decoder must understand it
+            raise UnsupportedFormatError(f"the PNG has an unknown critical chunk {ctype.decode('ascii')!r}; "
+                                         "it cannot be decoded safely")
+        if critical or ctype == b"sBIT":
+            (crc,) = struct.unpack_from(">I", data, end - 4)
+            if zlib.crc32(view[pos + 4:end - 4]) != crc:
+                raise CorruptImageError(f"the PNG is damaged: the {ctype.decode('ascii')} chunk fails its CRC check")
+        if ctype == b"IHDR" and pos != 8:
+            raise CorruptImageError("the PNG has more than one IHDR chunk")
         if ctype == b"IDAT":
-            seen_idat = True
+            if idat_done:
+                raise CorruptImageError("the PNG is damaged: its IDAT chunks are not consecutive")
+            idat.append((pos + 8, end - 4))
+        elif idat:
+            idat_done = True
+        if ctype == b"PLTE":
+            if idat or plte is not None or length % 3 or not 3 <= length <= 768:
+                raise CorruptImageError("the PNG has an invalid or misplaced palette (PLTE)")
+            if colour_type in (0, 4):
+                raise CorruptImageError("the PNG is grayscale but carries a palette (PLTE)")
+            plte = (pos, end)
+        elif ctype == b"sBIT" and not idat and sbit is None:
+            if length != _PNG_SBIT_LEN[colour_type]:
+                raise CorruptImageError("the PNG's sBIT chunk has the wrong length for its colour type")
+            sbit = tuple(data[pos + 8:pos + 8 + length])
+            limit = 8 if colour_type == 3 else bit_depth
+            if any(not 1 <= b <= limit for b in sbit):
+                raise CorruptImageError("the PNG's sBIT chunk declares impossible significant bits")
         elif ctype == b"IEND":
             break
         pos = end
-    if not seen_idat:
+    if not idat:
         raise CorruptImageError("the PNG has no image data (IDAT chunk)")
-    return width, height, bit_depth, colour_type
+    if colour_type == 3 and plte is None:
+        raise CorruptImageError("the PNG is a palette image without a palette (PLTE)")
+    first, last = idat[0][0] - 8, idat[-1][1] + 4
+    minimal = b"".join((data[:33], data[plte[0]:plte[1]] if colour_type == 3 and plte else b"",
+                        data[first:last], _PNG_IEND))
+    return _PngLayout(width, height, bit_depth, colour_type, interlace, sbit, tuple(idat), minimal)
+
+
+def _png_filter_offsets(layout: _PngLayout) -> tuple[np.ndarray, int]:
+    """Offsets of every row's filter-type byte in the inflated stream, and the stream's exact length."""
+    bpp = layout.bit_depth * _PNG_SAMPLES[layout.colour_type]
+    passes = _ADAM7 if layout.interlace else ((0, 0, 1, 1),)
+    offsets, total = [], 0
+    for x0, y0, dx, dy in passes:
+        pw = (layout.width - x0 + dx - 1) // dx if layout.width > x0 else 0
+        ph = (layout.height - y0 + dy - 1) // dy if layout.height > y0 else 0
+        if pw == 0 or ph == 0:
+            continue
+        stride = 1 + (pw * bpp + 7) // 8
+        offsets.append(total + stride * np.arange(ph, dtype=np.int64))
+        total += stride * ph
+    return np.concatenate(offsets), total
+
+
+def _png_check_image_data(data: bytes, layout: _PngLayout) -> None:
+    """Inflate the IDAT stream in bounded pieces: it must give exactly the header's rows, each with a
+    valid filter type (0-4), end its zlib stream (checksum verified) and carry nothing after it.
+
+    Nothing is kept (memory stays at one piece), and a zlib bomb stops at the declared size.
+    """
+    offsets, expected = _png_filter_offsets(layout)
+    inflater = zlib.decompressobj()
+    view = memoryview(data)
+    pieces = [(at, min(at + _INFLATE_PIECE, end)) for begin, end in layout.idat
+              for at in range(begin, end, _INFLATE_PIECE)]
+    done, used = 0, 0
+    try:
+        for start, end in pieces:  # bounded input slices: unconsumed_tail copies stay small
+            used += 1
+            buf: Any = view[start:end]
+            while True:
+                out = inflater.decompress(buf, _INFLATE_PIECE)
+                if out:
+                    if done + len(out) > expected:
+                        raise CorruptImageError("the PNG holds more image data than its header declares")
+                    lo, hi = np.searchsorted(offsets, (done, done + len(out)))
+                    if hi > lo:
+                        filters = np.frombuffer(out, dtype=np.uint8)[offsets[lo:hi] - done]
+                        if int(filters.max()) > 4:
+                            raise CorruptImageError("the PNG's image data is damaged (invalid row filter type)")
+                    done += len(out)
+                buf = inflater.unconsumed_tail
+                if not buf and len(out) < _INFLATE_PIECE:
+                    break
+            if inflater.eof:
+                break
+    except zlib.error:
+        raise CorruptImageError("the PNG's compressed image data is damaged (zlib stream error)") from None
+    if not inflater.eof or done < expected:
+        raise CorruptImageError("the PNG's image data is cut short: it ends before the last row")
+    if inflater.unused_data or used < len(pieces):
+        raise CorruptImageError("the PNG has data after the end of its compressed image stream")
+
+
+def _png_scale(gray: np.ndarray, layout: _PngLayout) -> tuple[int, int, str]:
+    """(maxval, bit_depth, bit_depth_source) for the decoded samples.
+
+    Without sBIT the container is assumed: a 16-bit sample is divided by 65535, an 8-bit one by
+    255 (OpenCV expands 1/2/4-bit samples to 0..255). With an sBIT chunk declaring ``b`` < container
+    significant bits (equal for all colour channels): when every sample fits in ``b`` bits, the
+    writer stored the values as they are (what medical exporters do: 12-bit data in 0..4095) and
+    they are divided by ``2**b - 1``; when samples exceed that, the writer scaled them up to the
+    container as the PNG specification asks (left shift or bit replication) and the container
+    maximum is the right divisor. Either way ``bit_depth`` reports ``b`` with source ``"sBIT"``.
+    """
+    container = 65535 if gray.dtype == np.uint16 else 255
+    sbit = layout.sbit
+    if sbit is not None and layout.colour_type != 3 and layout.bit_depth >= 8:
+        colour = sbit[:1] if layout.colour_type in (0, 4) else sbit[:3]
+        if len(set(colour)) == 1 and colour[0] < layout.bit_depth:
+            significant = colour[0]
+            top = (1 << significant) - 1
+            return (top if int(gray.max()) <= top else container), significant, "sBIT"
+    return container, layout.bit_depth, "container"
 
 
 def _read_png(data: bytes, min_side: int, max_pixels: int) -> Radiograph:
-    width, height, bit_depth, colour_type = _png_header(data)
+    layout = _png_header(data)
+    width, height = layout.width, layout.height
     check_dimensions(height, width, min_side=min_side, max_pixels=max_pixels, what="PNG")
-    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    _png_check_image_data(data, layout)
+    img = cv2.imdecode(np.frombuffer(layout.minimal, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None or img.shape[:2] != (height, width):
         raise CorruptImageError("the PNG could not be decoded (damaged image data)")
     gray = _to_gray(img, "bgr")
-    maxval = 65535 if gray.dtype == np.uint16 else 255  # OpenCV expands 1/2/4-bit samples to 0..255
-    pixels = to_unit_range(gray, 0, maxval)
-    info = {"width": width, "height": height, "channels_in": _PNG_CHANNELS[colour_type]}
-    return Radiograph(pixels, "png", bit_depth, info)
+    maxval, bit_depth, source = _png_scale(gray, layout)
+    pixels = to_unit_range(gray, 0, maxval, what="PNG")
+    info = {"width": width, "height": height, "channels_in": _PNG_CHANNELS[layout.colour_type]}
+    return Radiograph(pixels, "png", bit_depth, info, source)
 
 
 # --------------------------------------------------------------------------- JPEG
@@ -244,62 +365,264 @@ def _read_png(data: bytes, min_side: int, max_pixels: int) -> Radiograph:
 # A marker is 0xFF followed by anything but 0x00 (stuffing), RST0-7 (inside scans) or 0xFF (fill).
 _JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # not DHT, JPG, DAC
+_SOF_HIERARCHICAL = frozenset({0xC5, 0xC6, 0xC7, 0xCD, 0xCE, 0xCF, 0xDE, 0xDF})  # differential SOFs, DHP, EXP
+_SOF_PROGRESSIVE = frozenset({0xC2, 0xCA})
+_SOF_ARITHMETIC = frozenset({0xC9, 0xCA, 0xCB})
+_SOF_LOSSLESS = frozenset({0xC3, 0xCB})
+_SOF_PILLOW = frozenset({0xC0, 0xC1, 0xC2, 0xC9, 0xCA})  # 8-bit DCT frames Pillow's libjpeg-turbo decodes
+# APPn/COM segments are not given to the decoder, except APP0 (JFIF) and APP14 (Adobe), which tell
+# libjpeg the colour transform: EXIF (with its thumbnails), XMP, ICC and comments never matter to pixels.
+_JPEG_DROPPED = frozenset(range(0xE1, 0xEE)) | {0xEF, 0xFE}
+#: More scans than this is refused: libjpeg-turbo's own ``max_scans`` guard against progressive
+#: JPEGs whose thousands of tiny scans each make the decoder walk the whole coefficient buffer.
+MAX_JPEG_SCANS = 100
+_MAX_JPEG_SEGMENTS = 5000
+# Bytes inserted after each scan's coded data for the second decode (see _read_jpeg). No 0xFF, so
+# libjpeg reads them as coded data where a scan is unfinished, and skips them where it is finished.
+_JPEG_PAD = bytes((i * 97 + 13) % 255 for i in range(256))
 
 
-def _jpeg_header(data: bytes) -> tuple[int, int, int, int]:
-    """(width, height, precision, components) from SOF, after checking the stream reaches EOI.
+@dataclass(frozen=True)
+class _JpegLayout:
+    width: int
+    height: int
+    precision: int
+    components: int
+    sof: int
+    scans: int
+    pieces: tuple[tuple[int, int, bool], ...]  # (start, end, is coded data): the ranges the decoder is given
+    coded_bytes: int  # entropy-coded bytes in all scans
+    least_bytes: int  # the fewest such bytes a complete image of this size can have
 
-    Segments are skipped by their lengths (so EXIF thumbnails do not count) and entropy-coded
-    scans are searched for the next marker with a C-speed regex. Without EOI the file is cut.
+
+def _jpeg_layout(data: bytes) -> _JpegLayout:
+    """The frame header and segment layout of a JPEG, after walking its structure to EOI.
+
+    Segments are skipped by their lengths (so the markers of an EXIF thumbnail inside APP1 never
+    count) and each scan's entropy-coded data is searched for the marker that ends it with a C-speed
+    regex. The frame header read is the one of the actual frame: the single SOF before the first
+    scan (a second SOF, a scan before SOF, hierarchical or DNL frames are refused). Without EOI the
+    file is cut. More than :data:`MAX_JPEG_SCANS` scans are refused, and the scans must code the
+    whole image: every component, and in a progressive file every coefficient down to its last
+    bit (a file cut between two scans, with an EOI appended, decodes silently to a blurred image).
+    Finally a frame must carry at least the coded data its size needs: a Huffman-coded block takes
+    at least one bit (its DC code), so a tiny file that declares 8000 x 8000 pixels is refused here,
+    before the decoder allocates them.
     """
     pos, n = 2, len(data)
-    sof: tuple[int, int, int, int] | None = None
+    sof: tuple[int, int, int, int, tuple[tuple[int, int, int], ...]] | None = None
+    scans: list[tuple[tuple[int, ...], int, int, int]] = []
+    pieces: list[tuple[int, int, bool]] = [(0, 2, False)]
+    segments, coded = 0, 0
     while True:
         m = _JPEG_MARKER.search(data, pos)
         if m is None:
             raise CorruptImageError("the JPEG is truncated: it ends before its end-of-image marker")
-        marker = data[m.start() + 1]
+        start = m.start()
+        marker = data[start + 1]
         if marker == 0xD9:  # EOI
+            pieces.append((start, start + 2, False))
             break
-        if marker in (0x01, 0xD8):  # TEM, SOI: no length field
+        if marker == 0xD8:
+            raise CorruptImageError("the JPEG is damaged: a second start-of-image marker inside the image")
+        if marker == 0x01:  # TEM: no length field
             pos = m.end()
             continue
-        if m.start() + 4 > n:
+        segments += 1
+        if segments > _MAX_JPEG_SEGMENTS:
+            raise CorruptImageError(f"the JPEG has over {_MAX_JPEG_SEGMENTS:,} marker segments; refused as damaged")
+        if start + 4 > n:
             raise CorruptImageError("the JPEG is truncated inside a marker segment")
-        (length,) = struct.unpack_from(">H", data, m.start() + 2)
-        seg_end = m.start() + 2 + length
+        (length,) = struct.unpack_from(">H", data, start + 2)
+        seg_end = start + 2 + length
         if length < 2 or seg_end > n:
             raise CorruptImageError("the JPEG is truncated or damaged: a segment runs past the end")
-        if marker in _SOF_MARKERS and sof is None:
+        if marker in _SOF_HIERARCHICAL:
+            raise UnsupportedFormatError("the JPEG uses hierarchical coding, which is not supported")
+        if marker == 0xDC:
+            raise UnsupportedFormatError("the JPEG defines its height later in the stream (DNL), "
+                                         "which is not supported")
+        if marker in _SOF_MARKERS:
+            if sof is not None:
+                raise CorruptImageError("the JPEG is damaged: it has more than one frame header (SOF)")
             if length < 8:
                 raise CorruptImageError("the JPEG frame header is damaged")
-            precision, height, width, comps = struct.unpack_from(">BHHB", data, m.start() + 4)
-            sof = (width, height, precision, comps)
-        pos = seg_end  # after SOS the entropy-coded data follows; the regex skips it
+            precision, height, width, nf = struct.unpack_from(">BHHB", data, start + 4)
+            if nf not in (1, 3, 4) or length != 8 + 3 * nf:
+                raise CorruptImageError("the JPEG frame header is damaged (component count and length disagree)")
+            comps = tuple((data[start + 10 + 3 * i], data[start + 11 + 3 * i] >> 4, data[start + 11 + 3 * i] & 15)
+                          for i in range(nf))
+            if any(not (1 <= h <= 4 and 1 <= v <= 4) for _, h, v in comps):
+                raise CorruptImageError("the JPEG frame header is damaged (invalid sampling factors)")
+            sof = (marker, precision, height, width, comps)
+        elif marker == 0xDA:  # SOS, then entropy-coded data up to the next marker that is not RSTn
+            if sof is None:
+                raise CorruptImageError("the JPEG is damaged: image data comes before the frame header")
+            ns = data[start + 4] if length >= 3 else 0
+            if ns == 0 or length != 6 + 2 * ns:
+                raise CorruptImageError("the JPEG scan header is damaged")
+            selectors = tuple(data[start + 5 + 2 * i] for i in range(ns))
+            ss, se, approx = data[start + 5 + 2 * ns:start + 8 + 2 * ns]
+            if any(c not in {cid for cid, _, _ in sof[4]} for c in selectors):
+                raise CorruptImageError("the JPEG scan header names a component the frame does not have")
+            scans.append((selectors, ss, se, approx & 15))
+            if len(scans) > MAX_JPEG_SCANS:
+                raise CorruptImageError(f"the JPEG has over {MAX_JPEG_SCANS} scans; refused as damaged or "
+                                        "hostile (decoding cost grows with every scan)")
+            pieces.append((start, seg_end, False))
+            t = _JPEG_MARKER.search(data, seg_end)
+            if t is None:
+                raise CorruptImageError("the JPEG is truncated: it ends inside its image data")
+            end = t.start()
+            while end > seg_end and data[end - 1] == 0xFF:  # fill bytes before the marker are not coded data
+                end -= 1
+            pieces.append((seg_end, end, True))
+            coded += end - seg_end
+            pos = t.start()
+            continue
+        if marker not in _JPEG_DROPPED:
+            pieces.append((start, seg_end, False))
+        pos = seg_end
     if sof is None:
         raise CorruptImageError("the JPEG has no frame header (SOF)")
-    return sof
+    if not scans:
+        raise CorruptImageError("the JPEG has no image data (no scan)")
+    marker, precision, height, width, comps = sof
+    if height == 0:
+        raise UnsupportedFormatError("the JPEG defines its height later in the stream (DNL), which is not supported")
+    _jpeg_check_coverage(marker, comps, scans)
+    return _JpegLayout(width, height, precision, len(comps), marker, len(scans), tuple(pieces), coded,
+                       _jpeg_least_coded_bytes(marker, width, height, comps))
+
+
+def _jpeg_check_coverage(marker: int, comps: tuple, scans: list) -> None:
+    ids = [cid for cid, _, _ in comps]
+    if marker in _SOF_PROGRESSIVE:
+        done = {cid: bytearray(64) for cid in ids}
+        for selectors, ss, se, al in scans:
+            if al == 0 and ss <= se <= 63:
+                for c in selectors:
+                    done[c][ss:se + 1] = b"\x01" * (se - ss + 1)
+        if any(0 in bits for bits in done.values()):
+            raise CorruptImageError("the progressive JPEG stops before all its coefficients are coded "
+                                    "(its last scans are missing: the file is cut short)")
+    elif set(ids) - {c for selectors, *_ in scans for c in selectors}:
+        raise CorruptImageError("the JPEG is cut short: some of its colour components are never coded")
+
+
+def _jpeg_least_coded_bytes(marker: int, width: int, height: int, comps: tuple) -> int:
+    """The fewest bytes of entropy-coded data any Huffman JPEG of this size holds (0: no bound known).
+
+    Huffman codes are at least one bit long, and every 8 x 8 block of every component (DCT) or
+    every sample (lossless) gets at least its DC / difference code. Arithmetic coding can go
+    below one bit per block, so it has no bound here.
+    """
+    if marker in _SOF_ARITHMETIC:
+        return 0
+    hmax, vmax = max(h for _, h, _ in comps), max(v for _, _, v in comps)
+    units = 0
+    for _, h, v in comps:
+        cw, ch = -(-width * h // hmax), -(-height * v // vmax)
+        units += cw * ch if marker in _SOF_LOSSLESS else -(-cw // 8) * -(-ch // 8)
+    return units // 8
+
+
+def _jpeg_stream(data: bytes, layout: _JpegLayout, pad: bool) -> bytes:
+    view = memoryview(data)
+    parts: list[Any] = []
+    for start, end, is_coded in layout.pieces:
+        parts.append(view[start:end])
+        if pad and is_coded:
+            parts.append(_JPEG_PAD)
+    return b"".join(parts)
+
+
+def _decode_jpeg(stream: bytes, layout: _JpegLayout) -> tuple[np.ndarray, str]:
+    """Decode with Pillow (8-bit DCT: silent, errors raised) or OpenCV (12-bit, lossless); (array, order)."""
+    if layout.precision == 8 and layout.sof in _SOF_PILLOW:
+        from PIL import JpegImagePlugin  # the plugin class directly: no format guessing, no MPO, no bomb warning
+
+        try:
+            image = JpegImagePlugin.JpegImageFile(io.BytesIO(stream))
+            image = image.convert("RGB") if image.mode == "CMYK" else image
+            image.load()
+            return np.asarray(image), "rgb"
+        except MemoryError:
+            raise
+        except Exception as exc:  # OSError, SyntaxError, ValueError, struct.error... from a damaged stream
+            raise CorruptImageError(f"the JPEG could not be decoded ({type(exc).__name__})") from None
+    img = cv2.imdecode(np.frombuffer(stream, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise CorruptImageError("the JPEG could not be decoded (damaged or unsupported coding)")
+    return img, "bgr"
+
+
+def _check_jpeg_coded_size(layout: _JpegLayout, what: str) -> None:
+    if layout.coded_bytes < layout.least_bytes:
+        raise CorruptImageError(f"the {what} declares {layout.width}x{layout.height} pixels but holds only "
+                                f"{layout.coded_bytes:,} bytes of image data, less than any complete image of that "
+                                f"size needs ({layout.least_bytes:,}); refused before decoding")
+
+
+def _check_scans_complete(data: bytes, layout: _JpegLayout, first: np.ndarray, what: str) -> None:
+    """Decode again with padding after every scan: any difference means a scan stopped early."""
+    if layout.sof in _SOF_ARITHMETIC:
+        return
+    again, _ = _decode_jpeg(_jpeg_stream(data, layout, pad=True), layout)
+    if not np.array_equal(first, again):
+        raise CorruptImageError(f"the {what} is truncated or damaged: a scan's image data ends before the image "
+                                "is complete (the decoder would fill the rest with gray)")
+
+
+def verify_jpeg_codestream(data: bytes, what: str = "JPEG codestream") -> None:
+    """All the JPEG file checks (structure, scan count and coverage, coded-data bound, scans complete)
+    on a codestream another decoder will decode (DICOM's JPEG pixel data); raises typed errors.
+
+    The completeness check decodes twice with Pillow, so it runs for 8-bit DCT frames only; other
+    frames (12-bit, lossless) get the structural checks.
+    """
+    layout = _jpeg_layout(data)
+    _check_jpeg_coded_size(layout, what)
+    if layout.precision == 8 and layout.sof in _SOF_PILLOW:
+        first, _ = _decode_jpeg(_jpeg_stream(data, layout, pad=False), layout)
+        _check_scans_complete(data, layout, first, what)
 
 
 def _read_jpeg(data: bytes, min_side: int, max_pixels: int) -> Radiograph:
-    width, height, precision, comps = _jpeg_header(data)
-    if height == 0:
-        raise UnsupportedFormatError("the JPEG defines its height later in the stream (DNL), which is not supported")
+    """Structure checks (:func:`_jpeg_layout`), size checks, then decode twice and compare.
+
+    libjpeg does not fail on a scan whose coded data stops early (a file cut in half with an EOI
+    appended): it warns "Corrupt JPEG data: premature end of data segment" and fills the rest with
+    zeros, and neither OpenCV nor Pillow reports that warning. So the file is decoded once as it is
+    and once with 256 non-marker bytes inserted after each scan's coded data. A complete scan never
+    reads past its end, so the extra bytes are skipped and both decodes are identical; an unfinished
+    scan decodes them as data instead of zeros, and the two decodes differ: the file is refused.
+    (Arithmetic-coded scans are exempt: that decoder reads ahead past the end of a complete scan.)
+    """
+    layout = _jpeg_layout(data)
+    width, height = layout.width, layout.height
     check_dimensions(height, width, min_side=min_side, max_pixels=max_pixels, what="JPEG")
-    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None or img.shape[:2] != (height, width):
-        raise CorruptImageError("the JPEG could not be decoded (damaged or unsupported coding)")
-    gray = _to_gray(img, "bgr")
-    maxval = 255 if gray.dtype == np.uint8 else (1 << precision) - 1  # 12-bit JPEG decodes to uint16
-    pixels = to_unit_range(gray, 0, maxval)
-    return Radiograph(pixels, "jpeg", precision, {"width": width, "height": height, "channels_in": comps})
+    _check_jpeg_coded_size(layout, "JPEG")
+    img, order = _decode_jpeg(_jpeg_stream(data, layout, pad=False), layout)
+    if img.shape[:2] != (height, width):
+        raise CorruptImageError("the JPEG decoded to a different size than its header declares")
+    _check_scans_complete(data, layout, img, "JPEG")
+    gray = _to_gray(img, order)
+    maxval = 255 if gray.dtype == np.uint8 else (1 << layout.precision) - 1  # 12-bit JPEG decodes to uint16
+    pixels = to_unit_range(gray, 0, maxval, what="JPEG")
+    return Radiograph(pixels, "jpeg", layout.precision,
+                      {"width": width, "height": height, "channels_in": layout.components}, "SOF")
 
 
 # --------------------------------------------------------------------------- arrays and PIL
 
 def _from_array(arr: np.ndarray, min_side: int, max_pixels: int, fmt: str = "array",
                 channels_in: int | None = None) -> Radiograph:
-    """uint8 -> /255, uint16 -> /65535, float -> as is (must be finite and in [0, 1]); others refused."""
+    """uint8 -> /255, uint16 -> /65535, float -> as is (must be finite and in [0, 1]); others refused.
+
+    Byte order does not matter (big-endian ``>u2`` / ``>f4`` arrays are converted to native
+    order); float16 is widened to float32 before any OpenCV call.
+    """
     if arr.ndim == 3 and arr.shape[2] in (1, 3, 4):
         pass
     elif arr.ndim != 2:
@@ -307,21 +630,26 @@ def _from_array(arr: np.ndarray, min_side: int, max_pixels: int, fmt: str = "arr
     height, width = arr.shape[:2]
     check_dimensions(height, width, min_side=min_side, max_pixels=max_pixels, what=f"{fmt} image")
     dtype = arr.dtype
+    if dtype.kind in "uif" and not dtype.isnative:
+        arr = arr.astype(dtype.newbyteorder("="))
+        dtype = arr.dtype
     if dtype == np.uint8 or dtype == np.uint16:
         gray = _to_gray(arr, "rgb")
-        pixels = to_unit_range(gray, 0, 255 if dtype == np.uint8 else 65535)
+        pixels = to_unit_range(gray, 0, 255 if dtype == np.uint8 else 65535, what=f"{fmt} image")
         bit_depth = dtype.itemsize * 8
-    elif dtype.kind == "f":
+    elif dtype.kind == "f" and dtype.itemsize in (2, 4, 8):
         if not np.isfinite(arr).all():
             raise InvalidImageError("the float image contains NaN or inf values")
         lo, hi = float(arr.min()), float(arr.max())
         if lo < 0.0 or hi > 1.0:
             raise InvalidImageError(f"the float image has values in [{lo:.6g}, {hi:.6g}], out of range: "
                                     "float images must lie in [0, 1]")
+        bit_depth = dtype.itemsize * 8
+        if dtype == np.float16:
+            arr = arr.astype(np.float32)
         gray = _to_gray(arr, "rgb")
         pixels = np.array(gray, dtype=np.float32, order="C", copy=True)  # never alias the caller's array
         np.clip(pixels, 0.0, 1.0, out=pixels)  # luminance rounding can step a hair outside
-        bit_depth = dtype.itemsize * 8
     else:
         raise InvalidImageError(f"unsupported pixel dtype {dtype}: use uint8, uint16 or float in [0, 1]")
     channels = channels_in if channels_in is not None else (1 if arr.ndim == 2 else arr.shape[2])
@@ -343,7 +671,9 @@ def _from_pil(image: Any, min_side: int, max_pixels: int) -> Radiograph:
         if mode in ("P", "PA", "CMYK", "YCbCr"):
             image = image.convert("RGB")
         arr = np.asarray(image)
-    except (OSError, ValueError, SyntaxError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # OSError, ValueError, SyntaxError, struct.error, zlib.error... from a lazy load
         raise CorruptImageError(f"the PIL image could not be loaded ({type(exc).__name__})") from None
     if mode == "I":  # 32-bit signed container, in practice 16-bit PNG samples
         lo, hi = int(arr.min()), int(arr.max())
@@ -352,42 +682,109 @@ def _from_pil(image: Any, min_side: int, max_pixels: int) -> Radiograph:
         arr = arr.astype(np.uint16)
     elif mode == "LA":
         arr = arr[:, :, 0]
-    elif arr.dtype.byteorder == ">":
-        arr = arr.astype(arr.dtype.newbyteorder("="))
     return _from_array(arr, min_side, max_pixels, fmt="pil", channels_in=_PIL_CHANNELS[mode])
 
 
-# --------------------------------------------------------------------------- entry point
+# --------------------------------------------------------------------------- paths
 
-def _read_path(path: str | os.PathLike) -> bytes:
-    p = Path(path)
+# Suffixes that may be echoed in an error message: a known format extension says nothing about a
+# patient, while anything else in a file name (including an odd "suffix" like ".Smith") might.
+_ECHOED_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".dcm", ".dicom", ".dic", ".ima", ".img",
+                              ".bmp", ".tif", ".tiff", ".gif", ".webp", ".jp2", ".j2k", ".npy", ".pdf", ".bin",
+                              ".raw", ".zip", ".gz"})
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def _describe_path(path: Any) -> str:
+    """"the input file", plus its suffix when that is a known format extension; never the name."""
     try:
-        return p.read_bytes()
-    except FileNotFoundError:
-        raise ImageError(f"no such file: {os.fspath(path)}") from None
-    except IsADirectoryError:
-        raise ImageError(f"is a directory, not an image file: {os.fspath(path)}") from None
-    except PermissionError:
-        raise ImageError(f"permission denied reading: {os.fspath(path)}") from None
-    except OSError as exc:
-        raise ImageError(f"could not read {os.fspath(path)}: {exc.strerror or type(exc).__name__}") from None
+        suffix = Path(os.fsdecode(path)).suffix.lower()
+    except Exception:
+        suffix = ""
+    return f"the input file (*{suffix})" if suffix in _ECHOED_SUFFIXES else "the input file"
 
+
+def _read_path(path: Any, max_bytes: int) -> bytes:
+    """The bytes of a regular file, at most ``max_bytes``; typed errors that never quote the path.
+
+    The file is opened non-blocking (opening a FIFO with no writer would otherwise wait for
+    ever) and ``fstat`` of the open descriptor decides: anything but a regular file (directory,
+    FIFO, device such as /dev/zero, socket) is refused without reading a byte. Symlinks are
+    followed and it is the target that must be a regular file; checking the descriptor rather
+    than the name means the file read is the file checked. The size cap is checked on ``st_size``
+    and enforced again while reading (a file that grows meanwhile).
+    """
+    what = _describe_path(path)
+    flags = os.O_RDONLY
+    for name in ("O_NONBLOCK", "O_CLOEXEC", "O_NOCTTY", "O_BINARY"):
+        flags |= getattr(os, name, 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise ImageError(f"no such file: {what} does not exist") from None
+    except IsADirectoryError:
+        raise ImageError(f"{what} is a directory, not an image file") from None
+    except PermissionError:
+        raise ImageError(f"permission denied reading {what}") from None
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # open() on a socket
+            raise ImageError(f"{what} is not a regular file (a socket or device); only regular files are read") \
+                from None
+        if exc.errno == errno.ELOOP:
+            raise ImageError(f"{what} is a symlink loop, not an image file") from None
+        raise ImageError(f"could not open {what} ({errno.errorcode.get(exc.errno, type(exc).__name__)})") from None
+    except (ValueError, TypeError):  # an embedded NUL byte, an unusable path object
+        raise ImageError("the input path is not a valid file path") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((k for test, k in _FILE_KINDS if test(st.st_mode)), "not a regular file")
+            raise ImageError(f"{what} is {kind}, not a regular image file; only regular files are read")
+        if st.st_size > max_bytes:
+            raise InvalidImageError(f"{what} is {st.st_size:,} bytes, over the {max_bytes:,}-byte limit derived "
+                                    "from max_pixels; refused before reading")
+        with os.fdopen(fd, "rb", closefd=True) as fh:
+            fd = -1
+            data = fh.read(max_bytes + 1)
+    except OSError as exc:
+        raise ImageError(f"could not read {what} ({errno.errorcode.get(exc.errno or 0, type(exc).__name__)})") \
+            from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if len(data) > max_bytes:
+        raise InvalidImageError(f"{what} is over the {max_bytes:,}-byte limit derived from max_pixels")
+    return data
+
+
+# --------------------------------------------------------------------------- entry point
 
 def read_image(source: Source, *, min_side: int = 128, max_pixels: int = 64_000_000,
                allow_any_body_part: bool = False) -> Radiograph:
     """Read a radiograph from a path, bytes, numpy array or PIL image into float32 [0, 1] grayscale.
 
     Every refusal is an :class:`~cxr_edge.errors.ImageError` subclass with a message naming the
-    problem (and, for DICOM, the header field), never a patient attribute. ``allow_any_body_part``
-    only relaxes the DICOM anatomy checks (body part, panoramic geometry), never modality or format.
+    problem (and, for DICOM, the header field), never a patient attribute or the file's path.
+    Encoded inputs over :func:`~cxr_edge.radiograph.max_file_bytes` of ``max_pixels`` are refused
+    unread. ``allow_any_body_part`` only relaxes the DICOM anatomy checks (body part, lateral
+    views, panoramic geometry), never modality, presentation intent or format.
     """
     _validate_limits(min_side, max_pixels)
+    rad = _read(source, min_side, max_pixels, allow_any_body_part)
+    check_finite(rad.pixels, f"{rad.format} image")  # every format, whatever path produced the pixels
+    return rad
+
+
+def _read(source: Source, min_side: int, max_pixels: int, allow_any_body_part: bool) -> Radiograph:
     if isinstance(source, np.ndarray):
         return _from_array(source, min_side, max_pixels)
     if _is_pil_image(source):
         return _from_pil(source, min_side, max_pixels)
+    max_bytes = max_file_bytes(max_pixels)
     if isinstance(source, (str, os.PathLike)):
-        data = _read_path(source)
+        data = _read_path(source, max_bytes)
     elif isinstance(source, bytes):
         data = source
     elif isinstance(source, (bytearray, memoryview)):
@@ -395,6 +792,9 @@ def read_image(source: Source, *, min_side: int = 128, max_pixels: int = 64_000_
     else:
         raise InvalidArgumentError(f"cannot read an image from a {type(source).__name__}; pass a path, bytes, "
                                    "a numpy array or a PIL image")
+    if len(data) > max_bytes:
+        raise InvalidImageError(f"the input is {len(data):,} bytes, over the {max_bytes:,}-byte limit derived "
+                                "from max_pixels")
     fmt = sniff_format(data)
     if fmt == "png":
         return _read_png(data, min_side, max_pixels)

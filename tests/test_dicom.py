@@ -183,7 +183,8 @@ def test_voi_lut_sequence_is_preferred(tmp_path):
                            WindowCenter=100.0, WindowWidth=10.0))
     assert rad.info["voi"] == "voi_lut"
     lut_i = lut.astype(int)
-    np.testing.assert_allclose(rad.pixels, (lut_i[img] - lut_i.min()) / (lut_i.max() - lut_i.min()), atol=1e-6)
+    # scaled over the LUT Descriptor's declared output range (12 bits: 0..4095), not the data's min/max
+    np.testing.assert_allclose(rad.pixels, lut_i[img] / 4095.0, atol=1e-6)
 
 
 def test_signed_pixels(tmp_path):
@@ -451,3 +452,260 @@ def test_shared_dental_panoramic_refused():
     assert err.field == "StudyDescription" and "TEETH" not in str(err)
     rad = read_image(path, allow_any_body_part=True)
     assert rad.pixels.shape == (1576, 1976) and rad.info["inverted"]
+
+
+# --------------------------------------------------------------------------- hardening (issue 9)
+
+import struct  # noqa: E402
+import threading  # noqa: E402
+
+import cxr_edge.dicom as dicom_module  # noqa: E402
+from pydicom.encaps import encapsulate  # noqa: E402
+from pydicom.uid import JPEGBaseline8Bit  # noqa: E402
+
+
+def encapsulated_ds(codestream: bytes, rows: int, cols: int, ts: UID = JPEGBaseline8Bit) -> Dataset:
+    ds = make_ds(np.zeros((rows, cols), np.uint8), ts=ts)
+    ds.PixelData = encapsulate([codestream])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    return ds
+
+
+def jpeg_bytes(img: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert ok
+    return buf.tobytes()
+
+
+def no_decode(monkeypatch):
+    monkeypatch.setattr(dicom_module, "_decode", lambda *a, **k: pytest.fail("pixel data decoded"))
+
+
+def test_encapsulated_jpeg_reads_when_its_sof_matches(tmp_path):
+    img = chest_pixels()
+    data = jpeg_bytes(img)
+    rad = read_image(save(encapsulated_ds(data, 160, 144), tmp_path / "j.dcm"))
+    ref = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_allclose(rad.pixels, ref / 255.0, atol=1.5 / 255)  # the decoder may differ by 1 LSB
+    assert rad.info["transfer_syntax"].startswith("JPEG Baseline")
+
+
+def test_encapsulated_jpeg_sof_must_match_rows_columns_before_decoding(tmp_path, monkeypatch):
+    no_decode(monkeypatch)
+    other = jpeg_bytes(chest_pixels(h=170, w=150))  # SOF 150x170; Rows/Columns say 144x160
+    err = refuse(save(encapsulated_ds(other, 160, 144), tmp_path / "m.dcm"), CorruptImageError)
+    assert "150x170" in str(err) and "144x160" in str(err)
+    huge = bytearray(jpeg_bytes(chest_pixels()))
+    struct.pack_into(">HH", huge, huge.find(b"\xff\xc0") + 5, 60000, 60000)
+    err = refuse(save(encapsulated_ds(bytes(huge), 160, 144), tmp_path / "h.dcm"), InvalidImageError)
+    assert "max_pixels" in str(err)
+    refuse(save(encapsulated_ds(b"\x00" * 64, 160, 144), tmp_path / "g.dcm"), CorruptImageError)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.9])
+def test_encapsulated_jpeg_cut_short_with_eoi_appended_is_corrupt(tmp_path, fraction):
+    """pydicom's JPEG decoders pad a frame that hits EOI early with gray: refused like a JPEG file."""
+    data = jpeg_bytes(chest_pixels())
+    cut = data[: int(len(data) * fraction)] + b"\xff\xd9"
+    refuse(save(encapsulated_ds(cut, 160, 144), tmp_path / "c.dcm"), CorruptImageError)
+    no_eoi = data[: int(len(data) * fraction)]
+    refuse(save(encapsulated_ds(no_eoi + b"\x00" * (len(no_eoi) % 2), 160, 144), tmp_path / "n.dcm"),
+           CorruptImageError)
+
+
+def test_encapsulated_jpeg2000_siz_must_match_rows_columns(tmp_path, monkeypatch):
+    ds = make_ds(chest_pixels(maxval=4095), bits_stored=12)
+    ds.compress(JPEG2000Lossless)
+    data = bytearray(ds.PixelData)
+    siz = data.find(b"\xff\x4f\xff\x51")
+    struct.pack_into(">II", data, siz + 8, 144 + 16, 160)  # Xsiz wider than Columns
+    ds.PixelData = bytes(data)
+    no_decode(monkeypatch)
+    err = refuse(save(ds, tmp_path / "j2k.dcm"), CorruptImageError)
+    assert "JPEG 2000" in str(err) and "160x160" in str(err)
+
+
+@pytest.mark.parametrize("change", ["one_column_less", "extra_row", "short"])
+def test_native_pixel_data_length_must_match_the_header(tmp_path, change, monkeypatch):
+    img = chest_pixels()
+    ds = make_ds(img)
+    if change == "one_column_less":  # same bytes, one column less: would decode sheared
+        ds.Columns = 143
+    elif change == "extra_row":
+        ds.PixelData = img.tobytes() + img[:1].tobytes()
+    else:
+        ds.PixelData = img.tobytes()[:-144 * 3]
+    no_decode(monkeypatch)
+    err = refuse(save(ds, tmp_path / "n.dcm"), CorruptImageError)
+    assert "Rows x Columns" in str(err)
+
+
+def test_odd_length_native_pixel_data_with_its_pad_byte_reads(tmp_path):
+    img = chest_pixels(h=129, w=129)  # 16641 bytes: stored padded to even length
+    assert read_image(write(tmp_path, img)).pixels.shape == (129, 129)
+
+
+@pytest.mark.parametrize("tags", [dict(RescaleSlope="NaN", RescaleIntercept="0"),
+                                  dict(RescaleSlope="1", RescaleIntercept="inf"),
+                                  dict(RescaleSlope="1e308", RescaleIntercept="1e308"),
+                                  dict(WindowCenter="100", WindowWidth="NaN"),
+                                  dict(WindowCenter="NaN", WindowWidth="100")])
+def test_non_finite_modality_or_window_output_is_refused(tmp_path, tags):
+    err = refuse(write(tmp_path, chest_pixels(), **tags), InvalidImageError)
+    assert "NaN or inf" in str(err)
+
+
+def confused(ds: Dataset, keyword: str, vr: str, value) -> Dataset:
+    ds["PixelData"].VR = "OB"  # so the writer need not read BitsAllocated to pick OB/OW
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    if keyword in ds:
+        del ds[keyword]
+    ds.add_new(tag, vr, value)
+    return ds
+
+
+@pytest.mark.parametrize("keyword,vr,value,kw", [
+    ("Rows", "SQ", "seq", {}),
+    ("Columns", "LO", "wide", {}),
+    ("BitsStored", "LO", "twelve", {}),
+    ("BitsAllocated", "SQ", "seq", {}),
+    ("RescaleSlope", "SQ", "seq", {}),
+    ("WindowCenter", "SQ", "seq", dict(WindowWidth=100.0)),
+    ("WindowWidth", "LO", "wide", dict(WindowCenter=100.0)),
+    ("AnatomicRegionSequence", "US", 5, dict(body_part=None)),
+    ("VOILUTSequence", "LO", "abc", {}),
+    ("ViewPosition", "SQ", "seq", {}),
+    ("BodyPartExamined", "SQ", "seq", {}),
+    ("PixelRepresentation", "US", 7, {}),
+    ("BitsStored", "US", 0, {}),
+    ("BitsStored", "US", 40, {}),
+])
+def test_type_confused_elements_are_typed_errors(tmp_path, keyword, vr, value, kw):
+    if value == "seq":
+        value = Sequence([Dataset()])
+    ds = confused(make_ds(chest_pixels(), **kw), keyword, vr, value)
+    with pytest.raises(CxrEdgeError) as err:
+        read_image(save(ds, tmp_path / "t.dcm"))
+    assert isinstance(err.value, (CorruptImageError, DicomRefusedError))
+    assert_private(str(err.value))
+
+
+def test_unforeseen_header_failures_become_corrupt_image_errors(tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise TypeError("unexpected")
+
+    monkeypatch.setattr(dicom_module, "_render", boom)
+    err = refuse(write(tmp_path, chest_pixels()), CorruptImageError)
+    assert "TypeError" in str(err) and not isinstance(err, TypeError)
+
+
+def test_bits_allocated_must_be_a_sample_size(tmp_path):
+    ds = make_ds(chest_pixels())
+    ds.BitsAllocated = 1
+    assert refuse(save(ds, tmp_path / "b.dcm")).field == "BitsAllocated"
+
+
+def test_presentation_lut_shape_inverse_inverts_once(tmp_path):
+    img = chest_pixels(maxval=4095)
+    normal = read_image(write(tmp_path, img, "n.dcm", bits_stored=12)).pixels
+    inv = read_image(write(tmp_path, img, "i.dcm", bits_stored=12, PresentationLUTShape="INVERSE"))
+    assert inv.info["inverted"] is True
+    np.testing.assert_allclose(inv.pixels, 1.0 - normal, atol=1e-6)
+    # DX: MONOCHROME1 must declare INVERSE; the two describe one inversion, not two
+    mono1 = read_image(write(tmp_path, img, "m.dcm", bits_stored=12, photometric="MONOCHROME1",
+                             PresentationLUTShape="INVERSE"))
+    np.testing.assert_allclose(mono1.pixels, 1.0 - normal, atol=1e-6)
+    ident = read_image(write(tmp_path, img, "d.dcm", bits_stored=12, PresentationLUTShape="IDENTITY"))
+    np.testing.assert_array_equal(ident.pixels, normal)
+
+
+def test_for_processing_images_are_refused_whatever_the_override(tmp_path):
+    path = write(tmp_path, chest_pixels(), PresentationIntentType="FOR PROCESSING")
+    assert refuse(path).field == "PresentationIntentType"
+    assert refuse(path, allow_any_body_part=True).field == "PresentationIntentType"
+    read_image(write(tmp_path, chest_pixels(), "p.dcm", PresentationIntentType="FOR PRESENTATION"))
+
+
+def test_voi_lut_output_is_scaled_by_its_descriptor_range(tmp_path):
+    img = chest_pixels()  # 8-bit
+    item = Dataset()
+    item.add_new("LUTDescriptor", "US", [256, 0, 8])
+    item.add_new("LUTData", "OW", (np.arange(256) * 100 // 255).astype("<u2").tobytes())  # output 0..100
+    rad = read_image(write(tmp_path, img, VOILUTSequence=Sequence([item])))
+    assert rad.info["voi"] == "voi_lut"
+    np.testing.assert_allclose(rad.pixels, (img.astype(int) * 100 // 255) / 255.0, atol=1e-6)
+    assert rad.pixels.max() == pytest.approx(100 / 255)  # not stretched to 1 by the data's own max
+    over = Dataset()
+    over.add_new("LUTDescriptor", "US", [4096, 0, 12])
+    over.add_new("LUTData", "OW", (np.arange(4096) * 16).astype("<u2").tobytes())  # 16-bit data, "12-bit" LUT
+    err = refuse(write(tmp_path, chest_pixels(maxval=4095), "o.dcm", bits_stored=12,
+                       VOILUTSequence=Sequence([over])), CorruptImageError)
+    assert "LUTDescriptor" in str(err)
+
+
+@pytest.mark.parametrize("view", ["LL", "RL", "LATERAL", "LLD", "RLD", "RLO", "ll", "left lateral decubitus view"])
+def test_lateral_views_refused_unless_allowed(tmp_path, view):
+    path = write(tmp_path, chest_pixels(), ViewPosition=view)
+    err = refuse(path)
+    assert err.field == "ViewPosition" and "allow_any_body_part" in str(err)
+    assert read_image(path, allow_any_body_part=True).pixels.shape == (160, 144)
+
+
+def test_frontal_views_accepted_and_view_code_sequence_checked(tmp_path):
+    for view in ("PA", "AP"):
+        read_image(write(tmp_path, chest_pixels(), f"{view}.dcm", ViewPosition=view))
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "R-10236", "SRT", "left lateral"
+    path = write(tmp_path, chest_pixels(), "v.dcm", ViewCodeSequence=Sequence([code]))
+    assert refuse(path).field == "ViewCodeSequence"
+    read_image(path, allow_any_body_part=True)
+
+
+def test_concurrent_reads_never_toggle_pydicom_settings_or_warning_filters(tmp_path, monkeypatch):
+    """Reads from 4 threads: no per-read catch_warnings / disable_value_validation, same state after."""
+    img = chest_pixels(maxval=4095)
+    good = write(tmp_path, img, "g.dcm", bits_stored=12, WindowCenter=1500.0, WindowWidth=1001.0).read_bytes()
+    refused = write(tmp_path, img, "r.dcm", bits_stored=12, modality="CT").read_bytes()
+    cut = good[: len(good) - 3000]
+    expected = read_image(good).pixels
+    settings_before = pydicom.config.settings.reading_validation_mode
+    filters_before = list(warnings.filters)
+    calls = []
+    real_catch = warnings.catch_warnings
+
+    def recording_catch(*args, **kwargs):
+        calls.append("catch_warnings")
+        return real_catch(*args, **kwargs)
+
+    def no_toggle(*args, **kwargs):
+        calls.append("disable_value_validation")
+        raise AssertionError("validation toggled per read")
+
+    monkeypatch.setattr(warnings, "catch_warnings", recording_catch)
+    monkeypatch.setattr(pydicom.config, "disable_value_validation", no_toggle)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def worker() -> None:
+        try:
+            barrier.wait()
+            for _ in range(15):
+                assert np.array_equal(read_image(good).pixels, expected)
+                with pytest.raises(DicomRefusedError):
+                    read_image(refused)
+                with pytest.raises(CorruptImageError):
+                    read_image(cut)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    monkeypatch.undo()
+    assert not errors, errors[0]
+    assert calls == []
+    assert pydicom.config.settings.reading_validation_mode == settings_before == pydicom.config.IGNORE
+    assert list(warnings.filters) == filters_before

@@ -421,3 +421,247 @@ def test_shared_nih_fullres_png_matches_opencv_grayscale():
     assert rad.pixels.shape == (1024, 1024)
     ref = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     np.testing.assert_array_equal(rad.pixels, ref / np.float32(255))
+
+
+# --------------------------------------------------------------------------- hardening (issue 9)
+
+def _no_decoder(monkeypatch):
+    """Make every pixel decoder fail the test: a refusal must come from the header checks."""
+    monkeypatch.setattr(imaging.cv2, "imdecode", lambda *a, **k: pytest.fail("decoder reached"))
+    monkeypatch.setattr(imaging, "_decode_jpeg", lambda *a, **k: pytest.fail("decoder reached"), raising=False)
+
+
+def with_sof_size(data: bytes, height: int, width: int) -> bytes:
+    out = bytearray(data)
+    sof = max(out.find(b"\xff\xc0"), out.find(b"\xff\xc2"))
+    struct.pack_into(">HH", out, sof + 5, height, width)
+    return bytes(out)
+
+
+def sos_offsets(data: bytes) -> list[int]:
+    out, pos = [], 0
+    while (pos := data.find(b"\xff\xda", pos)) >= 0:
+        out.append(pos)
+        pos += 2
+    return out
+
+
+def test_jpeg_huge_sof_with_tiny_data_refused_before_decoding(monkeypatch):
+    """8000x8000 is exactly the default max_pixels: the size check passes, the coded-data bound refuses."""
+    data = with_sof_size(encode(".jpg", gray8()), 8000, 8000)
+    assert len(data) < 40_000
+    _no_decoder(monkeypatch)
+    with pytest.raises(CorruptImageError, match="holds only"):
+        read_image(data)
+    with pytest.raises(InvalidImageError, match="max_pixels"):
+        read_image(data, max_pixels=50_000_000)
+
+
+def test_jpeg_header_check_reads_the_frame_sof_not_a_thumbnail_or_a_second_frame(monkeypatch):
+    thumb = encode(".jpg", gray8(16, 16))  # a complete JPEG whose own SOF says 16x16
+    main = encode(".jpg", gray8())
+    app1 = b"\xff\xe1" + struct.pack(">H", len(thumb) + 2) + thumb
+    huge = with_sof_size(main, 8000, 8000)
+    _no_decoder(monkeypatch)
+    with pytest.raises(CorruptImageError, match="8000x8000"):
+        read_image(huge[:2] + app1 + huge[2:])
+    with pytest.raises(InvalidImageError, match="60000x60000"):
+        big = with_sof_size(main, 60000, 60000)
+        read_image(big[:2] + app1 + big[2:])
+    sof = main.find(b"\xff\xc0")
+    (length,) = struct.unpack_from(">H", main, sof + 2)
+    second_frame = main[:sof] + with_sof_size(main[sof:sof + 2 + length], 100, 100) + main[sof:]
+    with pytest.raises(CorruptImageError, match="more than one frame header"):
+        read_image(second_frame)
+
+
+def test_jpeg_app_segments_and_restart_markers_decode_exactly_like_opencv():
+    """The stripped stream and the second (padded) decode must not change or refuse a good file."""
+    img = gray8(300, 280)
+    thumb = encode(".jpg", gray8(16, 16))
+    for params in ([], [cv2.IMWRITE_JPEG_PROGRESSIVE, 1], [cv2.IMWRITE_JPEG_RST_INTERVAL, 1],
+                   [cv2.IMWRITE_JPEG_RST_INTERVAL, 3, cv2.IMWRITE_JPEG_QUALITY, 98]):
+        data = encode(".jpg", img, params)
+        data = data[:2] + b"\xff\xe1" + struct.pack(">H", len(thumb) + 2) + thumb \
+            + b"\xff\xfe\x00\x06hi\xff\x00" + data[2:]  # EXIF-like APP1 and a COM segment
+        ref = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(read_image(data).pixels, ref / np.float32(255))
+    colour = encode(".jpg", np.dstack([gray8(seed=1), gray8(seed=2), gray8(seed=3)]),
+                    [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    ref = cv2.cvtColor(cv2.imdecode(np.frombuffer(colour, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2GRAY)
+    np.testing.assert_array_equal(read_image(colour).pixels, ref / np.float32(255))
+
+
+def test_jpeg_with_thousands_of_scans_refused_quickly(monkeypatch):
+    data = encode(".jpg", gray8(), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    last, eoi = sos_offsets(data)[-1], data.rfind(b"\xff\xd9")
+    hostile = data[:eoi] + data[last:eoi] * 5000 + b"\xff\xd9"
+    _no_decoder(monkeypatch)
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(CorruptImageError, match="over 100 scans"):
+        read_image(hostile)
+    assert time.perf_counter() - start < 2.0
+    assert imaging.MAX_JPEG_SCANS == 100
+
+
+@pytest.mark.parametrize("kind", ["baseline", "progressive", "colour", "restart"])
+@pytest.mark.parametrize("fraction", [0.5, 0.8, 0.97])
+def test_jpeg_cut_short_with_eoi_appended_is_corrupt(kind, fraction):
+    """libjpeg pads a scan that hits EOI with gray and only warns: the reader must refuse instead."""
+    img = gray8(300, 280)
+    params = {"baseline": [], "progressive": [cv2.IMWRITE_JPEG_PROGRESSIVE, 1], "colour": [],
+              "restart": [cv2.IMWRITE_JPEG_RST_INTERVAL, 2]}[kind]
+    if kind == "colour":
+        img = np.dstack([img, gray8(300, 280, seed=2), gray8(300, 280, seed=3)])
+    data = encode(".jpg", img, params)
+    assert read_image(data).pixels.shape == (300, 280)
+    cut = data[: int(len(data) * fraction)] + b"\xff\xd9"
+    with pytest.raises(CorruptImageError):
+        read_image(cut)
+
+
+def test_progressive_jpeg_cut_between_scans_is_corrupt():
+    data = encode(".jpg", gray8(), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    scans = sos_offsets(data)
+    assert len(scans) > 2
+    for sos in scans[1:]:
+        with pytest.raises(CorruptImageError, match="stops before all its coefficients"):
+            read_image(data[:sos] + b"\xff\xd9")
+
+
+def with_sbit(data: bytes, bits: bytes) -> bytes:
+    chunks = png_chunks(data)
+    return data[:8] + png_chunk(b"IHDR", chunks[0][1]) + png_chunk(b"sBIT", bits) \
+        + b"".join(png_chunk(t, p) for t, p in chunks[1:])
+
+
+def test_png_16bit_honours_sbit_and_reports_the_assumed_depth():
+    v12 = np.random.default_rng(RNG_SEED).integers(0, 4096, (150, 140)).astype(np.uint16)
+    v12[0, 0] = 4095
+    plain = read_image(encode(".png", v12))
+    assert (plain.bit_depth, plain.bit_depth_source) == (16, "container")  # no sBIT: 65535 assumed
+    np.testing.assert_array_equal(plain.pixels, v12 / np.float32(65535))
+    rad = read_image(with_sbit(encode(".png", v12), b"\x0c"))
+    assert (rad.bit_depth, rad.bit_depth_source) == (12, "sBIT")
+    np.testing.assert_allclose(rad.pixels, v12 / 4095.0, atol=1e-7)
+    assert rad.pixels.max() == 1.0
+    # a writer following the PNG spec scales 12-bit samples up to 16 bits: then 65535 is right
+    scaled = (v12 << 4) | (v12 >> 8)
+    spec = read_image(with_sbit(encode(".png", scaled), b"\x0c"))
+    assert (spec.bit_depth, spec.bit_depth_source) == (12, "sBIT")
+    np.testing.assert_array_equal(spec.pixels, scaled / np.float32(65535))
+    assert "12 (sBIT)" in repr(rad)
+    rgb = np.dstack([v12, v12, v12])
+    assert read_image(with_sbit(encode(".png", rgb), b"\x0c\x0c\x0c")).bit_depth == 12
+    with pytest.raises(CorruptImageError, match="sBIT"):
+        read_image(with_sbit(encode(".png", v12), b"\x11"))  # 17 significant bits in a 16-bit sample
+
+
+def adam7_png(img: np.ndarray) -> bytes:
+    """An interlaced 8-bit gray PNG (OpenCV and Pillow cannot write one), filter type 0 on every row."""
+    raw = b""
+    for x0, y0, dx, dy in imaging._ADAM7:
+        sub = img[y0::dy, x0::dx]
+        if sub.size:
+            raw += b"".join(b"\x00" + row.tobytes() for row in sub)
+    ihdr = struct.pack(">IIBBBBB", img.shape[1], img.shape[0], 8, 0, 0, 0, 1)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(raw)) \
+        + png_chunk(b"IEND", b"")
+
+
+def test_interlaced_png_row_layout_is_validated_exactly():
+    img = gray8(133, 141)
+    data = adam7_png(img)
+    np.testing.assert_array_equal(read_image(data).pixels, img / np.float32(255))
+    ihdr = struct.pack(">IIBBBBB", 141, 133, 8, 0, 0, 0, 1)
+    raw = zlib.decompress(png_chunks(data)[1][1])
+    last_filter = len(raw) - (1 + 141)  # the last row of pass 7 is a full-width row
+    assert raw[last_filter] == 0
+    for bad in (raw[:-1], raw + b"\x00", raw[:last_filter] + b"\x05" + raw[last_filter + 1:]):
+        with pytest.raises(CorruptImageError):
+            read_image(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(bad))
+                       + png_chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("damage", ["crc", "filter", "extra_rows", "after_stream", "unknown_critical",
+                                    "split_idat"])
+def test_png_image_data_is_validated_before_the_decoder(damage, monkeypatch):
+    img = gray8()
+    data = encode(".png", img)
+    ihdr, idat = png_chunks(data)[0][1], b"".join(p for t, p in png_chunks(data) if t == b"IDAT")
+    raw = zlib.decompress(idat)
+    head = data[:8] + png_chunk(b"IHDR", ihdr)
+    end = png_chunk(b"IEND", b"")
+    if damage == "split_idat":  # not damage: many IDAT chunks are fine
+        ok = head + b"".join(png_chunk(b"IDAT", idat[i:i + 97]) for i in range(0, len(idat), 97)) + end
+        np.testing.assert_array_equal(read_image(ok).pixels, img / np.float32(255))
+        return
+    bad = {
+        "crc": head + png_chunk(b"IDAT", idat)[:-4] + b"\x00\x00\x00\x00" + end,
+        "filter": head + png_chunk(b"IDAT", zlib.compress(b"\x09" + raw[1:])) + end,
+        "extra_rows": head + png_chunk(b"IDAT", zlib.compress(raw + raw[:500])) + end,
+        "after_stream": head + png_chunk(b"IDAT", idat + b"junk") + end,
+        "unknown_critical": head + png_chunk(b"CgBI", b"\x00" * 4) + png_chunk(b"IDAT", idat) + end,
+    }[damage]
+    monkeypatch.setattr(imaging.cv2, "imdecode", lambda *a, **k: pytest.fail("decoder reached"))
+    with pytest.raises((CorruptImageError, UnsupportedFormatError)):
+        read_image(bad)
+
+
+def test_png_damaged_ancillary_chunks_are_dropped_not_fatal():
+    img = gray8()
+    data = encode(".png", img)
+    chunks = png_chunks(data)
+    junk = png_chunk(b"iCCP", b"x\x00\x00garbage") + b"\x00\x00\x00\x04gAMA\x00\x00\x00\x00\xde\xad\xbe\xef"
+    odd = data[:8] + png_chunk(b"IHDR", chunks[0][1]) + junk + b"".join(png_chunk(t, p) for t, p in chunks[1:])
+    np.testing.assert_array_equal(read_image(odd).pixels, img / np.float32(255))
+
+
+@pytest.mark.parametrize("dtype", [">u2", ">f4", ">f8", "<u2", ">u1"])
+def test_big_endian_arrays_are_accepted(dtype):
+    native = gray8().astype(np.uint16) * 257 if "u2" in dtype else gray8()
+    if "f" in dtype:
+        native = gray8() / np.float32(255)
+    expected = read_image(np.ascontiguousarray(native.astype(np.dtype(dtype).newbyteorder("=")))).pixels
+    arr = native.astype(dtype)
+    rad = read_image(arr)
+    np.testing.assert_array_equal(rad.pixels, expected)
+    rgb = np.dstack([arr, arr[::-1], arr[:, ::-1]])
+    assert read_image(rgb).pixels.shape == arr.shape
+
+
+def test_float16_arrays_gray_and_rgb():
+    g = (gray8() / 255.0).astype(np.float16)
+    rad = read_image(g)
+    assert rad.bit_depth == 16
+    np.testing.assert_array_equal(rad.pixels, g.astype(np.float32))
+    rgb = np.dstack([g, g[::-1], g[:, ::-1]])
+    ref = cv2.cvtColor(rgb.astype(np.float32), cv2.COLOR_RGB2GRAY)
+    np.testing.assert_allclose(read_image(rgb).pixels, np.clip(ref, 0, 1), atol=1e-6)
+    np.testing.assert_array_equal(read_image(rgb.astype(">f2")).pixels, read_image(rgb).pixels)
+    with pytest.raises(InvalidImageError, match="NaN"):
+        read_image(np.full((150, 150), np.nan, np.float16))
+
+
+def test_non_finite_pixels_are_refused_whatever_reader_produced_them(monkeypatch):
+    nan = np.full((150, 150), np.nan, np.float32)
+    monkeypatch.setattr(imaging, "_read_png", lambda *a: Radiograph(nan, "png", 8, {}))
+    with pytest.raises(InvalidImageError, match="NaN or inf"):
+        read_image(encode(".png", gray8()))
+    with pytest.raises(InvalidImageError, match="not finite"):
+        imaging.to_unit_range(np.zeros((4, 4), np.float64), 0.0, float("nan"))
+    with pytest.raises(InvalidImageError, match="NaN or inf"):
+        imaging.to_unit_range(np.array([[0.0, np.inf]]), 0.0, 1.0)
+
+
+def test_shared_names_still_importable_from_imaging():
+    from cxr_edge import radiograph
+
+    assert imaging.Radiograph is radiograph.Radiograph
+    assert imaging.check_dimensions is radiograph.check_dimensions
+    assert imaging.to_unit_range is radiograph.to_unit_range
+    import cxr_edge.dicom as dicom
+
+    assert dicom.Radiograph is radiograph.Radiograph
