@@ -1,7 +1,9 @@
 """``Classifier``: the runtime's front door — read, preprocess, infer, decide, explain."""
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Sequence, Union
@@ -9,11 +11,16 @@ from typing import Any, Iterable, Literal, Sequence, Union
 import numpy as np
 
 from .bundle import Bundle, load_bundle
-from .cam import class_activation_map, write_overlay_png
-from .errors import CxrEdgeError, InferenceError, InvalidArgumentError
+from .cam import OverlayLegend, absolute_map, activation_map_raw, class_activation_map, write_overlay_png
+from .errors import CxrEdgeError, DicomRefusedError, InferenceError, InvalidArgumentError
 from .imaging import Radiograph, read_image
-from .manifest import Manifest
+from .manifest import NOT_A_MEDICAL_DEVICE, Manifest
 from .preprocess import preprocess
+from .tiff import read_tiff_source
+
+#: version of the JSON objects ``Prediction.to_dict`` / ``cxr-edge predict --json`` / ``serve`` emit
+#: (``cxr_edge/schema/prediction.schema.json``)
+SCHEMA_VERSION = 1
 
 Source = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, np.ndarray, Any]
 
@@ -47,6 +54,14 @@ class Prediction:
     timings_ms: dict[str, float]
     image_shape: tuple[int, int]
     image_info: dict[str, Any] = field(default_factory=dict)
+    #: sample precision the [0, 1] scaling assumed, and where it came from (container/sBIT/SOF/BitsStored)
+    bit_depth: int | None = None
+    bit_depth_source: str | None = None
+    #: ``allow_any_body_part`` was set for this read; ``out_of_scope``: and the image would have been
+    #: refused without it (a non-chest or unconfirmed-anatomy DICOM): the result is out of scope
+    override_used: bool = False
+    out_of_scope: bool = False
+    notice: str = NOT_A_MEDICAL_DEVICE
     _features: np.ndarray | None = field(default=None, repr=False)
     _cam_weights: np.ndarray | None = field(default=None, repr=False)
     _pixels: np.ndarray | None = field(default=None, repr=False)
@@ -73,35 +88,97 @@ class Prediction:
         self.timings_ms["cam"] = (time.perf_counter() - start) * 1e3
         return heat
 
-    def write_overlay(self, path: str | os.PathLike, label: str | int, alpha: float = 0.45) -> None:
-        """Write an RGB PNG of the heatmap of ``label`` over the radiograph."""
+    def cam_raw(self, label: str | int) -> np.ndarray:
+        """ReLU(W[c] . features) of ``label`` on the feature grid (h x w), in logit units, unscaled."""
+        if self._features is None or self._cam_weights is None:
+            raise InvalidArgumentError("this bundle carries no CAM (manifest cam.method is 'none')")
+        return activation_map_raw(self._features, self._cam_weights[self._label_index(label)])
+
+    def cam_scale(self) -> float:
+        """The largest per-location logit contribution of any label of this image (the overlay scale)."""
+        if self._features is None or self._cam_weights is None:
+            raise InvalidArgumentError("this bundle carries no CAM (manifest cam.method is 'none')")
+        c = self._features.shape[0]
+        raw = self._cam_weights.astype(np.float32) @ self._features.reshape(c, -1).astype(np.float32)
+        peak = float(raw.max()) if raw.size else 0.0
+        return peak if np.isfinite(peak) and peak > 0.0 else 0.0
+
+    def cam_is_empty(self, label: str | int) -> bool:
+        """True when the map of ``label`` has no positive evidence anywhere (all zeros)."""
+        return not float(self.cam_raw(label).max()) > 0.0
+
+    def margins(self) -> dict[str, float | None]:
+        """probability - threshold per label (None for undetermined labels)."""
+        return {k: (None if self.thresholds[k] is None else self.probabilities[k] - self.thresholds[k])
+                for k in self.labels}
+
+    def overlay_legend(self, label: str | int) -> OverlayLegend:
+        name = self.labels[self._label_index(label)]
+        return OverlayLegend(label=name, probability=self.probabilities[name], threshold=self.thresholds[name],
+                             decision=self.decisions[name], model_id=self.model_id, notice=self.notice,
+                             scale=self.cam_scale(), empty=self.cam_is_empty(name))
+
+    def write_overlay(self, path: str | os.PathLike, label: str | int, alpha: float = 0.45) -> bool:
+        """Write an RGB PNG of the heatmap of ``label`` over the radiograph, with its legend burnt in.
+
+        The image keeps its own H x W grid at the top left; the panel below names the label, its
+        probability vs threshold and decision (or "undetermined"), the colour bar and its meaning,
+        the model id and the not-a-medical-device notice. The heat uses one absolute scale per
+        image (see :mod:`cxr_edge.cam`). Returns True when the map was empty ("no positive
+        evidence"). Failures to write raise :class:`~cxr_edge.errors.OutputError`.
+        """
         if self._pixels is None:
             raise InvalidArgumentError("the image pixels were not kept; predict with keep_image=True")
-        write_overlay_png(os.fspath(path), self._pixels, self.cam(label), alpha)
+        legend = self.overlay_legend(label)
+        start = time.perf_counter()
+        heat = absolute_map(self.cam_raw(label), legend.scale, self.image_shape)
+        self.timings_ms["cam"] = (time.perf_counter() - start) * 1e3
+        write_overlay_png(os.fspath(path), self._pixels, heat, alpha, legend)
+        return legend.empty
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready view (no pixels, no patient data: only non-identifying image facts)."""
+        """JSON-ready view (no pixels, no patient data: only non-identifying image facts).
+
+        Layout: ``cxr_edge/schema/prediction.schema.json`` (``schema_version`` 1).
+        """
+        image = {"height": self.image_shape[0], "width": self.image_shape[1], **self.image_info}
+        if self.bit_depth is not None:
+            image["bit_depth"] = int(self.bit_depth)
+            image["bit_depth_source"] = self.bit_depth_source
         return {
+            "schema_version": SCHEMA_VERSION,
             "source": self.source, "ok": True, "model_id": self.model_id,
             "probabilities": {k: round(v, 6) for k, v in self.probabilities.items()},
             "decisions": {k: ("undetermined" if v is None else v) for k, v in self.decisions.items()},
             "thresholds": {k: (None if v is None else round(v, 6)) for k, v in self.thresholds.items()},
+            "margins": {k: (None if v is None else round(v, 6)) for k, v in self.margins().items()},
             "positive": self.positive_labels, "undetermined": self.undetermined_labels,
-            "image": {"height": self.image_shape[0], "width": self.image_shape[1], **self.image_info},
+            "image": image,
+            "override_used": bool(self.override_used), "out_of_scope": bool(self.out_of_scope),
             "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
         }
 
 
+def normalize_label(name: str) -> str:
+    """Case, spaces, hyphens and underscores do not matter: "pleural thickening" == "Pleural_Thickening"."""
+    return re.sub(r"[\s_\-]+", "_", str(name).strip()).lower()
+
+
 def label_index(labels: Sequence[str], label: str | int) -> int:
+    """Index of ``label`` (name, any case/spacing, or integer index); unknown -> a suggestion."""
     if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
         if 0 <= int(label) < len(labels):
             return int(label)
     elif isinstance(label, str):
         if label in labels:
             return list(labels).index(label)
-        lowered = [name.lower() for name in labels]
-        if label.lower() in lowered:
-            return lowered.index(label.lower())
+        normal = [normalize_label(name) for name in labels]
+        key = normalize_label(label)
+        if key in normal and normal.count(key) == 1:
+            return normal.index(key)
+        close = difflib.get_close_matches(key, normal, n=1, cutoff=0.6)
+        hint = f"did you mean {labels[normal.index(close[0])]!r}? " if close else ""
+        raise InvalidArgumentError(f"unknown label {label!r}; {hint}this model's labels are: {', '.join(labels)}")
     raise InvalidArgumentError(f"unknown label {label!r}; this model's labels are: {', '.join(labels)}")
 
 
@@ -130,10 +207,26 @@ class Classifier:
         return self.manifest.model_id
 
     def read(self, source: Source) -> Radiograph:
-        """Read any supported source with the bundle's size limits (typed errors on bad input)."""
+        """Read any supported source with the bundle's size limits (typed errors on bad input).
+
+        TIFF (8/16-bit grayscale) is read by :mod:`cxr_edge.tiff`; everything else by ``read_image``.
+        """
+        return self.read_scoped(source)[0]
+
+    def read_scoped(self, source: Source) -> tuple[Radiograph, bool]:
+        """``(radiograph, out_of_scope)``: out_of_scope is True when ``allow_any_body_part`` let through
+        an image that would otherwise have been refused (the anatomy checks of a DICOM)."""
         spec = self.manifest.preprocessing
-        return read_image(source, min_side=spec.min_side, max_pixels=spec.max_pixels,
-                          allow_any_body_part=self.allow_any_body_part)
+        tiff = read_tiff_source(source, min_side=spec.min_side, max_pixels=spec.max_pixels)
+        if tiff is not None:
+            return tiff, False
+        try:
+            return read_image(source, min_side=spec.min_side, max_pixels=spec.max_pixels), False
+        except DicomRefusedError:
+            if not self.allow_any_body_part:
+                raise
+        # refused by a check the override relaxes (or not: then this read raises the same refusal)
+        return read_image(source, min_side=spec.min_side, max_pixels=spec.max_pixels, allow_any_body_part=True), True
 
     def _infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         outs = self.bundle.session.run(self._outputs, {self.manifest.preprocessing.input_name: batch})
@@ -143,7 +236,7 @@ class Classifier:
         return logits, (outs[1] if len(outs) > 1 else None)
 
     def _results(self, sources: Sequence[str], images: Sequence[Radiograph], decode_ms: Sequence[float],
-                 keep_image: bool) -> list[Prediction]:
+                 keep_image: bool, scopes: Sequence[bool] | None = None) -> list[Prediction]:
         t0 = time.perf_counter()
         batch = preprocess([img.pixels for img in images], self.manifest.preprocessing)
         t1 = time.perf_counter()
@@ -165,20 +258,23 @@ class Classifier:
                            zip(labels, p, self._thresholds)},
                 thresholds={name: (None if np.isnan(t) else float(t)) for name, t in zip(labels, self._thresholds)},
                 timings_ms=timings, image_shape=img.pixels.shape, image_info={"format": img.format, **img.info},
+                bit_depth=img.bit_depth, bit_depth_source=img.bit_depth_source,
+                override_used=self.allow_any_body_part, out_of_scope=bool(scopes[i]) if scopes else False,
+                notice=self.manifest.notice,
                 _features=None if features is None else np.array(features[i], dtype=np.float32),
                 _cam_weights=self.manifest.cam.weights, _pixels=img.pixels if keep_image else None,
             ))
         return results
 
-    def _read_timed(self, source: Source) -> tuple[Radiograph, float]:
+    def _read_timed(self, source: Source) -> tuple[Radiograph, float, bool]:
         start = time.perf_counter()
-        image = self.read(source)
-        return image, (time.perf_counter() - start) * 1e3
+        image, scope = self.read_scoped(source)
+        return image, (time.perf_counter() - start) * 1e3, scope
 
     def predict(self, source: Source, *, keep_image: bool = True) -> Prediction:
         """Classify one image (path, bytes, array or PIL image)."""
-        image, ms = self._read_timed(source)
-        return self._results([describe_source(source)], [image], [ms], keep_image)[0]
+        image, ms, scope = self._read_timed(source)
+        return self._results([describe_source(source)], [image], [ms], keep_image, [scope])[0]
 
     def predict_batch(self, sources: Iterable[Source], *, batch_size: int = 8, keep_image: bool = False,
                       errors: Literal["raise", "collect"] = "raise") -> list[Prediction | CxrEdgeError]:
@@ -193,27 +289,27 @@ class Classifier:
             raise InvalidArgumentError(f"batch_size must be a positive integer, got {batch_size!r}")
         sources = list(sources)
         out: list[Prediction | CxrEdgeError | None] = [None] * len(sources)
-        pending: list[tuple[int, Radiograph, float]] = []
+        pending: list[tuple[int, Radiograph, float, bool]] = []
 
         def flush() -> None:
             if not pending:
                 return
-            idx = [i for i, _, _ in pending]
-            results = self._results([describe_source(sources[i]) for i in idx], [im for _, im, _ in pending],
-                                    [ms for _, _, ms in pending], keep_image)
+            idx = [i for i, _, _, _ in pending]
+            results = self._results([describe_source(sources[i]) for i in idx], [im for _, im, _, _ in pending],
+                                    [ms for _, _, ms, _ in pending], keep_image, [sc for _, _, _, sc in pending])
             for i, r in zip(idx, results):
                 out[i] = r
             pending.clear()
 
         for i, source in enumerate(sources):
             try:
-                image, ms = self._read_timed(source)
+                image, ms, scope = self._read_timed(source)
             except CxrEdgeError as exc:
                 if errors == "raise":
                     raise
                 out[i] = exc
                 continue
-            pending.append((i, image, ms))
+            pending.append((i, image, ms, scope))
             if len(pending) == batch_size:
                 flush()
         flush()

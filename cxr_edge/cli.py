@@ -1,24 +1,28 @@
-"""``cxr-edge`` command line: predict / explain / info, made for people and firmware scripts.
+"""``cxr-edge`` command line: predict / explain / info / serve / calibrate, for people and firmware scripts.
 
-Exit codes (stable): 0 all inputs succeeded; 2 usage error; 3 some inputs failed (the others
-were still processed); 4 the model could not be loaded. With ``--json`` each input gives one JSON
-object on stdout; errors are JSON objects on stderr.
+Exit codes (stable; ``docs/cli.md``): 0 all inputs succeeded; 1 internal error (a bug: reported as a
+typed ``InternalError``, never a traceback); 2 usage error; 3 some inputs failed (the others were
+still processed); 4 the model could not be loaded; 5 an output could not be written; 130
+interrupted (SIGINT / Ctrl-C); 141 stdout closed early (broken pipe, e.g. ``| head -1``).
+With ``--json`` each input gives one JSON object on stdout; errors, skipped files and the final
+summary are JSON objects on stderr. Set ``CXR_EDGE_DEBUG=1`` to get Python tracebacks instead.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from . import __version__
-from .errors import BundleError, CxrEdgeError, InvalidArgumentError
+from .errors import BundleError, CxrEdgeError, ImageError, InvalidArgumentError, OutputError
 
-EXIT_OK, EXIT_USAGE, EXIT_INPUT_FAILED, EXIT_MODEL = 0, 2, 3, 4
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic"}
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT_FAILED, EXIT_MODEL, EXIT_OUTPUT = 0, 1, 2, 3, 4, 5
+EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic", ".tif", ".tiff"}
 
 
 class UsageError(Exception):
@@ -30,162 +34,269 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def iter_inputs(paths: Sequence[str]) -> Iterator[str]:
-    """Files as given, folders walked recursively (sorted) for image-like files.
+# --------------------------------------------------------------------------- inputs
 
-    In folders, files with image suffixes and suffix-less files (DICOM often has none) are taken;
-    hidden files are skipped. A named file is always attempted, whatever its suffix.
+def walk_inputs(paths: Sequence[str]) -> Iterator[tuple[str, str | None]]:
+    """``(path, None)`` for every input to attempt, ``(path, reason)`` for every file or folder not attempted.
+
+    Files named on the command line are always attempted, whatever their suffix. In folders (walked
+    recursively, sorted): files with image suffixes and suffix-less files (DICOM often has none) are
+    attempted; other suffixes, hidden files and hidden folders are reported with the reason; a
+    folder that cannot be listed is reported with ``reason`` starting "unreadable folder".
     """
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
-            for root, dirs, files in os.walk(path):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for name in sorted(files):
-                    if name.startswith("."):
-                        continue
-                    suffix = Path(name).suffix.lower()
-                    if suffix in IMAGE_SUFFIXES or suffix == "":
-                        yield str(Path(root) / name)
-        else:
-            yield raw
+        if not path.is_dir():
+            yield raw, None
+            continue
+        problems: list[OSError] = []
+        for root, dirs, files in os.walk(path, onerror=problems.append):
+            while problems:
+                exc = problems.pop(0)
+                yield str(exc.filename or root), f"unreadable folder ({exc.strerror or type(exc).__name__})"
+            hidden_dirs = sorted(d for d in dirs if d.startswith("."))
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for d in hidden_dirs:
+                yield str(Path(root) / d), "hidden folder (not walked)"
+            for name in sorted(files):
+                full = str(Path(root) / name)
+                if name.startswith("."):
+                    yield full, "hidden file"
+                    continue
+                suffix = Path(name).suffix.lower()
+                if suffix in IMAGE_SUFFIXES or suffix == "":
+                    yield full, None
+                else:
+                    yield full, (f"suffix {suffix!r} is not an image suffix "
+                                 f"({', '.join(sorted(IMAGE_SUFFIXES))} or none)")
+        while problems:
+            exc = problems.pop(0)
+            yield str(exc.filename or path), f"unreadable folder ({exc.strerror or type(exc).__name__})"
 
 
-def error_object(source: str, exc: BaseException) -> dict[str, Any]:
-    err: dict[str, Any] = {"type": type(exc).__name__, "code": getattr(exc, "code", "error"), "message": str(exc)}
-    if getattr(exc, "field", None):
-        err["field"] = exc.field  # type: ignore[attr-defined]
-    return {"source": source, "ok": False, "error": err}
+def iter_inputs(paths: Sequence[str]) -> Iterator[str]:
+    """The inputs :func:`walk_inputs` attempts (files as given, image-like files of folders)."""
+    for path, reason in walk_inputs(paths):
+        if reason is None:
+            yield path
 
+
+# --------------------------------------------------------------------------- output helpers
 
 class Progress:
-    """A one-line progress bar on stderr, only when stdout is a terminal and the run is long."""
+    """A one-line progress bar on stderr, only when stderr is a terminal and the run is long.
+
+    Result lines are printed with the bar cleared first and the bar redrawn after, so the two
+    never share a line (stdout and stderr usually go to the same terminal).
+    """
 
     def __init__(self, total: int | None, enabled: bool) -> None:
-        self.total, self.enabled, self.done = total, enabled, 0
+        self.total, self.enabled, self.done, self.shown = total, enabled, 0, False
 
-    def step(self) -> None:
-        self.done += 1
+    def clear(self) -> None:
+        if self.enabled and self.shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self.shown = False
+
+    def draw(self) -> None:
         if self.enabled:
             total = self.total or 0
             width = 30
             filled = int(width * self.done / total) if total else 0
             sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{total}")
             sys.stderr.flush()
+            self.shown = True
+
+    def step(self) -> None:
+        self.done += 1
+        self.draw()
 
     def close(self) -> None:
-        if self.enabled and self.done:
-            sys.stderr.write("\n")
+        self.clear()
 
 
-def _cam_name(source: str, label: str) -> str:
-    stem = Path(source).stem or "image"
-    digest = hashlib.sha256(os.path.abspath(source).encode()).hexdigest()[:8]
-    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in stem)[:60]
-    return f"{safe}-{digest}_{label}.png"
+class Reporter:
+    """Writes results (stdout), errors / skipped records / summary (stderr), human or JSON."""
+
+    def __init__(self, json_mode: bool, progress: Progress | None = None) -> None:
+        self.json = json_mode
+        self.progress = progress or Progress(None, False)
+
+    def _emit(self, text: str, stream) -> None:
+        self.progress.clear()
+        print(text, file=stream, flush=True)
+
+    def result(self, obj: dict[str, Any], human: str) -> None:
+        from .engine import dumps
+
+        self._emit(dumps(obj) if self.json else human, sys.stdout)
+
+    def error(self, obj: dict[str, Any]) -> None:
+        from .engine import dumps
+
+        if self.json:
+            self._emit(dumps(obj), sys.stderr)
+        else:
+            err = obj["error"]
+            src = obj["source"]
+            who = "cxr-edge" if src.startswith("<") and src.endswith(">") else src  # a run-level error
+            self._emit(f"{who}: error [{err['code']}]: {err['message']}", sys.stderr)
+
+    def skipped(self, obj: dict[str, Any]) -> None:
+        from .engine import dumps
+
+        self._emit(dumps(obj) if self.json else f"{obj['source']}: skipped ({obj['reason']})", sys.stderr)
 
 
-def _cam_labels(pred, how: str) -> list[str]:
-    if how == "positive":
-        return pred.positive_labels
-    if how == "top":
-        return [max(pred.probabilities, key=pred.probabilities.get)]
-    if how == "all":
-        return list(pred.labels)
-    from .classifier import label_index
+def _report_error(args, source: Any, exc: BaseException) -> None:
+    from .engine import error_object
 
-    return [pred.labels[label_index(pred.labels, how)]]
+    Reporter(getattr(args, "json", False)).error(error_object(source, exc))
 
 
-def _human(pred, cams: dict[str, str]) -> str:
-    lines = [f"{pred.source}  ({pred.image_shape[1]}x{pred.image_shape[0]} {pred.image_info.get('format', '')}, "
-             f"{pred.timings_ms['total']:.1f} ms)"]
-    for name in sorted(pred.labels, key=lambda n: -pred.probabilities[n]):
-        t = pred.thresholds[name]
+def _human(obj: dict[str, Any]) -> str:
+    img = obj["image"]
+    lines = [f"{obj['source']}  ({img['width']}x{img['height']} {img.get('format', '')}, "
+             f"{obj['timings_ms']['total']:.1f} ms)"]
+    if obj.get("out_of_scope"):
+        lines.append("  OUT OF SCOPE: read only because of --allow-any-body-part (not a confirmed chest radiograph)")
+    probs = obj["probabilities"]
+    for name in sorted(probs, key=lambda n: -probs[n]):
+        t = obj["thresholds"][name]
         if t is None:
-            lines.append(f"  {name:<20} {pred.probabilities[name]:6.3f}  (undetermined: no decision for this label)")
+            lines.append(f"  {name:<20} {probs[name]:6.3f}  (undetermined: no decision for this label)")
             continue
-        flag = "POSITIVE" if pred.decisions[name] else ""
-        lines.append(f"  {name:<20} {pred.probabilities[name]:6.3f}  (threshold {t:.3f}) {flag}".rstrip())
-    for label, path in cams.items():
-        lines.append(f"  heatmap {label}: {path}")
+        flag = "POSITIVE" if obj["decisions"][name] is True else ""
+        lines.append(f"  {name:<20} {probs[name]:6.3f}  (threshold {t:.3f}) {flag}".rstrip())
+    for label, path in (obj.get("cam") or {}).items():
+        note = "  (no positive evidence)" if (obj.get("cam_empty") or {}).get(label) else ""
+        lines.append(f"  heatmap {label}: {path}{note}")
     return "\n".join(lines)
 
 
-def _load(args) -> Any:
-    from .classifier import Classifier
+def _shown(path: Any) -> str:
+    from .engine import display_path
 
-    return Classifier(args.model, threads=args.threads, allow_any_body_part=getattr(args, "allow_any_body_part", False))
+    return display_path(path)
+
+
+def prepare_output_dir(path: str, flag: str = "--cam-dir") -> None:
+    """Create ``path`` (and parents) and prove it is writable, or raise OutputError naming the flag."""
+    p = Path(path)
+    shown = _shown(path)
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"{flag} {shown!r} is a file, not a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise OutputError(f"{flag} {shown!r} cannot be created: a path component is a file, not a folder") from None
+    except OSError as exc:
+        raise OutputError(f"{flag} {shown!r} cannot be created ({exc.strerror or type(exc).__name__})") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".cxr-edge-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"{flag} {shown!r} is not writable ({exc.strerror or type(exc).__name__})") from None
+
+
+# --------------------------------------------------------------------------- commands
+
+def _engine(args) -> Any:
+    from .engine import Engine
+
+    return Engine(args.model, threads=args.threads, allow_any_body_part=getattr(args, "allow_any_body_part", False))
 
 
 def cmd_predict(args) -> int:
-    clf = _load(args)
-    if args.cam_label not in ("positive", "top", "all"):
-        from .classifier import label_index
+    from .engine import error_object, skipped_object
 
-        label_index(clf.labels, args.cam_label)
+    if args.cam_label is not None and not args.cam_dir:
+        raise UsageError(f"--cam-label {args.cam_label} needs --cam-dir (overlays are only written with --cam-dir)")
+    engine = _engine(args)
+    cam_how = engine.resolve_cam_label(args.cam_label or "positive")
     if args.cam_dir:
-        Path(args.cam_dir).mkdir(parents=True, exist_ok=True)
-    sources = list(iter_inputs(args.paths))
-    failed = 0
-    progress = Progress(len(sources), enabled=sys.stdout.isatty() and len(sources) > 5 and not args.json)
+        prepare_output_dir(args.cam_dir)
+    entries = list(walk_inputs(args.paths))
+    sources = [p for p, reason in entries if reason is None]
+    progress = Progress(len(sources), enabled=sys.stderr.isatty() and len(sources) > 5 and not args.json)
+    out = Reporter(args.json, progress)
+    failed = skipped = 0
+    for path, reason in entries:
+        if reason is None:
+            continue
+        if reason.startswith("unreadable folder"):
+            failed += 1
+            out.error(error_object(path, ImageError(f"could not list the folder: {reason}")))
+        else:
+            skipped += 1
+            out.skipped(skipped_object(path, reason))
     if not sources:
-        _report_error(args, "<inputs>", InvalidArgumentError("no image files found in the given folders"))
+        out.error(error_object("<inputs>", InvalidArgumentError("no image files found in the given paths")))
+        _summary(args, engine, 0, 0, failed + 1, skipped)
         return EXIT_INPUT_FAILED
-    for start in range(0, len(sources), args.batch_size):
-        chunk = sources[start:start + args.batch_size]
-        results = clf.predict_batch(chunk, batch_size=args.batch_size, keep_image=bool(args.cam_dir), errors="collect")
-        for source, res in zip(chunk, results):
-            progress.step()
-            if isinstance(res, CxrEdgeError):
-                failed += 1
-                _report_error(args, source, res)
-                continue
-            cams: dict[str, str] = {}
-            if args.cam_dir:
-                for label in _cam_labels(res, args.cam_label):
-                    out = str(Path(args.cam_dir) / _cam_name(source, label))
-                    res.write_overlay(out, label)
-                    cams[label] = out
-            if args.json:
-                obj = res.to_dict()
-                obj["model"] = {"id": clf.model_id, "sha256": clf.manifest.model_sha256, "notice": clf.manifest.notice}
-                if cams:
-                    obj["cam"] = cams
-                print(json.dumps(obj), flush=True)
-            else:
-                print(_human(res, cams), flush=True)
+    classified = 0
+    for obj in engine.run(sources, batch_size=args.batch_size, cam_dir=args.cam_dir, cam_how=cam_how):
+        progress.step()
+        if obj["ok"]:
+            classified += 1
+            out.result(obj, _human(obj))
+        else:
+            failed += 1
+            out.error(obj)
     progress.close()
-    if not args.json:
-        print(f"{len(sources) - failed} of {len(sources)} images classified; {clf.manifest.notice}", file=sys.stderr)
+    _summary(args, engine, len(sources), classified, failed, skipped)
     return EXIT_INPUT_FAILED if failed else EXIT_OK
 
 
-def _report_error(args, source: str, exc: BaseException) -> None:
-    if getattr(args, "json", False):
-        print(json.dumps(error_object(source, exc)), file=sys.stderr, flush=True)
+def _summary(args, engine, attempted: int, classified: int, failed: int, skipped: int) -> None:
+    from .classifier import SCHEMA_VERSION
+    from .engine import dumps
+
+    if args.json:
+        print(dumps({"schema_version": SCHEMA_VERSION, "summary": True, "attempted": attempted,
+                     "classified": classified, "failed": failed, "skipped": skipped,
+                     "model_id": engine.model_id, "notice": engine.manifest.notice}), file=sys.stderr, flush=True)
     else:
-        print(f"{source}: error [{getattr(exc, 'code', 'error')}]: {exc}", file=sys.stderr, flush=True)
+        print(f"{classified} of {attempted} images classified; {failed} failed; {skipped} skipped (not attempted); "
+              f"{engine.manifest.notice}", file=sys.stderr, flush=True)
 
 
 def cmd_explain(args) -> int:
-    clf = _load(args)
-    from .classifier import label_index
+    from .engine import error_object
 
-    label = clf.labels[label_index(clf.labels, args.label)]
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out must name a .png file (got {_shown(args.out)!r}: "
+                         f"{'no extension' if not out.suffix else repr(out.suffix)})")
+    engine = _engine(args)
+    label = engine.resolve_cam_label(args.label)
+    if label in ("positive", "top", "all"):  # explain takes one label, not a selection
+        raise UsageError("--label takes one label name (positive/top/all are for predict --cam-label)")
+    if not engine.has_cam:
+        raise InvalidArgumentError("this bundle carries no CAM (manifest cam.method is 'none')")
+    parent = out.parent if str(out.parent) else Path(".")
+    prepare_output_dir(str(parent), flag="--out folder")
     try:
-        pred = clf.predict(args.path)
+        pred = engine.classifier.predict(args.path)
     except CxrEdgeError as exc:
-        _report_error(args, args.path, exc)
+        Reporter(args.json).error(error_object(args.path, exc))
         return EXIT_INPUT_FAILED
-    pred.write_overlay(args.out, label)
+    empty = pred.write_overlay(args.out, label)
     if args.json:
-        print(json.dumps({**pred.to_dict(), "label": label, "probability": pred.probabilities[label],
-                          "overlay": args.out, "model": {"id": clf.model_id, "notice": clf.manifest.notice}}))
+        from .engine import dumps
+
+        obj = engine.result_object(pred, args.path, {label: _shown(args.out)}, {label: empty})
+        obj.update(label=label, probability=round(pred.probabilities[label], 6), overlay=_shown(args.out))
+        print(dumps(obj), flush=True)
     else:
-        print(f"{label}: probability {pred.probabilities[label]:.3f} "
-              f"({ {True: 'positive', False: 'negative', None: 'undetermined'}[pred.decisions[label]] }); "
-              f"overlay written to {args.out}")
+        decision = {True: "positive", False: "negative", None: "undetermined"}[pred.decisions[label]]
+        thr = pred.thresholds[label]
+        vs = f" vs threshold {thr:.3f}" if thr is not None else ""
+        note = "; no positive evidence (empty map)" if empty else ""
+        print(f"{label}: probability {pred.probabilities[label]:.3f}{vs} ({decision}){note}; "
+              f"overlay written to {_shown(args.out)}", flush=True)
     return EXIT_OK
 
 
@@ -201,10 +312,19 @@ def cmd_info(args) -> int:
 
     bundle = load_bundle(args.model, threads=1)
     m = bundle.manifest
+    card = model_card_text(m.model_id)
+    if args.card:  # only the card (exit 3 with a note on stderr when none ships)
+        if card is None:
+            print(f"cxr-edge: no model card ships for model {m.model_id!r}", file=sys.stderr)
+            return EXIT_INPUT_FAILED
+        if args.json:
+            print(json.dumps({"model_id": m.model_id, "model_card": card}))
+        else:
+            sys.stdout.write(card if card.endswith("\n") else card + "\n")
+        return EXIT_OK
     summary = m.summary()
     summary["file"] = {"path": bundle.path, "size_bytes": bundle.size_bytes}
     summary["runtime"] = {"cxr_edge": __version__}
-    card = model_card_text(m.model_id)
     if args.json:
         if card:
             summary["model_card"] = card
@@ -223,50 +343,128 @@ def cmd_info(args) -> int:
     for key, value in m.provenance.items():
         text = json.dumps(value) if not isinstance(value, str) else value
         print(f"  {key}: {text if len(text) < 300 else text[:297] + '...'}")
-    if args.card:
-        print("\n" + (card or "(no model card ships for this model)"))
-    elif card:
+    if card:
         print("\nmodel card: cxr-edge info --card")
     return EXIT_OK
 
 
+def cmd_serve(args) -> int:
+    from .serve import serve_main
+
+    return serve_main(args)
+
+
+def cmd_calibrate(args) -> int:
+    from .calibrate import calibrate_main
+
+    return calibrate_main(args)
+
+
+# --------------------------------------------------------------------------- parser and main
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cxr-edge", description="On-device chest X-ray classification with heatmaps. "
-                     "Exit codes: 0 ok, 2 usage error, 3 some inputs failed, 4 model could not be loaded.")
+                     "Exit codes: 0 ok, 1 internal error, 2 usage error, 3 some inputs failed, 4 model could not "
+                     "be loaded, 5 output could not be written, 130 interrupted, 141 broken pipe.")
     parser.add_argument("--version", action="version", version=f"cxr-edge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", default=None, help="bundle .onnx (default: the embedded default model)")
         p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
-        p.add_argument("--json", action="store_true", help="machine-readable JSON (one object per input)")
+        p.add_argument("--json", action="store_true", help="machine-readable JSON (one object per line)")
 
     p = sub.add_parser("predict", help="classify images (files and folders, recursively)")
     p.add_argument("paths", nargs="+")
     common(p)
     p.add_argument("--cam-dir", default=None, help="write heatmap overlays (RGB PNG) here")
-    p.add_argument("--cam-label", default="positive", help="which labels get overlays: positive|top|all|LABEL")
+    p.add_argument("--cam-label", default=None,
+                   help="which labels get overlays: positive (default)|top|all|LABEL; needs --cam-dir")
     p.add_argument("--batch-size", type=int, default=1, help="images per model run (default 1: lowest memory)")
     p.add_argument("--allow-any-body-part", action="store_true",
-                   help="accept DICOMs whose BodyPartExamined is not chest (results are then out of scope)")
+                   help="accept DICOMs whose anatomy is not (confirmed) chest; such results carry out_of_scope=true")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("explain", help="write a heatmap overlay of one label for one image")
     p.add_argument("path")
     p.add_argument("--label", required=True)
-    p.add_argument("--out", required=True, help="overlay PNG path")
+    p.add_argument("--out", required=True, help="overlay PNG path (.png; missing folders are created)")
     p.add_argument("--allow-any-body-part", action="store_true")
     common(p)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("info", help="labels, thresholds, preprocessing, provenance, checksum")
     common(p)
-    p.add_argument("--card", action="store_true", help="print the model card")
+    p.add_argument("--card", action="store_true", help="print only the model card")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("serve", help="keep the bundle loaded and answer JSON-line requests (socket and/or stdio)")
+    common(p)
+    p.add_argument("--socket", default=None, metavar="PATH", help="listen on this Unix domain socket")
+    p.add_argument("--stdio", action="store_true", help="read requests on stdin, reply on stdout")
+    p.add_argument("--workers", type=int, default=1, help="inference threads sharing the session (default 1)")
+    p.add_argument("--queue-size", type=int, default=8,
+                   help="requests that may wait for a worker; more get a 'busy' reply (default 8; 0 = none wait)")
+    p.add_argument("--max-request-bytes", type=int, default=64 << 20,
+                   help="longest request line accepted (default 64 MiB)")
+    p.add_argument("--allow-any-body-part", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no log lines on stderr")
+    p.add_argument("--test-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_serve, json=True)
+
+    p = sub.add_parser("calibrate", help="refit per-label thresholds on local labelled images -> a new bundle")
+    p.add_argument("paths", nargs="+", metavar="IMAGES")
+    common(p)
+    p.add_argument("--labels", required=True, help="CSV: image (file name), optional patient_id, one 0/1 column "
+                   "per bundle label (blank = unknown)")
+    p.add_argument("--out", required=True, help="the recalibrated bundle (.onnx) to write")
+    p.add_argument("--rule", default="breakeven",
+                   help="breakeven (default) | f1 | youden | specificity=0.9 | sensitivity=0.9")
+    p.add_argument("--min-positive-patients", type=int, default=10,
+                   help="fewer distinct positive patients -> the label is undetermined (default 10)")
+    p.add_argument("--n-boot", type=int, default=1000, help="patient-bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--model-id", default=None, help="model_id of the new bundle (default: the original's)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.set_defaults(func=cmd_calibrate)
     return parser
 
 
+def _silence_stdout() -> None:
+    """After a broken pipe: point stdout at /dev/null so the interpreter's final flush cannot fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt as exc:
+        try:
+            if _STATE.get("json"):
+                from .engine import dumps, error_object
+
+                print(dumps(error_object("<run>", exc)), file=sys.stderr, flush=True)
+            else:
+                print("cxr-edge: interrupted", file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
+        return EXIT_INTERRUPTED
+
+
+_STATE: dict[str, Any] = {}
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    _STATE.clear()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -278,16 +476,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(f"cxr-edge: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    _STATE["json"] = bool(getattr(args, "json", False)) and args.command != "serve"
     try:
         return args.func(args)
+    except UsageError as exc:
+        if getattr(args, "json", False):
+            _report_error(args, "<arguments>", InvalidArgumentError(str(exc)))
+        else:
+            print(f"cxr-edge {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except BundleError as exc:
         _report_error(args, getattr(args, "model", None) or "<default model>", exc)
         return EXIT_MODEL
     except InvalidArgumentError as exc:
         _report_error(args, "<arguments>", exc)
         return EXIT_USAGE
-    except BrokenPipeError:
-        return EXIT_OK
+    except OutputError as exc:
+        _report_error(args, "<output>", exc)
+        return EXIT_OUTPUT
+    except CxrEdgeError as exc:
+        _report_error(args, "<run>", exc)
+        return EXIT_INPUT_FAILED
+    except (BrokenPipeError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # a bug: still a typed report and a documented exit code
+        if os.environ.get("CXR_EDGE_DEBUG"):
+            raise
+        try:
+            _report_error(args, "<run>", exc)
+        except BrokenPipeError:
+            raise
+        except Exception:
+            pass
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -84,3 +84,45 @@ class InferenceError(CxrEdgeError):
     """The model ran but produced unusable numbers (NaN/inf): refuse rather than answer wrongly."""
 
     code = "inference_error"
+
+
+class OutputError(CxrEdgeError, OSError):
+    """An output (overlay PNG, ``--cam-dir``, a recalibrated bundle) could not be written."""
+
+    code = "output_error"
+
+
+class InternalError(CxrEdgeError):
+    """An unexpected failure inside cxr_edge (a bug): reported as a typed error, never a traceback."""
+
+    code = "internal_error"
+
+
+class ServeError(CxrEdgeError):
+    """Base class of the errors only ``cxr-edge serve`` replies with."""
+
+    code = "serve_error"
+
+
+class BusyError(ServeError):
+    """The server's request queue is full: retry later (nothing was done for this request)."""
+
+    code = "busy"
+
+
+class InvalidRequestError(ServeError, ValueError):
+    """A serve request that is not a JSON object of the documented shape."""
+
+    code = "invalid_request"
+
+
+class RequestTooLargeError(InvalidRequestError):
+    """A serve request line longer than the server's ``--max-request-bytes``."""
+
+    code = "request_too_large"
+
+
+class ShuttingDownError(ServeError):
+    """The server is shutting down and takes no new requests."""
+
+    code = "shutting_down"

@@ -69,12 +69,14 @@ def test_stride_matmul_and_convtranspose():
         helper.make_node("Reshape", ["t", "shape"], ["r"]),
         helper.make_node("MatMul", ["r", "m"], ["y"]),
     ]
+    # (the ConvTranspose output is 1 x 2 x 8 x 8 = 128 elements: reshaped to 1 x 8 x 16, a graph that runs;
+    # the counts are measured by running it, so the test graph must be executable)
     inits = [_init("w", (4, 2, 3, 3)), _init("wt", (4, 2, 2, 2)), _init("m", (16, 5)),
-             numpy_helper.from_array(np.array([1, 32, 16], dtype=np.int64), "shape")]
-    s = graphstats.graph_stats(_model(nodes, inits, [1, 2, 8, 8], "y", [1, 32, 5]))
+             numpy_helper.from_array(np.array([1, 8, 16], dtype=np.int64), "shape")]
+    s = graphstats.graph_stats(_model(nodes, inits, [1, 2, 8, 8], "y", [1, 8, 5]))
     conv = 4 * 4 * 4 * (2 * 3 * 3)          # out 4x4x4, each 2*9 MACs
     convt = (4 * 4 * 4) * (2 * 2 * 2)       # every input element scatters to C_out/g * k
-    matmul = 32 * 5 * 16
+    matmul = 8 * 5 * 16
     assert s.macs_by_op == {"Conv": conv, "ConvTranspose": convt, "MatMul": matmul}
     assert s.params == 72 + 32 + 80           # the int64 shape constant is not a parameter
 
@@ -102,10 +104,29 @@ def test_params_rule_excludes_bn_stats_and_quantization_metadata():
     assert s.macs == 8 * 9 * 16 * 16 and s.quantized
 
 
-def test_graph_stats_without_onnx_says_na(monkeypatch):
+def test_graph_stats_need_no_onnx_package(monkeypatch, tiny_bundle):
+    """A plain runtime install (no onnx) counts the same params and MACs (protobuf walk + onnxruntime shapes)."""
+    with_onnx = graphstats.graph_stats(conv_dw_gemm())
     monkeypatch.setitem(sys.modules, "onnx", None)
-    s = graphstats.graph_stats(b"whatever")
-    assert not s.available and s.macs is None and s.params is None and "install onnx" in s.reason
+    without = graphstats.graph_stats(conv_dw_gemm())
+    assert without.available and without.macs == with_onnx.macs == 18432 + 18432 + 24
+    assert without.params == with_onnx.params and without.macs_by_op == with_onnx.macs_by_op
+    tiny = graphstats.graph_stats(tiny_bundle)  # symbolic N: batch fixed to 1
+    assert tiny.params == 8 * 9 + 8 + 3 * 8 + 3 and tiny.macs == 8 * 9 * 8 * 8 + 3 * 8
+    bad = graphstats.graph_stats(b"whatever")
+    assert not bad.available and bad.macs is None and bad.params is None and "not a readable ONNX graph" in bad.reason
+
+
+def test_graph_stats_reports_a_graph_it_cannot_run(monkeypatch):
+    """Params are still counted when the shapes cannot be measured (here: a non-float input)."""
+    nodes = [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+             helper.make_node("Conv", ["xf", "w"], ["y"], kernel_shape=[3, 3])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 1, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [_init("w", (2, 1, 3, 3))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    s = graphstats.graph_stats(model.SerializeToString())
+    assert s.available and s.params == 18 and s.macs is None and "not a float tensor" in s.reason
 
 
 def test_timing_summary_is_ordered():
@@ -290,3 +311,81 @@ def test_recommendation_logic():
     assert r["recommended_format"] == "fp32" and "not consistently faster" in r["reason"]
     r = _recommend("m", fp32, _entry("int8", {(1, 1): 5.0}, 1000), avx2)
     assert r["recommended_format"] is None and not r["pairs"]
+
+
+# --------------------------------------------------------------------------- the bench tells the truth
+
+def _write(path, seed=0, **provenance):
+    from tests.conftest import build_tiny_onnx, make_manifest
+    from cxr_edge.bundle import write_bundle
+
+    b, w, bias = build_tiny_onnx(seed=seed)
+    prov = {"architecture": "tiny-conv"}
+    prov.update(provenance)
+    write_bundle(b, make_manifest(w, bias, provenance=prov), path)
+    return path
+
+
+def test_the_named_file_is_measured_never_a_sibling(tmp_path):
+    named = _write(tmp_path / "m.fp32.onnx", seed=1, precision="fp32")
+    _write(tmp_path / "m.onnx", seed=2, precision="fp32")
+    variants, skipped = resolve_variants([str(named)], None)
+    assert variants[0].path == str(named) and variants[0].named and variants[0].format == "fp32"
+    assert all(v.path != str(tmp_path / "m.onnx") for v in variants)  # a second fp32 is not swapped in
+    assert [s["format"] for s in skipped] == ["int8"]
+
+
+def test_precision_comes_from_the_manifest_then_the_graph_not_the_name(tmp_path):
+    from cxr_edge.bench.variants import bundle_precision
+
+    odd = _write(tmp_path / "odd.onnx", precision="int8")  # named like fp32, declared int8
+    assert bundle_precision(odd) == ("int8", "provenance.precision")
+    (v,), _ = resolve_variants([str(odd)], None)
+    assert v.format == "int8" and v.format_source == "provenance.precision"
+    plain = tmp_path / "plain.int8.onnx"  # named int8, no provenance, a float graph
+    _write(plain)
+    (v,), _ = resolve_variants([str(plain)], None)
+    assert v.format == "fp32" and v.format_source.startswith("graph") and "file name says int8" in v.note
+    qdq = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+           helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    model = _model(qdq, [numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+                         numpy_helper.from_array(np.array(0, np.uint8), "z")], [1, 1, 4, 4], "y", [1, 1, 4, 4])
+    (tmp_path / "q.onnx").write_bytes(model)
+    assert bundle_precision(tmp_path / "q.onnx") == ("int8", "graph (quantization ops)")
+
+
+def test_format_filters_only_what_exists_and_says_what_is_missing(tmp_path):
+    base = _write(tmp_path / "m.onnx", precision="fp32")
+    variants, skipped = resolve_variants([str(base)], ["int8"])
+    assert variants == []
+    reasons = " | ".join(s["reason"] for s in skipped)
+    assert "m.onnx is fp32 (provenance.precision), not in --format int8" in reasons
+    assert "no int8 bundle in this family (m.int8.onnx does not exist" in reasons
+    _write(tmp_path / "m.int8.onnx", seed=3, precision="int8")
+    variants, skipped = resolve_variants([str(base)], ["int8"])
+    assert [(Path(v.path).name, v.format, v.named) for v in variants] == [("m.int8.onnx", "int8", False)]
+    variants, skipped = resolve_variants([str(base)], ["fp32", "int8", "fp16"])
+    assert [v.format for v in variants] == ["fp32", "int8"] and [s["format"] for s in skipped] == ["fp16"]
+
+
+def test_each_bundle_shows_its_own_auc(tmp_path, capsys):
+    from cxr_edge.bench.runner import own_mean_auc
+    from cxr_edge.bundle import read_manifest
+
+    metrics = {"mean_auc": 0.6525}
+    fp32 = _write(tmp_path / "m.onnx", precision="fp32", metrics=metrics)
+    int8 = _write(tmp_path / "m.int8.onnx", seed=4, precision="int8", metrics=metrics,
+                  int8_verification={"mean_auc_new": 0.6588, "mean_auc_ref": 0.6525})
+    lone = _write(tmp_path / "lone.int8.onnx", seed=5, precision="int8", metrics=metrics)
+    m = lambda p: read_manifest(p.read_bytes())  # noqa: E731
+    assert own_mean_auc(m(fp32), "fp32") == (0.6525, "provenance.metrics.mean_auc")
+    assert own_mean_auc(m(int8), "int8") == (0.6588, "provenance.int8_verification.mean_auc_new")
+    value, why = own_mean_auc(m(lone), "int8")
+    assert value is None and "float model" in why  # never the float model's number borrowed
+    rc, out, _ = _run(["--model", str(fp32), "--threads", "1", "--batch", "1", "--runs", "2", "--warmup", "0",
+                       "--cold-repeats", "0", "--split-repeats", "0", "--json", "-", "--quiet"], capsys)
+    assert rc == 0
+    r = json.loads(out)
+    got = {Path(x["path"]).name: (x["format"], x["mean_auc"], x["format_source"]) for x in r["models"]}
+    assert got == {"m.onnx": ("fp32", 0.6525, "provenance.precision"),
+                   "m.int8.onnx": ("int8", 0.6588, "provenance.precision")}

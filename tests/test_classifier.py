@@ -96,7 +96,8 @@ def test_overlay_png_written(tiny_bundle, tmp_path):
     out = tmp_path / "overlay.png"
     res.write_overlay(out, "label_0")
     rgb = cv2.imread(str(out), cv2.IMREAD_UNCHANGED)
-    assert rgb.shape == (200, 180, 3)
+    # the 200 x 180 image keeps its own grid at the top left; the legend panel (canvas >= 640 wide) below
+    assert rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.shape[0] > 200 and rgb.shape[1] == 640
 
 
 def test_nan_logits_are_refused(tiny_bundle, monkeypatch):
@@ -199,3 +200,118 @@ def test_a_threshold_outside_the_open_interval_is_still_refused(tiny_bundle_fact
 
     with pytest.raises(ManifestError):
         tiny_bundle_factory(thresholds=(0.5, 1.0, 0.5))
+
+
+# --------------------------------------------------------------------------- labels, TIFF, schema 1 fields
+
+def test_label_names_ignore_case_spaces_hyphens_underscores():
+    from cxr_edge.classifier import label_index
+
+    labels = ("Atelectasis", "Pleural_Thickening", "Effusion")
+    for spelling in ("Pleural_Thickening", "pleural thickening", "PLEURAL-THICKENING", " pleural  thickening "):
+        assert label_index(labels, spelling) == 1
+    with pytest.raises(InvalidArgumentError, match="did you mean 'Effusion'"):
+        label_index(labels, "efusion")
+    with pytest.raises(InvalidArgumentError, match="this model's labels are"):
+        label_index(labels, "Zzzz")
+
+
+def _tiff_bytes(arr, **kw):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="TIFF", **kw)
+    return buf.getvalue()
+
+
+def make_tiff(arr, photometric=1, big_endian=False, declared_hw=None):
+    """A minimal uncompressed single-strip grayscale TIFF written by hand (any byte order / photometric)."""
+    import struct
+
+    e = ">" if big_endian else "<"
+    h, w = declared_hw or arr.shape
+    bits = arr.dtype.itemsize * 8
+    data = arr.astype(e + ("u1" if bits == 8 else "u2")).tobytes()
+    tags = sorted([(256, 4, w), (257, 4, h), (258, 3, bits), (259, 3, 1), (262, 3, photometric), (273, 4, 0),
+                   (277, 3, 1), (278, 4, h), (279, 4, len(data))])
+    offset = 8 + 2 + 12 * len(tags) + 4
+    out = bytearray((b"MM" if big_endian else b"II") + struct.pack(e + "HI", 42, 8) + struct.pack(e + "H", len(tags)))
+    for tag, typ, value in tags:
+        value = offset if tag == 273 else value
+        out += struct.pack(e + ("HHIH2x" if typ == 3 else "HHII"), tag, typ, 1, value)
+    return bytes(out + struct.pack(e + "I", 0) + data)
+
+
+def test_tiff_8_and_16_bit_equal_png_of_the_same_pixels(tiny_bundle, tmp_path):
+    rng = np.random.default_rng(3)
+    a8 = cv2.GaussianBlur((rng.random((220, 200)) * 255).astype(np.uint8), (0, 0), 3)
+    a16 = (a8.astype(np.uint16) * 257 + rng.integers(0, 200, a8.shape).astype(np.uint16))
+    clf = Classifier(tiny_bundle, threads=1)
+    for arr in (a8, a16):
+        png = clf.predict(cv2.imencode(".png", arr)[1].tobytes())
+        for data in (_tiff_bytes(arr), _tiff_bytes(arr, compression="tiff_lzw"), make_tiff(arr),
+                     make_tiff(arr, big_endian=True)):
+            path = tmp_path / "x.tif"
+            path.write_bytes(data)
+            for source in (path, data):
+                res = clf.predict(source)
+                assert res.image_info["format"] == "tiff" and res.bit_depth == arr.dtype.itemsize * 8
+                assert res.bit_depth_source == "container"
+                assert res.probabilities == png.probabilities
+    # MinIsWhite is inverted to 0 = black (Pillow inverts 8-bit itself, 16-bit is inverted here)
+    for arr, maxval in ((a8, 255), (a16, 65535)):
+        white = clf.read(make_tiff(arr, photometric=0))
+        np.testing.assert_allclose(white.pixels, 1.0 - arr / maxval, atol=1e-6)
+        assert white.info["photometric"] == "MINISWHITE"
+
+
+def test_bad_tiffs_are_typed_refusals(tiny_bundle):
+    from cxr_edge.errors import CorruptImageError, InvalidImageError
+
+    clf = Classifier(tiny_bundle, threads=1)
+    a8 = (np.random.default_rng(0).random((200, 200)) * 255).astype(np.uint8)
+    from PIL import Image
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(a8).save(buf, format="TIFF", save_all=True, append_images=[Image.fromarray(a8)])
+    with pytest.raises(InvalidImageError, match="pages"):
+        clf.predict(buf.getvalue())
+    with pytest.raises(UnsupportedFormatError, match="grayscale"):
+        clf.predict(_tiff_bytes(np.stack([a8] * 3, axis=-1)))
+    data = make_tiff(a8)
+    with pytest.raises(CorruptImageError):
+        clf.predict(data[: len(data) // 2])
+    with pytest.raises(InvalidImageError, match="max_pixels"):  # a header-only bomb: refused before decoding
+        clf.predict(make_tiff(a8, declared_hw=(100_000, 100_000)))
+    with pytest.raises(InvalidImageError, match="too small"):
+        clf.predict(make_tiff(a8[:20, :20]))
+    with pytest.raises(CxrEdgeError):
+        clf.predict(b"II*\x00" + b"\x00" * 20)
+
+
+def test_tiff_tags_never_reach_the_output(tiny_bundle):
+    a8 = (np.random.default_rng(1).random((200, 200)) * 255).astype(np.uint8)
+    data = _tiff_bytes(a8, tiffinfo={270: "PATIENT Doe^Sentinel", 315: "Dr Sentinel"})
+    d = Classifier(tiny_bundle, threads=1).predict(data).to_dict()
+    assert "Sentinel" not in str(d)
+
+
+def test_to_dict_schema_1_fields(tiny_bundle_factory):
+    res = Classifier(tiny_bundle_factory(thresholds=(0.5, None, 0.2)), threads=1).predict(_image())
+    d = res.to_dict()
+    assert d["schema_version"] == 1 and d["margins"]["label_1"] is None
+    assert d["margins"]["label_0"] == pytest.approx(res.probabilities["label_0"] - 0.5, abs=1e-6)
+    assert d["image"]["bit_depth"] == 32 and d["image"]["bit_depth_source"] == "container"  # a float32 array
+    assert d["override_used"] is False and d["out_of_scope"] is False
+
+
+def test_overlay_uses_one_scale_per_image_and_flags_empty_maps(tiny_bundle, tmp_path):
+    res = Classifier(tiny_bundle, threads=1).predict(_image(256, 256))
+    scale = res.cam_scale()
+    assert scale == pytest.approx(max(float(res.cam_raw(n).max()) for n in res.labels))
+    for n in res.labels:
+        empty = res.write_overlay(tmp_path / f"{n}.png", n)
+        assert empty == (float(res.cam_raw(n).max()) <= 0) == res.cam_is_empty(n)

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -41,8 +42,14 @@ def test_folder_is_walked_and_failures_reported_with_exit_3(tiny_bundle, tmp_pat
     code, out, err = _run(capsys, "predict", str(tmp_path), "--json", "--model", str(tiny_bundle))
     assert code == EXIT_INPUT_FAILED
     assert len(out.splitlines()) == 1 and json.loads(out)["source"].endswith("good.png")
-    error = json.loads(err.strip().splitlines()[-1])
+    records = [json.loads(line) for line in err.strip().splitlines()]  # every stderr line is a JSON object
+    (error,) = [r for r in records if r.get("error")]
     assert error["ok"] is False and error["source"].endswith("bad.png") and error["error"]["type"] == "CorruptImageError"
+    skipped = sorted(r["source"].rsplit("/", 1)[-1] for r in records if r.get("skipped") is True)
+    assert skipped == ["notes.txt", "tiny.onnx"]  # not attempted, but accounted for
+    summary = records[-1]
+    assert summary["summary"] is True and (summary["attempted"], summary["classified"], summary["failed"],
+                                           summary["skipped"]) == (2, 1, 1, 2)
 
 
 def test_missing_file_counts_as_failed_input(tiny_bundle, tmp_path, capsys):
@@ -71,10 +78,12 @@ def test_cam_dir_writes_overlays(tiny_bundle, tmp_path, capsys):
     code, out, _ = _run(capsys, "predict", str(img), "--json", "--model", str(tiny_bundle), "--cam-dir", str(cams),
                         "--cam-label", "all")
     assert code == EXIT_OK
-    written = json.loads(out)["cam"]
-    assert set(written) == {"label_0", "label_1", "label_2"}
-    for path in written.values():
-        assert cv2.imread(path).shape == (256, 256, 3)
+    obj = json.loads(out)
+    written = obj["cam"]
+    assert set(written) == {"label_0", "label_1", "label_2"} and set(obj["cam_empty"]) == set(written)
+    for path in written.values():  # the image's own 256 x 256 grid on top, the legend panel below
+        h, w = cv2.imread(path).shape[:2]
+        assert h > 256 and w == 640
 
 
 def test_explain_and_info(tiny_bundle, tmp_path, capsys):
@@ -133,3 +142,231 @@ def test_console_script_runs_as_a_subprocess(tiny_bundle, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "cxr_edge.cli", "predict", str(img), "--json", "--model", str(tiny_bundle)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and json.loads(proc.stdout)["ok"] is True
+
+
+# --------------------------------------------------------------------------- contract (schema 1) and misuse
+
+def test_json_output_carries_schema_version_margins_and_bit_depth(tiny_bundle_factory, tmp_path, capsys):
+    bundle = tiny_bundle_factory(thresholds=(0.5, None, 0.2))
+    code, out, _ = _run(capsys, "predict", str(_png(tmp_path / "a.png")), "--json", "--model", str(bundle))
+    assert code == EXIT_OK
+    obj = json.loads(out)
+    assert obj["schema_version"] == 1
+    for name, p in obj["probabilities"].items():
+        t = obj["thresholds"][name]
+        assert obj["margins"][name] is None if t is None else abs(obj["margins"][name] - (p - t)) < 2e-6
+    assert obj["decisions"]["label_1"] == "undetermined" and obj["undetermined"] == ["label_1"]
+    probs = [obj["probabilities"][n] for n in obj["positive"]]
+    assert probs == sorted(probs, reverse=True)
+    assert obj["image"]["bit_depth"] == 8 and obj["image"]["bit_depth_source"] == "container"
+    assert obj["override_used"] is False and obj["out_of_scope"] is False
+
+
+def test_hidden_files_and_folders_are_accounted_for(tiny_bundle, tmp_path, capsys):
+    imgs = tmp_path / "imgs"
+    (imgs / ".git").mkdir(parents=True)
+    (imgs / ".git" / "x.png").write_bytes(b"x")
+    _png(imgs / "a.png")
+    (imgs / ".DS_Store").write_bytes(b"x")
+    (imgs / "scan.TIF").write_bytes(b"II*\x00 not really")  # a TIFF suffix is attempted (and fails here)
+    code, out, err = _run(capsys, "predict", str(imgs), "--model", str(tiny_bundle))
+    assert code == EXIT_INPUT_FAILED
+    assert ".DS_Store: skipped (hidden file)" in err and ".git: skipped (hidden folder" in err
+    assert "1 of 2 images classified; 1 failed; 2 skipped" in err
+
+
+def test_cam_label_without_cam_dir_is_a_usage_error(tiny_bundle, tmp_path, capsys):
+    img = str(_png(tmp_path / "a.png"))
+    for how in ("all", "top", "label_0"):
+        code, out, err = _run(capsys, "predict", img, "--model", str(tiny_bundle), "--cam-label", how)
+        assert code == EXIT_USAGE and "--cam-label" in err and "--cam-dir" in err and not out
+
+
+@pytest.mark.parametrize("case", ["file", "under_file", "read_only"])
+def test_unusable_cam_dir_is_exit_5_without_traceback(tiny_bundle, tmp_path, capsys, monkeypatch, case):
+    img = str(_png(tmp_path / "a.png"))
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    cam_dir = {"file": blocker, "under_file": blocker / "sub", "read_only": tmp_path / "ro"}[case]
+    if case == "read_only":
+        import tempfile
+
+        (tmp_path / "ro").mkdir()
+
+        def refuse(*a, **k):  # root ignores chmod, so a read-only folder is simulated at the syscall
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    code, out, err = _run(capsys, "predict", img, "--model", str(tiny_bundle), "--cam-dir", str(cam_dir), "--json")
+    assert code == 5 and not out and "Traceback" not in err
+    obj = json.loads(err.strip().splitlines()[-1])
+    assert obj["error"]["type"] == "OutputError" and "--cam-dir" in obj["error"]["message"]
+
+
+def test_explain_out_folder_is_created_and_a_missing_extension_refused(tiny_bundle, tmp_path, capsys):
+    img = str(_png(tmp_path / "a.png"))
+    out_png = tmp_path / "new" / "deeper" / "ov.png"
+    code, out, _ = _run(capsys, "explain", img, "--label", "label_0", "--out", str(out_png), "--model", str(tiny_bundle))
+    assert code == EXIT_OK and out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, out, err = _run(capsys, "explain", img, "--label", "label_0", "--out", str(tmp_path / "noext"),
+                          "--model", str(tiny_bundle))
+    assert code == EXIT_USAGE and ".png" in err and not (tmp_path / "noext").exists()
+    (tmp_path / "f").write_text("x")
+    code, out, err = _run(capsys, "explain", img, "--label", "label_0", "--out", str(tmp_path / "f" / "o.png"),
+                          "--model", str(tiny_bundle))
+    assert code == 5 and "Traceback" not in err
+
+
+def test_non_utf8_file_name_with_json_and_cam_dir(tiny_bundle, tmp_path):
+    raw_dir = os.fsencode(str(tmp_path))
+    name = raw_dir + b"/caf\xe9-\xff.png"
+    data = cv2.imencode(".png", (np.random.default_rng(0).random((200, 200)) * 255).astype(np.uint8))[1].tobytes()
+    with open(name, "wb") as fh:
+        fh.write(data)
+    cams = tmp_path / "cams"
+    proc = subprocess.run([sys.executable, "-m", "cxr_edge.cli", "predict", name, "--json", "--model", str(tiny_bundle),
+                           "--cam-dir", str(cams), "--cam-label", "all"], capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    obj = json.loads(proc.stdout.decode("ascii"))  # strict JSON, ASCII, no lone surrogates
+    assert obj["source"].endswith("caf\\xe9-\\xff.png")
+    assert len(list(cams.iterdir())) == 3 and all(p.suffix == ".png" for p in cams.iterdir())
+    human = subprocess.run([sys.executable, "-m", "cxr_edge.cli", "predict", name, "--model", str(tiny_bundle)],
+                           capture_output=True, timeout=120)
+    assert human.returncode == 0 and b"Traceback" not in human.stderr
+
+
+def test_label_with_path_separator_and_label_spellings(tiny_bundle_factory, tmp_path, capsys):
+    bundle = tiny_bundle_factory(labels=("Pleural_Thickening", "a/b", "..\\evil"))
+    img = str(_png(tmp_path / "a.png"))
+    cams = tmp_path / "cams"
+    code, out, err = _run(capsys, "predict", img, "--json", "--model", str(bundle), "--cam-dir", str(cams),
+                          "--cam-label", "all")
+    assert code == EXIT_OK, err
+    written = json.loads(out)["cam"]
+    assert all(os.path.dirname(p) == str(cams) for p in written.values())  # no sub-folders, no escapes
+    assert sorted(p.name for p in cams.iterdir()) == sorted(os.path.basename(p) for p in written.values())
+    for spelling in ("pleural thickening", "PLEURAL-THICKENING", "pleural_thickening"):
+        code, out, _ = _run(capsys, "explain", img, "--label", spelling, "--out", str(tmp_path / "o.png"),
+                            "--model", str(bundle))
+        assert code == EXIT_OK and out.startswith("Pleural_Thickening:")
+    code, out, err = _run(capsys, "explain", img, "--label", "pleural thickenin", "--out", str(tmp_path / "o.png"),
+                          "--model", str(bundle))
+    assert code == EXIT_USAGE and "did you mean 'Pleural_Thickening'?" in err
+
+
+def test_messages_name_cli_flags_and_out_of_scope_is_flagged(tiny_bundle, tmp_path, capsys):
+    from tests.test_dicom import chest_pixels, write
+
+    hand = write(tmp_path, chest_pixels(200, 200), "hand.dcm", body_part="HAND")
+    chest = write(tmp_path, chest_pixels(200, 200), "chest.dcm")
+    code, out, err = _run(capsys, "predict", str(hand), "--json", "--model", str(tiny_bundle))
+    assert code == EXIT_INPUT_FAILED
+    msg = json.loads(err.splitlines()[0])["error"]["message"]
+    assert "--allow-any-body-part" in msg and "allow_any_body_part=True" not in msg
+    code, out, err = _run(capsys, "predict", str(hand), str(chest), "--json", "--model", str(tiny_bundle),
+                          "--allow-any-body-part")
+    assert code == EXIT_OK
+    a, b = [json.loads(line) for line in out.splitlines()]
+    assert (a["override_used"], a["out_of_scope"]) == (True, True)
+    assert (b["override_used"], b["out_of_scope"]) == (True, False)
+    code, out, err = _run(capsys, "predict", str(hand), "--model", str(tiny_bundle), "--allow-any-body-part")
+    assert "OUT OF SCOPE" in out
+
+
+def test_keyboard_interrupt_is_exit_130_without_traceback(tiny_bundle, tmp_path, capsys, monkeypatch):
+    from cxr_edge.engine import Engine
+
+    def interrupted(self, *a, **k):
+        raise KeyboardInterrupt
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(Engine, "run", interrupted)
+    img = str(_png(tmp_path / "a.png"))
+    code, out, err = _run(capsys, "predict", img, "--model", str(tiny_bundle))
+    assert code == 130 and "interrupted" in err and "Traceback" not in err
+    code, out, err = _run(capsys, "predict", img, "--model", str(tiny_bundle), "--json")
+    assert code == 130 and json.loads(err.strip().splitlines()[-1])["error"]["code"] == "interrupted"
+
+
+def test_sigint_in_a_real_process_is_exit_130(tiny_bundle, tmp_path):
+    import signal
+    import time
+
+    img = str(_png(tmp_path / "a.png"))
+    child = ("import sys, time\nfrom cxr_edge.classifier import Classifier\n"
+             "real = Classifier.predict_batch\n"
+             "def slow(self, *a, **k):\n    print('ready', file=sys.stderr, flush=True)\n    time.sleep(60)\n"
+             "Classifier.predict_batch = slow\n"
+             "from cxr_edge.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", child, "predict", img, "--model", str(tiny_bundle)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr.readline().strip() == "ready"
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err
+
+
+def test_broken_pipe_is_exit_141_without_traceback(tiny_bundle, tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    data = cv2.imencode(".png", (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8))[1].tobytes()
+    for i in range(150):
+        (folder / f"{i:04d}.png").write_bytes(data)
+    proc = subprocess.Popen([sys.executable, "-m", "cxr_edge.cli", "predict", str(folder), "--model", str(tiny_bundle),
+                             "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.readline()  # like `| head -1`
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert first and proc.returncode == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception ignored" not in err
+
+
+def test_internal_errors_are_typed_and_exit_1(tiny_bundle, tmp_path, capsys, monkeypatch):
+    from cxr_edge.engine import Engine
+
+    def broken(self, *a, **k):
+        raise RuntimeError("simulated bug")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(Engine, "run", broken)
+    code, out, err = _run(capsys, "predict", str(_png(tmp_path / "a.png")), "--model", str(tiny_bundle), "--json")
+    assert code == 1 and "Traceback" not in err
+    assert json.loads(err.strip().splitlines()[-1])["error"]["type"] == "InternalError"
+
+
+def test_info_card_prints_only_the_card(tiny_bundle, capsys, monkeypatch):
+    import cxr_edge.cli as cli
+
+    code, out, err = _run(capsys, "info", "--card", "--model", str(tiny_bundle))
+    assert code == EXIT_INPUT_FAILED and out == "" and "no model card" in err
+    monkeypatch.setattr(cli, "model_card_text", lambda model_id: "# Card of tiny\n\nbody\n")
+    code, out, err = _run(capsys, "info", "--card", "--model", str(tiny_bundle))
+    assert code == EXIT_OK and out == "# Card of tiny\n\nbody\n"
+    code, out, _ = _run(capsys, "info", "--card", "--json", "--model", str(tiny_bundle))
+    assert json.loads(out) == {"model_id": "tiny-test", "model_card": "# Card of tiny\n\nbody\n"}
+
+
+def test_progress_bar_never_shares_a_line_with_results(tiny_bundle, tmp_path, monkeypatch):
+    import io
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(7):
+        _png(folder / f"img{i}.png", seed=i)
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Tty()  # stdout and stderr on one terminal
+    monkeypatch.setattr(sys, "stdout", term)
+    monkeypatch.setattr(sys, "stderr", term)
+    assert main(["predict", str(folder), "--model", str(tiny_bundle)]) == EXIT_OK
+    text = term.getvalue()
+    assert "[" in text and "7/7" in text  # the bar was shown
+    for line in text.split("\n"):
+        if "img" in line and ".png" in line:
+            before = line[:line.index(str(folder))] if str(folder) in line else ""
+            assert before == "" or before.endswith("\r\x1b[K"), repr(line)

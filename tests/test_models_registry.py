@@ -30,8 +30,10 @@ def _build(name: str, **kw) -> nn.Module:
 def test_registry_lists_every_model_by_family():
     # other test modules may register tiny test models: check the built-ins are all there, by family
     assert set(ALL_MODELS) <= set(list_models())
-    assert list_models("teacher") == sorted(["densenet121", "densenet161", "resnet50", "vit_small_patch16"])
-    assert {"eeea_c2", "mobilenetv3_large", "mobilenetv3_small", "efficientnet_b0", "resnet18"} <= set(
+    assert list_models("teacher") == sorted(["densenet121", "densenet161", "resnet50", "vit_small_patch16",
+                                             "efficientnet_lite1", "efficientnet_lite2"])
+    assert {"eeea_c2", "mobilenetv3_large", "mobilenetv3_small", "efficientnet_b0", "resnet18",
+            "efficientnet_lite0"} <= set(
         list_models("student"))
     with pytest.raises(ValueError, match="family"):
         list_models("teachers")

@@ -215,7 +215,7 @@ def test_export_bundle_ships_a_passing_int8(real, tmp_path):
     manifest = load_bundle(out, threads=1).manifest
     prov = manifest.provenance
     assert prov["quantization"]["nodes_to_exclude"] and prov["int8_verification"]["images"] == VERIFY_IMAGES
-    assert manifest.thresholds == (0.5,) * 14 and "no validation data" in prov["thresholds"]["note"]
+    assert manifest.thresholds == (0.5,) * 14 and "no calibration data" in prov["thresholds"]["note"]
 
 
 def test_gate_is_two_sided_counts_flips_and_one_sided_empty_cams():

@@ -1,8 +1,8 @@
 """``cxr-edge-bench``: latency, throughput, split, cold start, memory and graph cost of bundles.
 
 Exit codes: 0 ok; 2 usage (bad flag, unknown format, unavailable execution provider, bad image);
-4 a model could not be loaded. Runtime-only: needs onnxruntime, numpy, OpenCV (``onnx`` optional,
-for parameter/MAC counts).
+4 a model could not be loaded. Runtime-only: needs onnxruntime, numpy, OpenCV (parameters and MACs
+are counted without the ``onnx`` package).
 """
 from __future__ import annotations
 
@@ -47,12 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.RawDescriptionHelpFormatter,
                 epilog="Example: cxr-edge-bench --model build/teacher.onnx --threads 1,2 --batch 1,8 --json out.json")
     p.add_argument("--model", action="append", metavar="M",
-                   help="bundle path (repeatable; default: the embedded default model). X.int8.onnx beside X.onnx "
-                        "is picked up by --format")
+                   help="bundle path (repeatable; default: the embedded default model); measured exactly as named. "
+                        "Existing siblings X.onnx / X.fp32.onnx / X.int8.onnx are added (see --format)")
     p.add_argument("--device", default="cpu", help="cpu (CPUExecutionProvider), cuda, tensorrt, openvino, coreml, ...")
     p.add_argument("--provider", help="onnxruntime execution provider by full name (overrides --device)")
-    p.add_argument("--format", type=_names, default=["fp32", "int8"], help="fp32,int8 (default; missing ones are "
-                   "skipped and listed)")
+    p.add_argument("--format", type=_names, default=None, help="only these precisions (fp32,fp16,int8; read from "
+                   "each manifest's provenance.precision, else the graph). Default: the named files plus their "
+                   "fp32/int8 siblings. Missing ones are listed as skipped")
     p.add_argument("--threads", type=_ints, default=None, help="intra-op thread counts, e.g. 1,2 (default: all "
                    "usable CPUs, at most 4)")
     p.add_argument("--batch", type=_ints, default=[1, 8], help="batch sizes (default 1,8)")

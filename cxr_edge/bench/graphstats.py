@@ -1,8 +1,13 @@
-"""Parameters and MACs counted from an ONNX graph, the way a paper's table counts them.
+"""Parameters and MACs counted from an ONNX graph, the way a paper's table counts them, without ``onnx``.
 
-Why ``onnx`` and not onnxruntime: onnxruntime exposes neither initializers nor inferred shapes.
-Devices install only the runtime, so when ``onnx`` is not importable the counts are reported as
-unavailable ("n/a (install onnx)") rather than guessed.
+Devices install only onnxruntime, so the graph is read with the protobuf walk of
+:mod:`cxr_edge.bench.onnxwalk` (initializer dims, node attributes) and the concrete shape of every
+tensor a counted op reads or writes is taken from onnxruntime itself: the model is run once at
+batch 1 with those tensors added as graph outputs (graph optimisations off, so every node is
+there). No shape inference is re-implemented, and the counts are the same with or without the
+``onnx`` package. When the graph cannot be run here (a non-float input such as the in-graph
+preprocessing variant's encoded bytes, a symbolic spatial size without a hint, a custom op), the
+parameters are still counted and the MACs are reported as unavailable with the reason.
 
 Counting rules (per image, i.e. batch dimension fixed to 1):
 
@@ -12,8 +17,8 @@ Counting rules (per image, i.e. batch dimension fixed to 1):
   quantized forms ``QLinearConv``, ``ConvInteger``, ``QLinearMatMul``, ``MatMulInteger``, ``QGemm``,
   ``FusedConv`` counted as the float-equivalent op. In a QDQ INT8 model the convs stay ``Conv`` nodes
   fed by ``DequantizeLinear`` and are counted the same way. Bias adds, normalisation, activations
-  and pooling are not counted. Nodes whose shapes shape-inference cannot resolve are listed in
-  ``uncounted`` (the MAC count is then a lower bound).
+  and pooling are not counted. Nodes whose shapes could not be resolved are listed in ``uncounted``
+  (the MAC count is then a lower bound).
 * Parameters: elements of initializers that are weights. An initializer counts when it is the
   weight or bias input of a compute op (Conv/ConvTranspose/Gemm/MatMul W and B, BatchNorm and
   Layer/InstanceNorm scale and bias, PRelu slope), directly or through a ``DequantizeLinear``
@@ -26,7 +31,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .onnxwalk import Graph, Node, parse_model, with_outputs
 
 # op type -> (input index of X, input index of W); out-of-graph conventions of the quantized forms
 _CONV_OPS = {"Conv": (0, 1), "FusedConv": (0, 1), "ConvInteger": (0, 1), "QLinearConv": (0, 3),
@@ -50,12 +60,12 @@ _EXCLUDED_ROLES = {
 }
 _FLOAT_TYPES = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16 (onnx.TensorProto enum values)
 
-UNAVAILABLE_REASON = "n/a (install onnx to count parameters and MACs)"
+_NP_TYPES = {1: np.float32, 10: np.float16, 11: np.float64}
 
 
 @dataclass
 class GraphStats:
-    """What the graph costs per image; ``available`` is False when ``onnx`` is not installed."""
+    """What the graph costs per image; ``available`` is False when the file is not a readable ONNX graph."""
 
     available: bool
     params: int | None = None
@@ -81,46 +91,19 @@ def _numel(dims) -> int:
     return n
 
 
-def _fix_batch(model) -> None:
-    """Give every symbolic/unknown dim of the graph inputs the value 1, so shapes infer concretely."""
-    inits = {i.name for i in model.graph.initializer}
-    for inp in model.graph.input:
-        if inp.name in inits or not inp.type.HasField("tensor_type"):
-            continue
-        for dim in inp.type.tensor_type.shape.dim:
-            if not dim.HasField("dim_value") or dim.dim_value <= 0:
-                dim.Clear()
-                dim.dim_value = 1
-    del model.graph.value_info[:]
-
-
-def _shape_table(model) -> dict[str, list[int | None]]:
-    shapes: dict[str, list[int | None]] = {}
-    for vi in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None
-                               for d in vi.type.tensor_type.shape.dim]
-    for init in model.graph.initializer:
-        shapes[init.name] = list(init.dims)
-    return shapes
-
-
 def _known(shape: list[int | None] | None) -> bool:
     return shape is not None and all(isinstance(d, int) and d > 0 for d in shape)
 
 
-def _attr(node, name: str, default: Any) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            return a.i if a.type == 2 else (list(a.ints) if a.type == 7 else default)
-    return default
+def _attr(node: Node, name: str, default: Any) -> Any:
+    return node.attrs.get(name, default)
 
 
-def _node_macs(node, shapes: dict[str, list[int | None]]) -> tuple[int | None, bool]:
+def _node_macs(node: Node, shapes: dict[str, list[int | None]]) -> tuple[int | None, bool]:
     """(MACs of one node per image or None when shapes are unknown, is_depthwise)."""
     op = node.op_type
-    get = lambda i: shapes.get(node.input[i]) if len(node.input) > i and node.input[i] else None  # noqa: E731
-    out = shapes.get(node.output[0]) if node.output else None
+    get = lambda i: shapes.get(node.inputs[i]) if len(node.inputs) > i and node.inputs[i] else None  # noqa: E731
+    out = shapes.get(node.outputs[0]) if node.outputs else None
     if op in _CONV_OPS:
         xi, wi = _CONV_OPS[op]
         w, x = get(wi), get(xi)
@@ -152,15 +135,15 @@ def _node_macs(node, shapes: dict[str, list[int | None]]) -> tuple[int | None, b
     return 0, False
 
 
-def _count_params(model) -> int:
-    inits = {i.name: i for i in model.graph.initializer}
+def _count_params(graph: Graph) -> int:
+    inits = graph.initializers
     # DequantizeLinear output -> its quantized initializer, so W -> DQ -> Conv counts the int8 W
-    dq_source = {n.output[0]: n.input[0] for n in model.graph.node
-                 if n.op_type == "DequantizeLinear" and n.input and n.input[0] in inits}
+    dq_source = {n.outputs[0]: n.inputs[0] for n in graph.nodes
+                 if n.op_type == "DequantizeLinear" and n.inputs and n.outputs and n.inputs[0] in inits}
     weights: set[str] = set()
     excluded: set[str] = set()
-    for node in model.graph.node:
-        for pos, name in enumerate(node.input):
+    for node in graph.nodes:
+        for pos, name in enumerate(node.inputs):
             if not name:
                 continue
             if pos in _WEIGHT_ROLES.get(node.op_type, ()):
@@ -179,29 +162,92 @@ def _count_params(model) -> int:
     return total
 
 
-def graph_stats(model: str | os.PathLike | bytes) -> GraphStats:
-    """Count parameters and per-image MACs of an ONNX model (path or bytes); see the module rules."""
+_COUNTED = set(_CONV_OPS) | set(_CONVT_OPS) | set(_GEMM_OPS) | set(_MATMUL_OPS)
+_QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger", "QLinearMatMul",
+              "MatMulInteger", "QGemm"}
+
+
+def _feeds(graph: Graph, input_hw: Sequence[int] | None) -> tuple[dict[str, np.ndarray] | None, str]:
+    """Zero inputs at batch 1 for every real graph input, or (None, reason)."""
+    feeds: dict[str, np.ndarray] = {}
+    for vi in graph.inputs:
+        if vi.name in graph.initializers:
+            continue
+        dtype = _NP_TYPES.get(vi.elem_type or 0)
+        if dtype is None:
+            return None, f"graph input {vi.name!r} is not a float tensor (elem_type {vi.elem_type}): MACs not measured"
+        if vi.dims is None:
+            return None, f"graph input {vi.name!r} has no shape: MACs not measured"
+        dims = list(vi.dims)
+        if dims and dims[0] is None:
+            dims[0] = 1
+        if len(dims) == 4 and input_hw is not None:
+            dims[2] = dims[2] or int(input_hw[0])
+            dims[3] = dims[3] or int(input_hw[1])
+        if any(d is None for d in dims):
+            return None, f"graph input {vi.name!r} has a symbolic size {vi.dims} and no hint: MACs not measured"
+        feeds[vi.name] = np.zeros(dims, dtype=dtype)
+    return feeds, ""
+
+
+def _runtime_shapes(model: bytes, graph: Graph, input_hw: Sequence[int] | None
+                    ) -> tuple[dict[str, list[int | None]] | None, str]:
+    """Concrete shapes (batch 1) of the tensors counted ops touch, measured by onnxruntime."""
+    feeds, reason = _feeds(graph, input_hw)
+    if feeds is None:
+        return None, reason
+    inits = graph.initializers
+    existing = {o.name for o in graph.outputs}
+    wanted: list[str] = []
+    for node in graph.nodes:
+        if node.op_type not in _COUNTED:
+            continue
+        for name in list(node.inputs) + list(node.outputs[:1]):
+            if name and name not in inits and name not in feeds and name not in existing and name not in wanted:
+                wanted.append(name)
     try:
-        import onnx
-        from onnx import shape_inference
-    except ImportError:
-        return GraphStats(available=False, reason=UNAVAILABLE_REASON)
-    proto = onnx.load_from_string(model) if isinstance(model, (bytes, bytearray)) else onnx.load(os.fspath(model))
-    params = _count_params(proto)
-    _fix_batch(proto)
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.intra_op_num_threads = 1
+        opts.log_severity_level = 4  # a failing run is reported in the result, not logged
+        session = ort.InferenceSession(with_outputs(model, wanted), sess_options=opts,
+                                       providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        values = session.run(names, feeds)
+    except Exception as exc:  # onnxruntime's own error types: custom ops, bad graphs
+        return None, f"onnxruntime could not run the graph to measure shapes ({type(exc).__name__}): MACs not measured"
+    shapes: dict[str, list[int | None]] = {name: list(v.shape) for name, v in zip(names, values)}
+    shapes.update({name: list(v.shape) for name, v in feeds.items()})
+    for name, init in inits.items():
+        shapes[name] = list(init.dims)
+    for node in graph.nodes:  # W -> DequantizeLinear -> Conv: the DQ output has its initializer's shape
+        if node.op_type == "DequantizeLinear" and node.inputs and node.inputs[0] in inits and node.outputs:
+            shapes.setdefault(node.outputs[0], list(inits[node.inputs[0]].dims))
+    return shapes, ""
+
+
+def graph_stats(model: str | os.PathLike | bytes, input_hw: Sequence[int] | None = None) -> GraphStats:
+    """Count parameters and per-image MACs of an ONNX model (path or bytes); see the module rules.
+
+    ``input_hw`` fills a symbolic spatial input size (a bundle's ``preprocessing.input_size``).
+    Needs onnxruntime only.
+    """
     try:
-        inferred = shape_inference.infer_shapes(proto, data_prop=True)
-    except Exception as exc:  # onnx raises its own error types for malformed graphs
-        return GraphStats(available=True, params=params, reason=f"shape inference failed: {exc}")
-    shapes = _shape_table(inferred)
+        data = bytes(model) if isinstance(model, (bytes, bytearray)) else Path(model).read_bytes()
+        graph = parse_model(data)
+    except Exception as exc:  # not a file, not ONNX, truncated protobuf
+        return GraphStats(available=False, reason=f"not a readable ONNX graph ({type(exc).__name__}: {exc})")
+    params = _count_params(graph)
+    quantized = any(n.op_type in _QUANT_OPS for n in graph.nodes)
+    shapes, reason = _runtime_shapes(data, graph, input_hw)
+    if shapes is None:
+        return GraphStats(available=True, params=params, quantized=quantized, reason=reason)
     total = depthwise = 0
     by_op: dict[str, int] = {}
     uncounted: list[dict[str, str]] = []
-    quant_ops = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger", "QLinearMatMul",
-                 "MatMulInteger", "QGemm"}
-    quantized = False
-    for node in inferred.graph.node:
-        quantized = quantized or node.op_type in quant_ops
+    for node in graph.nodes:
         macs, is_dw = _node_macs(node, shapes)
         if macs is None:
             uncounted.append({"node": node.name, "op": node.op_type})
@@ -212,4 +258,5 @@ def graph_stats(model: str | os.PathLike | bytes) -> GraphStats:
             total += macs
             depthwise += macs if is_dw else 0
     return GraphStats(available=True, params=params, macs=total, flops=2 * total, macs_by_op=by_op,
-                      depthwise_macs=depthwise, quantized=quantized, uncounted=uncounted)
+                      depthwise_macs=depthwise, quantized=quantized, uncounted=uncounted,
+                      reason="shapes measured by onnxruntime (one run at batch 1)")

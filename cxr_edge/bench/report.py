@@ -13,11 +13,16 @@ JSON schema ``cxr-edge-bench/1`` (``--json out.json``); times in milliseconds, s
 - ``settings``: ``formats``, ``threads``, ``batches``, ``providers``, ``runs`` (null = auto policy),
   ``warmup``, ``cold_repeats``, ``split_repeats``, ``image`` (``path``, ``synthetic``)
 - ``models``: one per bundle file measured:
-  ``model`` (FP32 sibling path, groups formats), ``path``, ``format`` (fp32/fp16/int8), ``model_id``,
-  ``model_sha256``, ``size_bytes``, ``labels``, ``input_size``, ``providers`` (active), ``mean_auc``
-  (manifest provenance.metrics.mean_auc or null), ``note`` (manifest provenance.note or null),
+  ``model`` (the family's plain X.onnx path, groups formats), ``path`` (the file measured, exactly the one
+  named or found), ``format`` (fp32/fp16/int8/unknown), ``format_source`` (provenance.precision,
+  provenance.format, or graph ...), ``named`` (bool: given with --model), ``format_note`` (when the file
+  name disagrees), ``model_id``, ``model_sha256``, ``size_bytes``, ``labels``, ``input_size``,
+  ``providers`` (active), ``mean_auc`` (this bundle's own: provenance.int8_verification.mean_auc_new for
+  INT8, provenance.metrics.mean_auc otherwise; null when absent), ``mean_auc_source``, ``note``
+  (manifest provenance.note or null),
   ``graph``: ``available``, ``params``, ``macs`` (per image), ``flops`` (= 2 x macs), ``macs_by_op``,
-  ``depthwise_macs``, ``quantized``, ``uncounted``, ``reason``, ``rule`` (null counts when onnx is absent),
+  ``depthwise_macs``, ``quantized``, ``uncounted``, ``reason``, ``rule`` (counted without the onnx package;
+  null MACs with the reason when the graph cannot be run here),
   ``configs``: list of ``threads``, ``batch``, ``runs``, ``warmup``, ``latency_ms`` (``median``, ``p90``,
   ``p99``, ``mean``, ``min``, ``max``, ``std`` per batch call), ``latency_per_image_ms``,
   ``throughput_ips`` (images/s), ``achieved_gflops``, ``fraction_of_fp32_peak`` (null when unknown),
@@ -73,7 +78,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool)
 
 
 def _name(m: dict[str, Any]) -> str:
-    return Path(m["model"]).name
+    return Path(m.get("path") or m["model"]).name
 
 
 def latency_rows(result: dict[str, Any]) -> list[list[str]]:
@@ -97,9 +102,9 @@ def cost_rows(result: dict[str, Any]) -> list[list[str]]:
         cold = {} if failed else cold
         phases = cold.get("phases_ms_from_process_start") or {}
         rows.append([_name(m), m["format"], f"{m['size_bytes'] / 1e6:.2f} MB",
-                     _count(g.get("params")) if g["available"] else "n/a (install onnx)",
-                     _count(g.get("macs")) if g["available"] else "n/a (install onnx)",
-                     _count(g.get("flops")) if g["available"] else "n/a",
+                     _count(g.get("params")),
+                     _count(g.get("macs")),
+                     _count(g.get("flops")),
                      _num(cold.get("cold_start_ms"), 0) if cold else ("failed" if failed else "-"),
                      " / ".join(_num(phases.get(k), 0) for k in ("import_ms", "session_ms")) if cold else "-",
                      _num(cold.get("peak_rss_mib"), 0) if cold else "-",

@@ -36,7 +36,8 @@ class BenchConfig:
     """What to measure; ``runs=None`` means the automatic run policy of :mod:`.timing`."""
 
     models: list[str]
-    formats: list[str] = field(default_factory=lambda: ["fp32", "int8"])
+    #: None = the named files plus their existing fp32/int8 siblings; a list = exactly those formats
+    formats: list[str] | None = None
     threads: list[int] = field(default_factory=lambda: [1])
     batches: list[int] = field(default_factory=lambda: [1])
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
@@ -73,6 +74,26 @@ def _model_input(bundle, image: str) -> np.ndarray:
     spec = bundle.manifest.preprocessing
     pixels = read_image(image, min_side=spec.min_side, max_pixels=spec.max_pixels).pixels
     return preprocess([pixels], spec)
+
+
+def own_mean_auc(manifest, fmt: str) -> tuple[float | None, str]:
+    """This bundle's own mean AUC from its provenance, and where it came from (never a sibling's).
+
+    An INT8 bundle's ``provenance.metrics`` are those of the float model it was quantized from, so
+    its own number is ``provenance.int8_verification.mean_auc_new`` (the INT8 graph on the held-out
+    verification images); an fp32 bundle's is ``provenance.metrics.mean_auc`` (the exported graph
+    matches the float model to ~1e-5, checked at export).
+    """
+    prov = manifest.provenance or {}
+    if fmt == "int8":
+        value = (prov.get("int8_verification") or {}).get("mean_auc_new")
+        if value is not None:
+            return float(value), "provenance.int8_verification.mean_auc_new"
+        return None, "no INT8 measurement in provenance (provenance.metrics belong to the float model)"
+    value = (prov.get("metrics") or {}).get("mean_auc")
+    if value is not None:
+        return float(value), "provenance.metrics.mean_auc"
+    return None, "no provenance.metrics.mean_auc"
 
 
 def _load(path: str, threads: int, providers: Sequence[str], self_check: bool):
@@ -181,17 +202,21 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> 
             log(f"{variant.path} [{variant.format}]")
             bundle = _load(variant.path, top_threads, cfg.providers, self_check=True)
             manifest = bundle.manifest
-            stats = graph_stats(variant.path).to_dict()
+            stats = graph_stats(variant.path, manifest.preprocessing.input_size).to_dict()
+            auc, auc_source = own_mean_auc(manifest, variant.format)
             entry: dict[str, Any] = {
                 "model": variant.group, "path": variant.path, "format": variant.format,
+                "format_source": variant.format_source, "named": variant.named,
                 "model_id": manifest.model_id, "model_sha256": manifest.model_sha256,
                 "size_bytes": bundle.size_bytes, "labels": len(manifest.labels),
                 "input_size": list(manifest.preprocessing.input_size),
                 "providers": list(bundle.session.get_providers()),
-                "mean_auc": (manifest.provenance.get("metrics") or {}).get("mean_auc"),
+                "mean_auc": auc, "mean_auc_source": auc_source,
                 "note": manifest.provenance.get("note"),
                 "graph": stats,
             }
+            if variant.note:
+                entry["format_note"] = variant.note
             del bundle
             entry["configs"] = _configs(variant, cfg, stats, machine, image, log)
             if cfg.split_repeats:
@@ -221,8 +246,11 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> 
              "throughput = batch x runs / total measured time",
              "fraction_of_fp32_peak = FLOPs per image (2 x MACs, float-equivalent also for INT8) x images/s / "
              "(min(threads, cores) x GHz x FLOPs/cycle); see machine.peak_fp32.assumption"]
-    if any(not m["graph"]["available"] for m in models):
-        notes.append("MACs/params: " + models[0]["graph"]["reason"])
+    for m in models:
+        if m["graph"].get("macs") is None:
+            notes.append(f"MACs of {Path(m['path']).name}: {m['graph']['reason']}")
+        if m.get("format_note"):
+            notes.append(f"{Path(m['path']).name}: {m['format_note']}")
     notes += machine.get("notes", [])
     load = _load_average()
     if load is not None and load_start is not None:
@@ -235,7 +263,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> 
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "duration_s": time.time() - started, "machine": machine,
         "load_average": {"start": load_start, "end": load},
-        "settings": {"formats": cfg.formats, "threads": cfg.threads, "batches": cfg.batches,
+        "settings": {"formats": cfg.formats if cfg.formats is not None else "named files + fp32/int8 siblings", "threads": cfg.threads, "batches": cfg.batches,
                      "providers": cfg.providers, "runs": cfg.runs, "warmup": cfg.warmup,
                      "cold_repeats": cfg.cold_repeats, "split_repeats": cfg.split_repeats, "image": image_desc},
         "models": models, "skipped": skipped, "recommendations": recs, "notes": notes,

@@ -1,7 +1,19 @@
 """Which bundle files a ``--model`` / ``--format`` request means, and which execution provider.
 
-Naming convention: ``X.onnx`` is the FP32 bundle, ``X.int8.onnx`` (``X.fp16.onnx``...) its siblings.
-A bundle's manifest ``provenance.format`` wins over its file name when both exist.
+Rules (the bench never substitutes one file for another):
+
+* The file named by ``--model`` is benchmarked exactly as named (``--model X.fp32.onnx`` measures
+  ``X.fp32.onnx``), whatever its name says.
+* A bundle's precision comes from its manifest, ``provenance.precision`` (written by the export),
+  then ``provenance.format``; without either, from its graph (quantize/dequantize or QLinear ops =
+  int8, float16 weights = fp16, else fp32). ``format_source`` says which. The file name is never
+  trusted for it.
+* Siblings of the same family (``X.onnx``, ``X.fp32.onnx``, ``X.fp16.onnx``, ``X.int8.onnx``) that
+  exist are added: by default the fp32 and int8 ones; with ``--format`` exactly the listed formats
+  (the named file too is then kept only if its precision is listed). Every format asked for and
+  not found, and every file left out, is reported in ``skipped`` with the reason. A sibling whose
+  name says one precision and whose manifest another is left out; a named file is measured and
+  flagged (``note``).
 """
 from __future__ import annotations
 
@@ -34,10 +46,16 @@ class Variant:
     group: str
     format: str
     path: str
+    format_source: str = ""
+    named: bool = False
+    note: str | None = None
+
+
+DEFAULT_FORMATS = ("fp32", "int8")
 
 
 def _stem(path: Path) -> tuple[Path, str | None]:
-    """(path of the FP32 sibling, format named by the file name or None)."""
+    """(path of the family's plain ``X.onnx``, format named by the file name or None)."""
     name = path.name
     for fmt in FORMATS:
         suffix = f".{fmt}.onnx"
@@ -52,41 +70,100 @@ def _sibling(base: Path, fmt: str) -> Path:
 
 
 def declared_format(path: str | os.PathLike) -> str | None:
-    """``provenance.format`` of a bundle's manifest (read without onnxruntime), if any."""
+    """``provenance.precision`` (or ``provenance.format``) of a bundle's manifest, if any."""
+    fmt, source = bundle_precision(path)
+    return fmt if source.startswith("provenance") else None
+
+
+def bundle_precision(path: str | os.PathLike) -> tuple[str | None, str]:
+    """(fp32/fp16/int8 or None, where that came from); read without onnxruntime or onnx."""
     from ..bundle import read_manifest
 
     try:
-        manifest = read_manifest(Path(path).read_bytes(), verify_checksum=False)
-    except Exception:  # unreadable here; load_bundle reports it properly later
-        return None
-    fmt = manifest.provenance.get("format")
-    return str(fmt).lower() if fmt else None
+        data = Path(path).read_bytes()
+    except OSError:
+        return None, "unreadable"
+    try:
+        manifest = read_manifest(data, verify_checksum=False)
+    except Exception:  # not a bundle; load_bundle reports it properly later
+        manifest = None
+    if manifest is not None:
+        for key in ("precision", "format"):
+            value = manifest.provenance.get(key)
+            if value:
+                return str(value).lower(), f"provenance.{key}"
+    try:
+        from .onnxwalk import parse_model
+
+        graph = parse_model(data)
+    except Exception:
+        return None, "unreadable graph"
+    ops = {n.op_type for n in graph.nodes}
+    if ops & {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
+              "MatMulInteger", "QGemm"}:
+        return "int8", "graph (quantization ops)"
+    float_inits = [i for i in graph.initializers.values() if i.data_type in (1, 10, 11, 16)]
+    if float_inits and sum(i.data_type == 10 for i in float_inits) > len(float_inits) / 2:
+        return "fp16", "graph (float16 weights)"
+    return "fp32", "graph (float32 weights, no quantization ops)"
 
 
-def resolve_variants(models: Sequence[str], formats: Sequence[str]) -> tuple[list[Variant], list[dict[str, Any]]]:
-    """Bundle files for each model x format that exist, and a list of what was skipped and why."""
-    bad = [f for f in formats if f not in FORMATS]
-    if bad:
-        raise InvalidArgumentError(f"unknown format(s) {bad}; choose from {', '.join(FORMATS)}")
+def resolve_variants(models: Sequence[str], formats: Sequence[str] | None = None
+                     ) -> tuple[list[Variant], list[dict[str, Any]]]:
+    """Bundle files to measure for each ``--model`` (module rules) and what was left out, and why."""
+    if formats is not None:
+        bad = [f for f in formats if f not in FORMATS]
+        if bad:
+            raise InvalidArgumentError(f"unknown format(s) {bad}; choose from {', '.join(FORMATS)}")
+    wanted = tuple(formats) if formats is not None else DEFAULT_FORMATS
+    listed = ",".join(wanted)
     variants: list[Variant] = []
     skipped: list[dict[str, Any]] = []
+
+    def seen(path: Path) -> bool:
+        return any(Path(v.path).resolve() == path.resolve() for v in variants)
+
     for model in models:
-        base, _ = _stem(Path(model))
+        named = Path(model)
+        base, name_hint = _stem(named)
         group = str(base)
-        for fmt in formats:
-            path = base if fmt == "fp32" else _sibling(base, fmt)
-            if Path(model).resolve() == path.resolve() or path.is_file():
-                declared = declared_format(path) if path.is_file() else None
-                if declared and declared != fmt:
-                    skipped.append({"model": group, "format": fmt, "path": str(path),
-                                    "reason": f"file name says {fmt} but its manifest says format={declared!r}"})
-                    continue
-                if any(v.path == str(path) for v in variants):
-                    continue
-                variants.append(Variant(group=group, format=fmt, path=str(path)))
+        found: set[str] = set()
+        if not named.is_file():
+            skipped.append({"model": group, "format": name_hint or "?", "path": str(named),
+                            "reason": f"{named.name} does not exist"})
+        elif not seen(named):
+            fmt, source = bundle_precision(named)
+            fmt = fmt or "unknown"
+            note = (f"file name says {name_hint} but its {source} says {fmt}; measured as {fmt}"
+                    if name_hint and name_hint != fmt else None)
+            if formats is None or fmt in formats:
+                variants.append(Variant(group, fmt, str(named), source, True, note))
+                found.add(fmt)
             else:
-                skipped.append({"model": group, "format": fmt, "path": str(path),
-                                "reason": f"no {fmt} sibling ({path.name} does not exist)"})
+                skipped.append({"model": group, "format": fmt, "path": str(named),
+                                "reason": f"{named.name} is {fmt} ({source}), not in --format {listed}"})
+        candidates = [(base, None)] + [(_sibling(base, f), f) for f in FORMATS]
+        for path, hint in candidates:
+            if not path.is_file() or seen(path) or path.resolve() == named.resolve():
+                continue
+            fmt, source = bundle_precision(path)
+            if fmt is None:
+                continue
+            if hint and fmt != hint:
+                skipped.append({"model": group, "format": hint, "path": str(path),
+                                "reason": f"file name says {hint} but its manifest says format={fmt!r} ({source}); "
+                                          "not measured"})
+                continue
+            if fmt in wanted and fmt not in found:
+                variants.append(Variant(group, fmt, str(path), source, False))
+                found.add(fmt)
+        for fmt in wanted:
+            if fmt in found or any(s["model"] == group and s["format"] == fmt for s in skipped):
+                continue
+            sib = _sibling(base, fmt)
+            extra = f"; {base.name} is not {fmt}" if base.is_file() else ""
+            skipped.append({"model": group, "format": fmt, "path": str(sib),
+                            "reason": f"no {fmt} bundle in this family ({sib.name} does not exist{extra})"})
     return variants, skipped
 
 

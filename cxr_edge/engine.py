@@ -1,0 +1,211 @@
+"""One engine for every front end: read, infer, write overlays and format JSON the same way.
+
+``cxr-edge predict`` and ``cxr-edge serve`` both go through :class:`Engine`, so an image gives
+the same JSON object (``schema_version`` 1, ``cxr_edge/schema/prediction.schema.json``) whether it
+came from a command line, a socket or stdin; errors are the same typed objects everywhere.
+
+Thread safety: an Engine is read-only after construction; onnxruntime sessions may be run from
+several threads at once, so one Engine can serve many requests concurrently.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from .classifier import SCHEMA_VERSION, Classifier, Prediction, label_index
+from .errors import CxrEdgeError, InternalError, OutputError
+
+#: Python keyword spellings in library messages -> the command-line flag that does the same thing
+_FLAG_SPELLINGS = (
+    ("pass allow_any_body_part=True to read it anyway", "pass --allow-any-body-part to read it anyway"),
+    ("allow_any_body_part=True", "--allow-any-body-part"),
+    ("e.g. Classifier('model.onnx') or --model model.onnx", "e.g. --model model.onnx"),
+    ("predict with keep_image=True", "rerun with --cam-dir"),
+)
+
+
+def display_path(source: Any) -> str:
+    """A printable, JSON-safe name for a path: undecodable bytes of a file name become ``\\xNN``.
+
+    Command-line paths are decoded with ``surrogateescape``; printing such a string would raise
+    UnicodeEncodeError, and strict JSON parsers refuse lone surrogates, so they are escaped here.
+    """
+    text = os.fsdecode(source) if isinstance(source, (bytes, os.PathLike)) else str(source)
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def flag_message(message: str) -> str:
+    """A library message with Python keywords replaced by the CLI flags that set them."""
+    for old, new in _FLAG_SPELLINGS:
+        message = message.replace(old, new)
+    return message
+
+
+def error_dict(exc: BaseException, *, cli: bool = True) -> dict[str, Any]:
+    """``{"type", "code", "message"[, "field"]}`` of a typed error (unexpected ones: InternalError)."""
+    if isinstance(exc, CxrEdgeError):
+        kind, code, message = type(exc).__name__, exc.code, str(exc)
+    elif isinstance(exc, KeyboardInterrupt):
+        kind, code, message = "KeyboardInterrupt", "interrupted", "interrupted (SIGINT / Ctrl-C)"
+    else:
+        kind, code = InternalError.__name__, InternalError.code
+        message = f"unexpected {type(exc).__name__}: {exc}"
+    err: dict[str, Any] = {"type": kind, "code": code, "message": flag_message(message) if cli else message}
+    if getattr(exc, "field", None):
+        err["field"] = exc.field  # type: ignore[attr-defined]
+    return err
+
+
+def error_object(source: Any, exc: BaseException, *, cli: bool = True) -> dict[str, Any]:
+    """The JSON error record of one input (or of the run, with a ``<...>`` source)."""
+    return {"schema_version": SCHEMA_VERSION, "source": display_path(source), "ok": False,
+            "error": error_dict(exc, cli=cli)}
+
+
+def skipped_object(source: Any, reason: str) -> dict[str, Any]:
+    """The JSON record of a file a folder walk did not attempt (suffix, hidden)."""
+    return {"schema_version": SCHEMA_VERSION, "source": display_path(source), "ok": False, "skipped": True,
+            "reason": reason}
+
+
+def dumps(obj: dict[str, Any]) -> str:
+    """One JSON line (ASCII, no NaN)."""
+    return json.dumps(obj, allow_nan=False)
+
+
+def safe_component(text: str, limit: int = 60) -> str:
+    """A file-name-safe piece: letters, digits, ``-`` and ``_`` (path separators never survive)."""
+    safe = "".join(ch if (ch.isascii() and ch.isalnum()) or ch in "-_" else "_" for ch in str(text))
+    return safe[:limit] or "_"
+
+
+def cam_file_name(source: Any, label: str) -> str:
+    """``<stem>-<8 hex of the absolute path>_<label>.png``; works for undecodable names and odd labels."""
+    raw = os.fsencode(source) if isinstance(source, (str, bytes, os.PathLike)) else str(source).encode()
+    digest = hashlib.sha256(os.path.abspath(raw)).hexdigest()[:8]
+    stem = Path(os.fsdecode(raw)).stem or "image"
+    return f"{safe_component(stem)}-{digest}_{safe_component(label, 80)}.png"
+
+
+CAM_CHOICES = ("positive", "top", "all")
+
+
+class Engine:
+    """A loaded bundle plus the formatting every front end shares."""
+
+    def __init__(self, model: str | os.PathLike | None = None, *, threads: int | None = None,
+                 providers: Sequence[str] | None = None, allow_any_body_part: bool = False) -> None:
+        self.classifier = Classifier(model, threads=threads, providers=providers,
+                                     allow_any_body_part=allow_any_body_part)
+        self.manifest = self.classifier.manifest
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.classifier.labels
+
+    @property
+    def model_id(self) -> str:
+        return self.classifier.model_id
+
+    @property
+    def has_cam(self) -> bool:
+        return self.manifest.cam.method == "weights"
+
+    def model_block(self) -> dict[str, Any]:
+        return {"id": self.model_id, "sha256": self.manifest.model_sha256, "notice": self.manifest.notice}
+
+    def resolve_cam_label(self, how: str) -> str:
+        """``positive|top|all`` as is, or a label name (any spelling) -> the bundle's own spelling."""
+        if how in CAM_CHOICES:
+            return how
+        return self.labels[label_index(self.labels, how)]
+
+    def cam_labels(self, pred: Prediction, how: str) -> list[str]:
+        if how == "positive":
+            return pred.positive_labels
+        if how == "top":
+            return [max(pred.probabilities, key=pred.probabilities.get)]
+        if how == "all":
+            return list(pred.labels)
+        return [pred.labels[label_index(pred.labels, how)]]
+
+    def write_cams(self, pred: Prediction, source: Any, cam_dir: str | os.PathLike,
+                   how: str) -> tuple[dict[str, str], dict[str, bool]]:
+        """Overlays of the chosen labels into ``cam_dir``: ({label: path}, {label: map empty})."""
+        cams: dict[str, str] = {}
+        empty: dict[str, bool] = {}
+        if not self.has_cam:
+            return cams, empty
+        for label in self.cam_labels(pred, how):
+            out = os.path.join(os.fspath(cam_dir), cam_file_name(source, label))
+            empty[label] = pred.write_overlay(out, label)
+            cams[label] = display_path(out)
+        return cams, empty
+
+    def result_object(self, pred: Prediction, source: Any = None, cams: dict[str, str] | None = None,
+                      cam_empty: dict[str, bool] | None = None) -> dict[str, Any]:
+        """The success object (``predict --json`` line, ``serve`` reply without ``id``)."""
+        obj = pred.to_dict()
+        if source is not None:
+            obj["source"] = display_path(source)
+        obj["model"] = self.model_block()
+        if cams:
+            obj["cam"] = cams
+            obj["cam_empty"] = dict(cam_empty or {})
+        return obj
+
+    def _finish(self, source: Any, res: Prediction | BaseException, cam_dir, cam_how: str) -> dict[str, Any]:
+        if isinstance(res, BaseException):
+            return error_object(source, res)
+        try:
+            cams, empty = self.write_cams(res, source, cam_dir, cam_how) if cam_dir else ({}, {})
+        except OutputError as exc:
+            return error_object(source, exc)
+        return self.result_object(res, source, cams, empty)
+
+    def predict_object(self, source: Any, *, name: Any = None, cam_dir: str | os.PathLike | None = None,
+                       cam_how: str = "positive") -> dict[str, Any]:
+        """One input -> its success or error object; never raises for a bad input."""
+        shown = source if name is None else name
+        try:
+            pred = self.classifier.predict(source, keep_image=bool(cam_dir))
+        except CxrEdgeError as exc:
+            return error_object(shown, exc)
+        except (KeyboardInterrupt, SystemExit, MemoryError):
+            raise
+        except Exception as exc:  # a bug: report it for this input, keep serving the others
+            return error_object(shown, exc)
+        return self._finish(shown, pred, cam_dir, cam_how)
+
+    def run(self, sources: Sequence[Any], *, batch_size: int = 1, cam_dir: str | os.PathLike | None = None,
+            cam_how: str = "positive") -> Iterator[dict[str, Any]]:
+        """Objects for ``sources`` in order, the model run on real batches of ``batch_size``.
+
+        A batch whose inference fails (e.g. NaN logits) is retried one image at a time, so an error
+        always belongs to the one input that caused it.
+        """
+        for start in range(0, len(sources), batch_size):
+            chunk = list(sources[start:start + batch_size])
+            try:
+                results: Iterable[Any] = self.classifier.predict_batch(
+                    chunk, batch_size=batch_size, keep_image=bool(cam_dir), errors="collect")
+            except (KeyboardInterrupt, SystemExit, MemoryError):
+                raise
+            except Exception:
+                for source in chunk:
+                    yield self.predict_object(source, cam_dir=cam_dir, cam_how=cam_how)
+                continue
+            for source, res in zip(chunk, results):
+                yield self._finish(source, res, cam_dir, cam_how)
+
+    def info_object(self) -> dict[str, Any]:
+        """The manifest summary (``info --json`` without the card)."""
+        from . import __version__
+
+        summary = self.manifest.summary()
+        summary["file"] = {"size_bytes": self.classifier.bundle.size_bytes}
+        summary["runtime"] = {"cxr_edge": __version__}
+        return summary

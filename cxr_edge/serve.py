@@ -1,0 +1,454 @@
+"""``cxr-edge serve``: one process, the bundle loaded once, JSON-line requests over a Unix socket and/or stdio.
+
+Protocol (one JSON object per line, UTF-8, ``\\n``-terminated; replies in the same form):
+
+* ``{"id": ..., "path": "/data/img.dcm"}`` - classify a file the server can read;
+* ``{"id": ..., "image_b64": "<base64 of the file bytes>"}`` - classify bytes sent inline;
+* ``{"id": ..., "op": "health"}`` / ``{"id": ..., "op": "info"}`` - liveness / the manifest summary,
+  answered at once, even when the queue is full.
+
+A predict reply is exactly the object ``cxr-edge predict --json`` prints for that image (same
+engine: :mod:`cxr_edge.engine`) with ``"id"`` added; a failure is the same typed error object
+plus ``"id"``. ``id`` is echoed as given (any JSON value; null when absent or unparsable). On one
+connection, requests may be pipelined; with several workers replies can come back out of order,
+so match them by ``id``.
+
+Concurrency: any number of clients (one reader thread per connection); ``--workers`` inference
+threads share the onnxruntime session; at most ``--workers + --queue-size`` predict requests are
+accepted at a time, further ones get ``{"ok": false, "error": {"type": "BusyError", "code": "busy"}}``
+immediately. A request line over ``--max-request-bytes`` gets ``request_too_large`` (the rest of
+that line is discarded, the connection stays usable).
+
+Shutdown: SIGTERM or SIGINT (or EOF on stdin with ``--stdio``) stops accepting, answers every
+request already accepted, replies ``shutting_down`` to anything read afterwards, removes the socket
+file and exits 0. Logs (stderr) carry request counters, operations, outcome codes and timings only:
+never paths, file names, ids or DICOM attributes.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import queue
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .classifier import SCHEMA_VERSION
+from .engine import Engine, dumps, error_object
+from .errors import (BusyError, InvalidRequestError, OutputError, RequestTooLargeError, ShuttingDownError)
+
+READ_CHUNK = 1 << 16
+MAX_UNIX_PATH = 107  # sun_path is 108 bytes on Linux, NUL included
+
+
+def iter_lines(recv: Callable[[], bytes], cap: int):
+    """Yield ``("line", bytes)`` per ``\\n``-terminated line, or ``("too_large", None)`` once per line over
+    ``cap`` bytes (whose remainder is discarded). A final unterminated line counts as a line."""
+    buf = bytearray()
+    discarding = False
+    while True:
+        chunk = recv()
+        if not chunk:
+            if buf and not discarding:
+                yield "line", bytes(buf)
+            return
+        start = 0
+        while True:
+            nl = chunk.find(b"\n", start)
+            if nl < 0:
+                if not discarding:
+                    buf += chunk[start:]
+                    if len(buf) > cap:
+                        discarding = True
+                        buf.clear()
+                        yield "too_large", None
+                break
+            if discarding:
+                discarding = False
+            else:
+                buf += chunk[start:nl]
+                if len(buf) > cap:
+                    yield "too_large", None
+                else:
+                    yield "line", bytes(buf)
+            buf.clear()
+            start = nl + 1
+
+
+class _Channel:
+    """Where replies of one client go (a socket connection or stdout), with its pending count."""
+
+    def __init__(self, send: Callable[[bytes], None], close: Callable[[], None] | None = None) -> None:
+        self._send, self._close = send, close
+        self._lock = threading.Lock()
+        self.pending = 0
+        self.reading = True
+        self.broken = False
+        self.closed = False
+
+    def reply(self, obj: dict[str, Any]) -> None:
+        data = (dumps(obj) + "\n").encode("ascii")
+        with self._lock:
+            if self.broken or self.closed:
+                return
+            try:
+                self._send(data)
+            except (OSError, ValueError):
+                self.broken = True
+
+    def add(self) -> None:
+        with self._lock:
+            self.pending += 1
+
+    def done(self) -> None:
+        with self._lock:
+            self.pending -= 1
+            last = not self.reading and self.pending == 0
+        if last:
+            self.close()
+
+    def end_reading(self) -> None:
+        with self._lock:
+            self.reading = False
+            last = self.pending == 0
+        if last:
+            self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+        if self._close:
+            try:
+                self._close()
+            except OSError:
+                pass
+
+
+@dataclass
+class _Job:
+    rid: Any
+    request: dict[str, Any]
+    channel: _Channel
+    seq: int
+    received: float = field(default_factory=time.perf_counter)
+
+
+class Server:
+    """The request loop around one :class:`~cxr_edge.engine.Engine` (see the module docstring)."""
+
+    def __init__(self, engine: Engine, *, workers: int = 1, queue_size: int = 8, max_request_bytes: int = 64 << 20,
+                 log: Callable[[str], None] | None = None, delay_s: float = 0.0) -> None:
+        self.engine = engine
+        self.workers = workers
+        self.queue_size = queue_size
+        self.max_request_bytes = max_request_bytes
+        self.delay_s = delay_s
+        self._log = log or (lambda s: None)
+        self._slots = threading.Semaphore(workers + queue_size)
+        self._queue: "queue.Queue[_Job | None]" = queue.Queue()
+        self._lock = threading.Lock()
+        self._stopping = False
+        self.stop_event = threading.Event()
+        self._seq = 0
+        self._served = 0
+        self._in_flight = 0
+        self._started = time.monotonic()
+        self._threads: list[threading.Thread] = []
+        self._channels: list[tuple[_Channel, socket.socket | None]] = []
+        self._listener: socket.socket | None = None
+        self._socket_path: str | None = None
+
+    # ------------------------------------------------------------------ requests
+    def _next_seq(self) -> int:
+        with self._lock:
+            self._seq += 1
+            return self._seq
+
+    def health(self, rid: Any) -> dict[str, Any]:
+        with self._lock:
+            waiting, in_flight, served, stopping = self._queue.qsize(), self._in_flight, self._served, self._stopping
+        return {"id": rid, "schema_version": SCHEMA_VERSION, "ok": True, "op": "health",
+                "status": "stopping" if stopping else "ok", "model_id": self.engine.model_id,
+                "uptime_s": round(time.monotonic() - self._started, 3), "workers": self.workers,
+                "queue": {"capacity": self.queue_size, "waiting": waiting, "in_flight": in_flight},
+                "served": served}
+
+    def _error(self, rid: Any, exc: BaseException, source: str = "<request>") -> dict[str, Any]:
+        return {"id": rid, **error_object(source, exc)}
+
+    def handle_line(self, line: bytes, channel: _Channel) -> None:
+        """Parse one request line and answer it (health/info/errors at once, predictions via the queue)."""
+        seq = self._next_seq()
+        try:
+            req = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            self._answer_now(channel, seq, "invalid", self._error(None, InvalidRequestError(
+                "the request is not valid JSON (one JSON object per line is expected)")))
+            return
+        if not isinstance(req, dict):
+            self._answer_now(channel, seq, "invalid", self._error(None, InvalidRequestError(
+                "the request must be a JSON object")))
+            return
+        rid = req.get("id")
+        op = req.get("op", "predict")
+        if op == "health":
+            self._answer_now(channel, seq, "health", self.health(rid))
+            return
+        if op == "info":
+            self._answer_now(channel, seq, "info", {"id": rid, "schema_version": SCHEMA_VERSION, "ok": True,
+                                                    "op": "info", "info": self.engine.info_object()})
+            return
+        if op != "predict":
+            self._answer_now(channel, seq, "invalid", self._error(rid, InvalidRequestError(
+                "unknown op; use 'predict' (default), 'health' or 'info'")))
+            return
+        has_path, has_b64 = "path" in req, "image_b64" in req
+        if has_path == has_b64:
+            self._answer_now(channel, seq, "invalid", self._error(rid, InvalidRequestError(
+                "a predict request needs exactly one of 'path' or 'image_b64'")))
+            return
+        value = req["path" if has_path else "image_b64"]
+        if not isinstance(value, str) or not value:
+            self._answer_now(channel, seq, "invalid", self._error(rid, InvalidRequestError(
+                f"'{'path' if has_path else 'image_b64'}' must be a non-empty string")))
+            return
+        with self._lock:
+            if self._stopping:
+                refused: BaseException | None = ShuttingDownError("the server is shutting down; no new requests")
+            elif not self._slots.acquire(blocking=False):
+                refused = BusyError(f"the request queue is full ({self.workers} worker(s) busy, "
+                                    f"{self.queue_size} waiting); retry later")
+            else:
+                refused = None
+                channel.add()
+                self._queue.put(_Job(rid, req, channel, seq))
+        if refused is not None:
+            self._answer_now(channel, seq, "predict", self._error(rid, refused))
+
+    def _answer_now(self, channel: _Channel, seq: int, op: str, obj: dict[str, Any]) -> None:
+        channel.reply(obj)
+        outcome = "ok" if obj.get("ok") else obj.get("error", {}).get("code", "error")
+        self._log(f"#{seq} {op} {outcome}")
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                self._queue.task_done()
+                return
+            with self._lock:
+                self._in_flight += 1
+            try:
+                obj = self._predict(job)
+                job.channel.reply(obj)
+                outcome = "ok" if obj.get("ok") else obj["error"]["code"]
+                ms = (time.perf_counter() - job.received) * 1e3
+                self._log(f"#{job.seq} predict {outcome} {ms:.1f} ms")
+            except Exception as exc:  # never let a worker die: answer with a typed internal error
+                job.channel.reply(self._error(job.rid, exc))
+                self._log(f"#{job.seq} predict internal_error")
+            finally:
+                with self._lock:
+                    self._in_flight -= 1
+                    self._served += 1
+                self._slots.release()
+                job.channel.done()
+                self._queue.task_done()
+
+    def _predict(self, job: _Job) -> dict[str, Any]:
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        req = job.request
+        if "path" in req:
+            obj = self.engine.predict_object(req["path"])
+        else:
+            try:
+                data = base64.b64decode(req["image_b64"], validate=True)
+            except (binascii.Error, ValueError):
+                return self._error(job.rid, InvalidRequestError("'image_b64' is not valid base64"), "<image_b64>")
+            obj = self.engine.predict_object(data, name="<image_b64>")
+        return {"id": job.rid, **obj}
+
+    # ------------------------------------------------------------------ transports
+    def _read_channel(self, recv: Callable[[], bytes], channel: _Channel) -> None:
+        try:
+            for kind, line in iter_lines(recv, self.max_request_bytes):
+                if kind == "too_large":
+                    seq = self._next_seq()
+                    self._answer_now(channel, seq, "invalid", self._error(None, RequestTooLargeError(
+                        f"the request line is over {self.max_request_bytes:,} bytes (--max-request-bytes)")))
+                    continue
+                if line.strip():
+                    self.handle_line(line, channel)
+        except OSError:
+            pass
+        finally:
+            channel.end_reading()
+
+    def _connection(self, conn: socket.socket) -> None:
+        def close() -> None:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+
+        channel = _Channel(conn.sendall, close)
+        with self._lock:
+            self._channels.append((channel, conn))
+        self._read_channel(lambda: conn.recv(READ_CHUNK), channel)
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        while not self.stop_event.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            conn.settimeout(None)
+            self._spawn(self._connection, conn)
+
+    def _stdio(self) -> None:
+        out_fd = sys.stdout.fileno()
+
+        def send(data: bytes) -> None:
+            view = memoryview(data)
+            while view:
+                n = os.write(out_fd, view)
+                view = view[n:]
+
+        channel = _Channel(send)
+        with self._lock:
+            self._channels.append((channel, None))
+        in_fd = sys.stdin.fileno()
+        self._read_channel(lambda: os.read(in_fd, READ_CHUNK), channel)
+        self._log("stdin closed: shutting down")
+        self.stop_event.set()
+
+    def _spawn(self, target, *args) -> threading.Thread:
+        t = threading.Thread(target=target, args=args, daemon=True)
+        t.start()
+        return t
+
+    def listen(self, path: str) -> None:
+        """Bind the Unix socket (mode 0600); a stale socket file is replaced, a live one refused."""
+        raw = os.fsencode(path)
+        if len(raw) > MAX_UNIX_PATH:
+            raise OutputError(f"--socket path is {len(raw)} bytes, over the {MAX_UNIX_PATH}-byte limit of Unix sockets")
+        if os.path.lexists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise OutputError("--socket names an existing file that is not a socket; refusing to replace it")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # stale: nobody listens
+            else:
+                raise OutputError("another server is already listening on --socket")
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+        except OSError as exc:
+            sock.close()
+            raise OutputError(f"cannot bind --socket ({exc.strerror or type(exc).__name__})") from None
+        finally:
+            os.umask(old)
+        sock.listen(64)
+        sock.settimeout(0.25)
+        self._listener, self._socket_path = sock, path
+
+    def run(self, *, stdio: bool) -> None:
+        """Serve until :attr:`stop_event` is set, then drain and clean up (see the module docstring)."""
+        for _ in range(self.workers):
+            self._threads.append(self._spawn(self._work))
+        if self._listener is not None:
+            self._spawn(self._accept)
+        if stdio:
+            self._spawn(self._stdio)
+        while not self.stop_event.wait(0.2):
+            pass
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stopping = True
+            channels = list(self._channels)
+        if self._listener is not None:
+            try:
+                self._listener.close()
+            except OSError:
+                pass
+        for _, conn in channels:  # no new requests: unblock readers, keep the write side for replies
+            if conn is not None:
+                try:
+                    conn.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+        self._queue.join()  # every accepted request is answered
+        for _ in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join(timeout=30)
+        for channel, _ in channels:
+            channel.close()
+        if self._socket_path:
+            try:
+                os.unlink(self._socket_path)
+            except OSError:
+                pass
+        with self._lock:
+            served = self._served
+        self._log(f"stopped after {served} prediction(s)")
+
+
+def serve_main(args) -> int:
+    """Entry point of ``cxr-edge serve`` (called by :mod:`cxr_edge.cli`)."""
+    from .cli import EXIT_OK, UsageError
+
+    if not args.socket and not args.stdio:
+        raise UsageError("serve needs --socket PATH and/or --stdio")
+    if args.workers < 1:
+        raise UsageError("--workers must be >= 1")
+    if args.queue_size < 0:
+        raise UsageError("--queue-size must be >= 0")
+    if args.max_request_bytes < 1024:
+        raise UsageError("--max-request-bytes must be >= 1024")
+    quiet = args.quiet
+
+    def log(message: str) -> None:
+        if not quiet:
+            try:
+                sys.stderr.write(f"cxr-edge serve: {time.strftime('%H:%M:%S')} {message}\n")
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+
+    engine = Engine(args.model, threads=args.threads, allow_any_body_part=args.allow_any_body_part)
+    server = Server(engine, workers=args.workers, queue_size=args.queue_size,
+                    max_request_bytes=args.max_request_bytes, log=log, delay_s=args.test_delay_ms / 1e3)
+    if args.socket:
+        server.listen(args.socket)
+
+    def on_signal(signum, frame) -> None:
+        server.stop_event.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    where = " and ".join(w for w, on in (("unix socket", bool(args.socket)), ("stdio", args.stdio)) if on)
+    log(f"model {engine.model_id} loaded; {args.workers} worker(s), queue {args.queue_size}; serving on {where}")
+    server.run(stdio=args.stdio)
+    return EXIT_OK

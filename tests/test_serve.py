@@ -1,0 +1,233 @@
+"""cxr-edge serve: a real server process on a temporary Unix socket (and on stdio) with the tiny bundle."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from cxr_edge.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _png(path, seed=0, size=200):
+    rng = np.random.default_rng(seed)
+    img = cv2.GaussianBlur((rng.random((size, size)) * 255).astype(np.uint8), (0, 0), 3)
+    cv2.imwrite(str(path), img)
+    return path
+
+
+class Server:
+    """``cxr-edge serve --socket`` in a subprocess; stopped (SIGTERM) when the test ends."""
+
+    def __init__(self, bundle: Path, *extra: str) -> None:
+        self.dir = tempfile.mkdtemp(prefix="cxs-", dir="/tmp")  # short: sun_path is 108 bytes
+        self.path = os.path.join(self.dir, "s.sock")
+        self.proc = subprocess.Popen([sys.executable, "-m", "cxr_edge.cli", "serve", "--socket", self.path,
+                                      "--model", str(bundle), "--threads", "1", *extra],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        deadline = time.monotonic() + 120
+        while not os.path.exists(self.path):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early: {self.proc.stderr.read()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+
+    def connect(self) -> "Client":
+        return Client(self.path)
+
+    def stop(self, sig=signal.SIGTERM, timeout=60) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            _, err = self.proc.communicate(timeout=timeout)
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        return self.proc.returncode, err
+
+
+class Client:
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(60)
+        self.sock.connect(path)
+        self.file = self.sock.makefile("rb")
+
+    def send(self, obj) -> None:
+        data = obj if isinstance(obj, bytes) else (json.dumps(obj) + "\n").encode()
+        self.sock.sendall(data)
+
+    def recv(self) -> dict:
+        line = self.file.readline()
+        assert line, "server closed the connection"
+        return json.loads(line)
+
+    def ask(self, obj) -> dict:
+        self.send(obj)
+        return self.recv()
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def images(tmp_path):
+    return [_png(tmp_path / f"img{i}.png", seed=i) for i in range(4)]
+
+
+def _schema_validator():
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((REPO / "cxr_edge" / "schema" / "prediction.schema.json").read_text())
+    return jsonschema.Draft202012Validator(schema)
+
+
+def test_concurrent_clients_health_info_and_bad_input(tiny_bundle, images, tmp_path, capsys):
+    validator = _schema_validator()
+    # the reference: the CLI's own predict --json for the same files
+    assert main(["predict", *map(str, images), "--json", "--model", str(tiny_bundle), "--threads", "1"]) == 0
+    expected = {json.loads(l)["source"]: json.loads(l) for l in capsys.readouterr().out.splitlines()}
+    server = Server(tiny_bundle, "--workers", "2", "--queue-size", "16")
+    try:
+        c = server.connect()
+        health = c.ask({"id": "h", "op": "health"})
+        assert health["ok"] and health["status"] == "ok" and health["model_id"] == "tiny-test" and health["id"] == "h"
+        info = c.ask({"id": 7, "op": "info"})
+        assert info["ok"] and info["info"]["labels"] == ["label_0", "label_1", "label_2"] and info["id"] == 7
+        replies: dict[str, dict] = {}
+        lock = threading.Lock()
+
+        def client(k: int) -> None:
+            cl = server.connect()
+            for i, img in enumerate(images):  # pipelined: all requests first, then the replies
+                req = {"id": f"c{k}-{i}", "path": str(img)} if (k + i) % 2 else \
+                    {"id": f"c{k}-{i}", "image_b64": base64.b64encode(img.read_bytes()).decode()}
+                cl.send(req)
+            got = [cl.recv() for _ in images]
+            cl.close()
+            with lock:
+                replies.update({r["id"]: r for r in got})
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert len(replies) == 16
+        for rid, r in replies.items():
+            k, i = map(int, rid[1:].split("-"))
+            ref = expected[str(images[i])]
+            assert r["ok"] and r["probabilities"] == ref["probabilities"] and r["decisions"] == ref["decisions"]
+            assert r["source"] == (str(images[i]) if (k + i) % 2 else "<image_b64>")
+            assert set(r) == set(ref) | {"id"}  # the same object as predict --json, plus id
+            validator.validate(r)
+        bad = tmp_path / "bad.png"
+        bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+        for req, code in (({"id": 1, "path": str(bad)}, "corrupt_image"),
+                          ({"id": 2, "path": str(tmp_path / "missing.png")}, "image_error"),
+                          ({"id": 3, "image_b64": "@@not base64@@"}, "invalid_request"),
+                          ({"id": 4}, "invalid_request"),
+                          ({"id": 5, "path": "a", "image_b64": "b"}, "invalid_request"),
+                          ({"id": 6, "op": "reboot"}, "invalid_request")):
+            r = c.ask(req)
+            assert r["ok"] is False and r["id"] == req["id"] and r["error"]["code"] == code, r
+            validator.validate(r)
+        r = c.ask(b"this is not json\n")
+        assert r["id"] is None and r["error"]["code"] == "invalid_request"
+        validator.validate(health)
+        validator.validate(info)
+        assert c.ask({"id": "again", "op": "health"})["served"] >= 16  # the connection is still usable
+        c.close()
+    finally:
+        rc, err = server.stop()
+    assert rc == 0 and "Traceback" not in err
+    for img in images:  # no paths or file names in the logs
+        assert str(img) not in err and img.name not in err
+    assert "img0" not in err and "bad.png" not in err
+
+
+def test_busy_reply_when_the_queue_is_full_and_request_size_cap(tiny_bundle, images):
+    server = Server(tiny_bundle, "--workers", "1", "--queue-size", "0", "--test-delay-ms", "1500",
+                    "--max-request-bytes", "4096")
+    try:
+        a, b = server.connect(), server.connect()
+        a.send({"id": "slow", "path": str(images[0])})
+        time.sleep(0.5)  # "slow" now occupies the only worker, nothing may wait
+        busy = b.ask({"id": "second", "path": str(images[1])})
+        assert busy["ok"] is False and busy["id"] == "second"
+        assert busy["error"]["type"] == "BusyError" and busy["error"]["code"] == "busy"
+        health = b.ask({"id": "h", "op": "health"})  # answered at once, even when busy
+        assert health["ok"] and health["queue"]["in_flight"] == 1
+        assert a.recv()["ok"] is True
+        big = b.ask({"id": "big", "image_b64": "A" * 10_000})
+        assert big["error"]["code"] == "request_too_large" and big["id"] is None
+        assert b.ask({"id": "after", "op": "health"})["ok"]  # the rest of the long line was discarded
+        _schema_validator().validate(busy)
+        a.close()
+        b.close()
+    finally:
+        rc, err = server.stop()
+    assert rc == 0 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_answers_in_flight_requests_then_exits_cleanly(tiny_bundle, images, sig):
+    server = Server(tiny_bundle, "--workers", "1", "--queue-size", "2", "--test-delay-ms", "800")
+    c = server.connect()
+    c.send({"id": "in-flight", "path": str(images[0])})
+    c.send({"id": "queued", "path": str(images[1])})
+    time.sleep(0.3)
+    server.proc.send_signal(sig)
+    first, second = c.recv(), c.recv()
+    assert {first["id"], second["id"]} == {"in-flight", "queued"} and first["ok"] and second["ok"]
+    assert c.file.readline() == b""  # then the server closes the connection
+    c.close()
+    server.proc.wait(timeout=60)  # it exits by itself (a second signal during interpreter exit would kill it)
+    rc, err = server.stop()
+    assert rc == 0 and "Traceback" not in err and "stopped after 2 prediction(s)" in err
+    assert not os.path.exists(server.path)  # the socket file is removed
+
+
+def test_stdio_mode(tiny_bundle, images):
+    reqs = [{"id": 1, "path": str(images[0])}, {"id": 2, "op": "health"},
+            {"id": 3, "image_b64": base64.b64encode(images[1].read_bytes()).decode()}]
+    proc = subprocess.run([sys.executable, "-m", "cxr_edge.cli", "serve", "--stdio", "--model", str(tiny_bundle),
+                           "--threads", "1", "--quiet"], input="".join(json.dumps(r) + "\n" for r in reqs),
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0 and proc.stderr == ""
+    replies = {r["id"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    assert set(replies) == {1, 2, 3} and all(r["ok"] for r in replies.values())
+    assert replies[2]["op"] == "health"
+
+
+def test_serve_usage_errors(tiny_bundle, tmp_path, capsys):
+    assert main(["serve", "--model", str(tiny_bundle)]) == 2  # neither --socket nor --stdio
+    assert "--socket" in capsys.readouterr().err
+    not_a_socket = tmp_path / "file"
+    not_a_socket.write_text("x")
+    assert main(["serve", "--socket", str(not_a_socket), "--model", str(tiny_bundle)]) == 5
+    assert not_a_socket.read_text() == "x"  # never replaced
+    assert main(["serve", "--socket", "/tmp/" + "x" * 120, "--model", str(tiny_bundle)]) == 5
+    assert main(["serve", "--stdio", "--workers", "0", "--model", str(tiny_bundle)]) == 2
+
+
+def test_iter_lines_caps_and_recovers():
+    from cxr_edge.serve import iter_lines
+
+    chunks = iter([b'{"a": 1}\n{"b"', b': 2}\n' + b"x" * 50, b"y" * 50 + b"\n", b'{"c": 3}', b""])
+    out = list(iter_lines(lambda: next(chunks), cap=40))
+    assert out == [("line", b'{"a": 1}'), ("line", b'{"b": 2}'), ("too_large", None), ("line", b'{"c": 3}')]
