@@ -70,6 +70,10 @@ def absolute_map(raw: np.ndarray, scale: float, out_hw: tuple[int, int]) -> np.n
     return np.clip(heat, 0.0, 1.0, out=heat)
 
 
+#: fraction of the overlay scale at which the heat is blended at full ``alpha``
+OPAQUE_AT = 0.1
+
+
 def _colour(values01: np.ndarray) -> np.ndarray:
     """RGB float32 colours of values in [0, 1] under :data:`COLORMAP`."""
     idx = np.clip(values01 * 255.0 + 0.5, 0, 255).astype(np.uint8)
@@ -79,14 +83,16 @@ def _colour(values01: np.ndarray) -> np.ndarray:
 def overlay_heatmap(pixels: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """RGB uint8 image: the radiograph in gray with the heatmap (viridis) blended where it is warm.
 
-    Blending is weighted by the heatmap itself so cold regions keep the plain radiograph visible.
+    Colour encodes the absolute evidence (the shared scale); opacity rises with it and saturates at
+    :data:`OPAQUE_AT` of the scale, so a weak but real map is still visible (in the cold colours)
+    while regions without evidence keep the plain radiograph.
     """
     if pixels.shape != heatmap.shape:
         raise ValueError(f"image {pixels.shape} and heatmap {heatmap.shape} must have the same grid")
     gray = np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8)
     base = cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB).astype(np.float32)
     colour = _colour(heatmap)
-    weight = (alpha * heatmap)[..., None]
+    weight = (alpha * np.clip(heatmap / OPAQUE_AT, 0.0, 1.0))[..., None]
     return np.clip(base * (1.0 - weight) + colour * weight + 0.5, 0, 255).astype(np.uint8)
 
 

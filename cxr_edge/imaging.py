@@ -795,6 +795,10 @@ def _read(source: Source, min_side: int, max_pixels: int, allow_any_body_part: b
     if len(data) > max_bytes:
         raise InvalidImageError(f"the input is {len(data):,} bytes, over the {max_bytes:,}-byte limit derived "
                                 "from max_pixels")
+    if data[:4] in (b"II*\x00", b"MM\x00*"):  # classic TIFF (8/16-bit gray): cxr_edge.tiff, through Pillow
+        from .tiff import read_tiff
+
+        return read_tiff(data, min_side=min_side, max_pixels=max_pixels)
     fmt = sniff_format(data)
     if fmt == "png":
         return _read_png(data, min_side, max_pixels)

@@ -89,9 +89,9 @@ def read_tiff(data: bytes, *, min_side: int = 128, max_pixels: int = 64_000_000)
     except Image.DecompressionBombError:
         raise InvalidImageError(f"the TIFF image is over the limit of {max_pixels:,} pixels (max_pixels); "
                                 "refused before decoding") from None
-    except UnidentifiedImageError:
-        raise UnsupportedFormatError("this TIFF variant cannot be read (only 8/16-bit unsigned grayscale TIFF "
-                                     "is supported)") from None
+    except UnidentifiedImageError:  # a cut file loses its IFD (often written after the pixels)
+        raise CorruptImageError("the TIFF structure could not be read: the file is truncated or damaged, or a "
+                                "variant other than 8/16-bit unsigned grayscale TIFF") from None
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, struct.error on bad headers
         raise CorruptImageError(f"the TIFF header could not be parsed ({type(exc).__name__})") from None
     with image:

@@ -269,7 +269,8 @@ def build_cases(root: Path) -> list[Case]:
     add("random_bytes", np.random.default_rng(1).integers(0, 256, 20000, dtype=np.uint8).tobytes(),
         error="UnsupportedFormatError", why="no signature")
     add("bmp", encode(".bmp", img), error="UnsupportedFormatError", why="BMP")
-    add("tiff", encode(".tiff", img), error="UnsupportedFormatError", why="TIFF")
+    add("ok_tiff", encode(".tiff", img), "accept", why="valid 8-bit gray TIFF (read through cxr_edge.tiff)")
+    add("tiff_truncated", encode(".tiff", img)[:4000], error="CorruptImageError", why="TIFF cut short")
     add("png_truncated", png[: len(png) // 2], error="CorruptImageError", why="PNG cut in half")
     add("jpeg_truncated", jpg[: len(jpg) // 2], error="CorruptImageError", why="JPEG cut in half, no EOI")
     add("png_tiny", encode(".png", np.zeros((1, 1), np.uint8)), error="InvalidImageError", why="1x1 pixel")
