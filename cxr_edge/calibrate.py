@@ -160,7 +160,7 @@ def calibrate_main(args) -> int:
     """Entry point of ``cxr-edge calibrate`` (called by :mod:`cxr_edge.cli`)."""
     from . import __version__
     from .bundle import load_bundle, write_bundle
-    from .cli import EXIT_INPUT_FAILED, EXIT_OK, Reporter, UsageError, walk_inputs
+    from .cli_support import EXIT_INPUT_FAILED, EXIT_OK, Reporter, UsageError, walk_inputs
     from .engine import Engine, dumps, error_object, skipped_object
     from .operating_points import bootstrap_operating_point, choose_thresholds, parse_rule
 

@@ -16,7 +16,6 @@ from .errors import CxrEdgeError, DicomRefusedError, InferenceError, InvalidArgu
 from .imaging import Radiograph, read_image
 from .manifest import NOT_A_MEDICAL_DEVICE, Manifest
 from .preprocess import preprocess
-from .tiff import read_tiff_source
 
 #: version of the JSON objects ``Prediction.to_dict`` / ``cxr-edge predict --json`` / ``serve`` emit
 #: (``cxr_edge/schema/prediction.schema.json``)
@@ -209,7 +208,7 @@ class Classifier:
     def read(self, source: Source) -> Radiograph:
         """Read any supported source with the bundle's size limits (typed errors on bad input).
 
-        TIFF (8/16-bit grayscale) is read by :mod:`cxr_edge.tiff`; everything else by ``read_image``.
+        ``read_image`` reads every format (TIFF through :mod:`cxr_edge.tiff`).
         """
         return self.read_scoped(source)[0]
 
@@ -217,9 +216,6 @@ class Classifier:
         """``(radiograph, out_of_scope)``: out_of_scope is True when ``allow_any_body_part`` let through
         an image that would otherwise have been refused (the anatomy checks of a DICOM)."""
         spec = self.manifest.preprocessing
-        tiff = read_tiff_source(source, min_side=spec.min_side, max_pixels=spec.max_pixels)
-        if tiff is not None:
-            return tiff, False
         try:
             return read_image(source, min_side=spec.min_side, max_pixels=spec.max_pixels), False
         except DicomRefusedError:

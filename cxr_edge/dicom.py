@@ -403,7 +403,7 @@ def _check_encapsulated(pixel_data: bytes, ts: UID, rows: int, cols: int, spp: i
         raise CorruptImageError(f"the DICOM {what} declares {width}x{height} pixels with {comps} component(s), "
                                 f"but Rows/Columns/SamplesPerPixel say {cols}x{rows} with {spp}")
     if ts in JPEGTransferSyntaxes:
-        from .imaging import verify_jpeg_codestream  # lazy: imaging never imports this module at import time
+        from .jpeg import verify_jpeg_codestream
 
         verify_jpeg_codestream(b"".join(fragments), what=f"DICOM {what}")
 

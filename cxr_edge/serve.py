@@ -417,7 +417,7 @@ class Server:
 
 def serve_main(args) -> int:
     """Entry point of ``cxr-edge serve`` (called by :mod:`cxr_edge.cli`)."""
-    from .cli import EXIT_OK, UsageError
+    from .cli_support import EXIT_OK, UsageError
 
     if not args.socket and not args.stdio:
         raise UsageError("serve needs --socket PATH and/or --stdio")

@@ -35,7 +35,7 @@ _PHOTOMETRIC = {0: "MINISWHITE", 1: "MINISBLACK"}
 # Scoped to that module, process-wide (like pydicom's validation mode in cxr_edge.dicom).
 warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
 
-__all__ = ["TIFF_MAGIC", "is_tiff", "peek_path", "read_tiff", "read_tiff_source"]
+__all__ = ["TIFF_MAGIC", "is_tiff", "peek_path", "read_tiff"]
 
 
 def is_tiff(data: bytes) -> bool:
@@ -129,18 +129,3 @@ def read_tiff(data: bytes, *, min_side: int = 128, max_pixels: int = 64_000_000)
     info = {"width": width, "height": height, "channels_in": 1, "compression": compression,
             "photometric": _PHOTOMETRIC[photometric]}
     return Radiograph(pixels, "tiff", bits, info, "container")
-
-
-def read_tiff_source(source: Any, *, min_side: int, max_pixels: int) -> Radiograph | None:
-    """A Radiograph when ``source`` (path or bytes) is a TIFF, else None (let ``read_image`` handle it)."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        head = bytes(source[:4])
-        return read_tiff(bytes(source), min_side=min_side, max_pixels=max_pixels) if is_tiff(head) else None
-    if isinstance(source, (str, os.PathLike)):
-        if not is_tiff(peek_path(source)):
-            return None
-        from .imaging import _read_path  # the same safe reader (regular files only, size cap, typed errors)
-
-        data = _read_path(source, max_file_bytes(max_pixels))
-        return read_tiff(data, min_side=min_side, max_pixels=max_pixels)
-    return None

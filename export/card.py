@@ -146,8 +146,8 @@ def build_card(a: argparse.Namespace) -> tuple[str, str]:
         rows = [r for r in rows if r]
         if rows:
             aucs = [r["mean_auc"] for r in rows]
-            add(f"| {arm} | {', '.join(f'{x:.3f} [{r['mean_ci_low']:.3f}, {r['mean_ci_high']:.3f}]' for x, r in zip(aucs, rows))} "
-                f"| {sum(aucs) / len(aucs):.3f} |")
+            cells = ", ".join(f"{x:.3f} [{r['mean_ci_low']:.3f}, {r['mean_ci_high']:.3f}]" for x, r in zip(aucs, rows))
+            add(f"| {arm} | {cells} | {sum(aucs) / len(aucs):.3f} |")
     if gain:
         add(f"\nKD gain (paired patient bootstrap over the seed pairs): **{100 * gain['delta_mean_auc']:+.2f} points** "
             f"of mean AUC, 95% CI [{100 * gain['ci_low']:+.2f}, {100 * gain['ci_high']:+.2f}], "

@@ -68,13 +68,13 @@ def source_from_run(run_dir: str | os.PathLike, checkpoint: str = "final") -> Ex
     """Everything from a ``models.train`` run directory (see the module docstring)."""
     from models.datasets import read_nih_sample
     from models.registry import model_config
-    from models.train import load_run_model, split_indices
+    from models.runs import load_run_model, split_indices
 
     run = Path(run_dir)
     if not (run / "config.json").is_file():
         raise InvalidArgumentError(f"{run} is not a training run directory (no config.json)")
     model, cfg, labels, ckpt_path = load_run_model(run, checkpoint)
-    from models.train import fold_indices
+    from models.runs import fold_indices
 
     spec = cfg.student_spec()
     table = read_nih_sample(cfg.data_path())

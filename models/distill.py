@@ -338,7 +338,7 @@ def load_predictor(source: str, spec: PreprocessSpec | None = None, device: str 
     """
     path = Path(source)
     if path.is_dir():
-        from models.train import load_run_model
+        from models.runs import load_run_model
 
         model, cfg, labels, ckpt_path = load_run_model(path, checkpoint=checkpoint)
         return TorchPredictor(model, cfg.student_spec(), name=f"{path.name}", checksum=file_sha256(ckpt_path),

@@ -29,6 +29,7 @@ from scipy.stats import rankdata
 
 from cxr_edge.cam import class_activation_map
 from cxr_edge.errors import InvalidArgumentError
+from models.runs import read_image_list  # noqa: F401  (re-exported: the image-list reader lives in models.runs)
 
 #: bbox.csv finding -> model label, where the spellings differ (the NIH list says "Infiltrate").
 FINDING_TO_LABEL = {"Infiltrate": "Infiltration"}
@@ -443,15 +444,6 @@ def format_table(metrics: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def read_image_list(path: str | os.PathLike) -> list[str]:
-    """The ``image`` column of a CSV such as teacher_val_images.csv."""
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        if reader.fieldnames is None or "image" not in reader.fieldnames:
-            raise InvalidArgumentError(f"{path}: expected a CSV with an 'image' column")
-        return [r["image"].strip() for r in reader if r["image"].strip()]
-
-
 def load_predictions(run_or_file: str | os.PathLike) -> dict:
     path = Path(run_or_file)
     path = path / "predictions.npz" if path.is_dir() else path
@@ -467,7 +459,7 @@ def _score(args: argparse.Namespace) -> int:
     from models.data import ImageCache, image_path
     from models.datasets import read_bboxes, read_nih_sample
     from models.distill import load_predictor
-    from models.train import split_indices
+    from models.runs import split_indices
 
     source = Path(args.source)
     is_run = source.is_dir()

@@ -41,7 +41,8 @@ from models.config import TrainConfig, parse_config
 from models.data import AugmentParams, CxrDataset, ImageCache, image_path
 from models.distill import (CsvTeacher, Predictor, TorchPredictor, attention_map, box_cam_loss,
                             cached_teacher_outputs, distillation_loss, load_predictor)
-from models.evaluate import auc_per_label, evaluate_logits, format_table, predict, read_image_list
+from models.evaluate import auc_per_label, evaluate_logits, format_table, predict
+from models.runs import build_model, fold_indices, load_run_model, read_image_list, split_indices  # noqa: F401
 
 
 # ============================================================================ plumbing
@@ -137,61 +138,6 @@ def _tuplify(x):
 
 
 # ============================================================================ data
-def split_indices(cfg: TrainConfig, table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(train, val, eval) row indices of the table; patient-disjoint.
-
-    split=teacher: the teacher's training images are trained on, its validation images evaluated
-    (the teacher never trained on them). split=patient: a random patient-wise cut (``split_seed``).
-    ``val_fraction`` > 0 carves a patient-wise validation part out of the training images.
-    """
-    from models.datasets import patient_split
-
-    if cfg.split == "teacher":
-        train_csv, eval_csv = cfg.split_lists()
-        for p in (train_csv, eval_csv):
-            if not p.is_file():
-                raise InvalidArgumentError(f"split=teacher needs {p} (set --shared-dir or --train-list/--eval-list)")
-        row = {img: k for k, img in enumerate(table.image_ids)}
-        parts = []
-        for p in (train_csv, eval_csv):
-            names = read_image_list(p)
-            missing = [n for n in names if n not in row]
-            if missing:
-                raise InvalidArgumentError(f"{len(missing)} images of {p.name} are not in the label table, "
-                                           f"e.g. {missing[0]}")
-            parts.append(np.array(sorted(row[n] for n in names), dtype=np.int64))
-        train, evaluation = parts
-        if set(np.asarray(table.patient_ids)[train]) & set(np.asarray(table.patient_ids)[evaluation]):
-            raise InvalidArgumentError("teacher split lists share patients")
-    else:
-        train, evaluation = patient_split(table, (1.0 - cfg.eval_fraction, cfg.eval_fraction), seed=cfg.split_seed)
-    val = np.zeros(0, dtype=np.int64)
-    if cfg.val_fraction > 0:
-        keep, hold = patient_split(table.subset(train), (1.0 - cfg.val_fraction, cfg.val_fraction),
-                                   seed=cfg.split_seed + 1)
-        train, val = train[keep], train[hold]
-    if cfg.limit_train:
-        train = train[:cfg.limit_train]
-    if cfg.limit_eval:
-        evaluation = evaluation[:cfg.limit_eval]
-    return train, val, evaluation
-
-
-def fold_indices(cfg: TrainConfig, table, train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Cross-fitting (``n_folds`` > 1): (rows trained on, held-out fold rows). The folds are a
-    patient-wise cut of the training rows (``split_seed``), the same for every fold index, so the
-    held-out folds of runs fold=0..K-1 partition the training images: their out-of-fold predictions
-    are honest soft labels for every training image."""
-    from models.datasets import patient_split
-
-    if cfg.n_folds < 2:
-        return train, np.zeros(0, dtype=np.int64)
-    parts = patient_split(table.subset(train), (1.0 / cfg.n_folds,) * cfg.n_folds, seed=cfg.split_seed + 2)
-    held = train[parts[cfg.fold]]
-    keep = np.setdiff1d(train, held)
-    return keep, np.sort(held)
-
-
 def _training_boxes(cfg: TrainConfig, table, train_rows: np.ndarray, labels: Sequence[str]):
     """Per training image, its radiologist boxes as (label index, x, y, w, h) in stored-image pixels;
     only boxes of the rows trained on (never validation or evaluation images); the CAM grid of the model."""
@@ -220,16 +166,6 @@ def augment_params(cfg: TrainConfig) -> AugmentParams | None:
 
 
 # ============================================================================ model / optimiser
-def build_model(cfg: TrainConfig, num_classes: int, pretrained: bool = False) -> nn.Module:
-    """The run's model; ``pretrained`` loads ImageNet weights (only at the start of training:
-    checkpoints are loaded over a randomly initialised model)."""
-    from models.registry import create_model
-
-    kwargs = dict(cfg.model_kwargs)
-    kwargs.setdefault("drop_rate", cfg.drop_rate)
-    return create_model(cfg.model, num_classes=num_classes, in_chans=cfg.channels, pretrained=pretrained, **kwargs)
-
-
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases and normalisation parameters (1-D tensors); the classifier's
     learning rate is ``head_lr_mult`` x the backbone's (a fresh head on a pretrained backbone)."""
@@ -272,24 +208,6 @@ def _atomic_save(obj: dict, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
-
-
-def load_run_model(run_dir: str | os.PathLike, checkpoint: str = "final",
-                   map_location: str = "cpu") -> tuple[nn.Module, TrainConfig, list[str], Path]:
-    """(model in eval mode, its config, label names, file) from a run directory.
-
-    ``checkpoint``: final (model_final.pt), best (model_best.pt, when --val-fraction > 0) or last.
-    """
-    run = Path(run_dir)
-    path = run / {"final": "model_final.pt", "best": "model_best.pt", "last": "last.pt"}[checkpoint]
-    if not path.is_file():
-        raise InvalidArgumentError(f"{run}: no {path.name} (finished runs have model_final.pt)")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    cfg = TrainConfig.from_dict(ckpt["config"])
-    labels = list(ckpt["labels"])
-    model = build_model(cfg, len(labels))
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), cfg, labels, path
 
 
 # ============================================================================ training

@@ -1,0 +1,138 @@
+"""What the ``cxr-edge`` commands share (exit codes, usage errors, the folder walk, progress and
+result reporting), in a module of its own so that ``cli``, ``serve`` and ``calibrate`` import it
+instead of each other."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT_FAILED, EXIT_MODEL, EXIT_OUTPUT = 0, 1, 2, 3, 4, 5
+EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic", ".tif", ".tiff"}
+
+
+class UsageError(Exception):
+    """Bad command-line usage (exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse exits 2 by itself; keep it but make it typed
+        raise UsageError(message)
+
+
+# --------------------------------------------------------------------------- inputs
+
+def walk_inputs(paths: Sequence[str]) -> Iterator[tuple[str, str | None]]:
+    """``(path, None)`` for every input to attempt, ``(path, reason)`` for every file or folder not attempted.
+
+    Files named on the command line are always attempted, whatever their suffix. In folders (walked
+    recursively, sorted): files with image suffixes and suffix-less files (DICOM often has none) are
+    attempted; other suffixes, hidden files and hidden folders are reported with the reason; a
+    folder that cannot be listed is reported with ``reason`` starting "unreadable folder".
+    """
+    for raw in paths:
+        path = Path(raw)
+        if not path.is_dir():
+            yield raw, None
+            continue
+        problems: list[OSError] = []
+        for root, dirs, files in os.walk(path, onerror=problems.append):
+            while problems:
+                exc = problems.pop(0)
+                yield str(exc.filename or root), f"unreadable folder ({exc.strerror or type(exc).__name__})"
+            hidden_dirs = sorted(d for d in dirs if d.startswith("."))
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for d in hidden_dirs:
+                yield str(Path(root) / d), "hidden folder (not walked)"
+            for name in sorted(files):
+                full = str(Path(root) / name)
+                if name.startswith("."):
+                    yield full, "hidden file"
+                    continue
+                suffix = Path(name).suffix.lower()
+                if suffix in IMAGE_SUFFIXES or suffix == "":
+                    yield full, None
+                else:
+                    yield full, (f"suffix {suffix!r} is not an image suffix "
+                                 f"({', '.join(sorted(IMAGE_SUFFIXES))} or none)")
+        while problems:
+            exc = problems.pop(0)
+            yield str(exc.filename or path), f"unreadable folder ({exc.strerror or type(exc).__name__})"
+
+
+def iter_inputs(paths: Sequence[str]) -> Iterator[str]:
+    """The inputs :func:`walk_inputs` attempts (files as given, image-like files of folders)."""
+    for path, reason in walk_inputs(paths):
+        if reason is None:
+            yield path
+
+
+# --------------------------------------------------------------------------- output helpers
+
+class Progress:
+    """A one-line progress bar on stderr, only when stderr is a terminal and the run is long.
+
+    Result lines are printed with the bar cleared first and the bar redrawn after, so the two
+    never share a line (stdout and stderr usually go to the same terminal).
+    """
+
+    def __init__(self, total: int | None, enabled: bool) -> None:
+        self.total, self.enabled, self.done, self.shown = total, enabled, 0, False
+
+    def clear(self) -> None:
+        if self.enabled and self.shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self.shown = False
+
+    def draw(self) -> None:
+        if self.enabled:
+            total = self.total or 0
+            width = 30
+            filled = int(width * self.done / total) if total else 0
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{total}")
+            sys.stderr.flush()
+            self.shown = True
+
+    def step(self) -> None:
+        self.done += 1
+        self.draw()
+
+    def close(self) -> None:
+        self.clear()
+
+
+class Reporter:
+    """Writes results (stdout), errors / skipped records / summary (stderr), human or JSON."""
+
+    def __init__(self, json_mode: bool, progress: Progress | None = None) -> None:
+        self.json = json_mode
+        self.progress = progress or Progress(None, False)
+
+    def _emit(self, text: str, stream) -> None:
+        self.progress.clear()
+        print(text, file=stream, flush=True)
+
+    def result(self, obj: dict[str, Any], human: str) -> None:
+        from .engine import dumps
+
+        self._emit(dumps(obj) if self.json else human, sys.stdout)
+
+    def error(self, obj: dict[str, Any]) -> None:
+        from .engine import dumps
+
+        if self.json:
+            self._emit(dumps(obj), sys.stderr)
+        else:
+            err = obj["error"]
+            src = obj["source"]
+            who = "cxr-edge" if src.startswith("<") and src.endswith(">") else src  # a run-level error
+            self._emit(f"{who}: error [{err['code']}]: {err['message']}", sys.stderr)
+
+    def skipped(self, obj: dict[str, Any]) -> None:
+        from .engine import dumps
+
+        self._emit(dumps(obj) if self.json else f"{obj['source']}: skipped ({obj['reason']})", sys.stderr)
