@@ -28,6 +28,8 @@ NOT_A_MEDICAL_DEVICE = (
 RESIZE_METHODS = ("area", "linear", "cubic", "lanczos")
 ASPECT_MODES = ("stretch",)
 CAM_METHODS = ("weights", "none")
+SCOPE_METHODS = ("pca-mahalanobis",)
+SCOPE_TRANSFORMS = ("none", "sqrt")
 
 
 def _require(cond: bool, message: str) -> None:
@@ -127,6 +129,89 @@ class CamSpec:
                    weights=weights, bias=bias, head_check_atol=float(d.get("head_check_atol", 1e-3)))
 
 
+@dataclass(frozen=True, eq=False)
+class ScopeSpec:
+    """Input scope gate: is this image like the frontal adult chest radiographs the model learned from?
+
+    A density model of the *pooled* features (the mean over h, w of ``features_output``: exactly
+    the classifier's input), fitted at export on the training images (``export/scope_fit.py``,
+    ``docs/scope.md``). ``method`` ``pca-mahalanobis``, with ``f = t(pooled)`` (``transform``:
+    ``none`` = identity, ``sqrt`` = sign(x) sqrt|x|), ``d = f - mean``, ``z = components @ d``
+    (``components``: k x C, orthonormal rows)::
+
+        score = 0.5 * ( sum_j z_j^2 / variances_j / k  +  (|d|^2 - |z|^2) / residual_scale )
+
+    i.e. the mean squared Mahalanobis distance inside the PCA subspace plus the energy outside it
+    relative to its training mean; about 1 for a typical training image. An image is out of
+    scope when ``score > threshold`` (the rule that chose it is ``threshold_rule``; the numbers
+    it used are in ``statistics``). Optional block: a manifest without it has no feature gate.
+    """
+
+    mean: np.ndarray
+    components: np.ndarray
+    variances: np.ndarray
+    residual_scale: float
+    threshold: float
+    method: str = "pca-mahalanobis"
+    features_output: str = "features"
+    transform: str = "none"
+    threshold_rule: str = ""
+    statistics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def channels(self) -> int:
+        return int(self.mean.shape[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.components.shape[0])
+
+    def validate(self) -> None:
+        _require(self.method in SCOPE_METHODS, f"scope.method must be one of {SCOPE_METHODS}, got {self.method!r}")
+        _require(self.transform in SCOPE_TRANSFORMS,
+                 f"scope.transform must be one of {SCOPE_TRANSFORMS}, got {self.transform!r}")
+        _require(bool(self.features_output), "scope.features_output is required")
+        _require(isinstance(self.mean, np.ndarray) and self.mean.ndim == 1 and self.mean.size > 0,
+                 "scope.mean must be a non-empty 1-D array")
+        c = self.mean.shape[0]
+        _require(isinstance(self.components, np.ndarray) and self.components.ndim == 2
+                 and self.components.shape[1] == c and 1 <= self.components.shape[0] <= c,
+                 f"scope.components must be a k x {c} array with 1 <= k <= {c}")
+        k = self.components.shape[0]
+        _require(isinstance(self.variances, np.ndarray) and self.variances.shape == (k,),
+                 f"scope.variances must hold one value per component ({k})")
+        _require(bool(np.all(self.variances > 0)), "scope.variances must be > 0")
+        gram = self.components.astype(np.float64) @ self.components.astype(np.float64).T
+        _require(float(np.max(np.abs(gram - np.eye(k)))) < 1e-3, "scope.components must have orthonormal rows")
+        _require(math.isfinite(self.residual_scale) and self.residual_scale > 0, "scope.residual_scale must be > 0")
+        _require(math.isfinite(self.threshold) and self.threshold > 0, "scope.threshold must be a finite number > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "features_output": self.features_output, "pooling": "mean",
+                "transform": self.transform, "mean": encode_array(self.mean),
+                "components": encode_array(self.components), "variances": encode_array(self.variances),
+                "residual_scale": float(self.residual_scale), "threshold": float(self.threshold),
+                "threshold_rule": self.threshold_rule, "statistics": self.statistics}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ScopeSpec":
+        _require(isinstance(d, Mapping), "scope must be a JSON object")
+        _require(d.get("pooling", "mean") == "mean", "scope.pooling must be 'mean'")
+        for key in ("mean", "components", "variances", "residual_scale", "threshold"):
+            _require(key in d, f"scope.{key} is required")
+        _require(isinstance(d.get("statistics", {}), Mapping), "scope.statistics must be a JSON object")
+        try:
+            spec = cls(mean=decode_array(d["mean"]), components=decode_array(d["components"]),
+                       variances=decode_array(d["variances"]), residual_scale=float(d["residual_scale"]),
+                       threshold=float(d["threshold"]), method=str(d.get("method", "")),
+                       features_output=str(d.get("features_output", "")), transform=str(d.get("transform", "none")),
+                       threshold_rule=str(d.get("threshold_rule", "")), statistics=dict(d.get("statistics", {})))
+        except (TypeError, ValueError) as exc:
+            raise ManifestError(f"scope has a bad field: {exc!r}") from None
+        spec.validate()
+        return spec
+
+
 def encode_array(a: np.ndarray) -> dict[str, Any]:
     """Float32 little-endian bytes, base64, with shape and SHA-256: compact and tamper-evident."""
     a = np.ascontiguousarray(a, dtype="<f4")
@@ -166,6 +251,8 @@ class Manifest:
     notice: str = NOT_A_MEDICAL_DEVICE
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
+    #: optional input scope gate (``None``: the bundle has none; older manifests lack the key)
+    scope: ScopeSpec | None = None
 
     def validate(self) -> None:
         _require(self.format == FORMAT_NAME, f"not a cxr-edge manifest (format={self.format!r})")
@@ -183,6 +270,12 @@ class Manifest:
             _require(self.cam.weights is not None and self.cam.weights.shape[0] == len(self.labels),
                      "cam.weights must have one row per label")
         _require(len(self.model_sha256) == 64, "model_sha256 must be a SHA-256 hex digest")
+        if self.scope is not None:
+            self.scope.validate()
+            if self.cam.method == "weights" and self.scope.features_output == self.cam.features_output:
+                _require(self.scope.channels == self.cam.weights.shape[1],
+                         f"scope arrays have {self.scope.channels} channels but the features have "
+                         f"{self.cam.weights.shape[1]}")
 
     def to_json(self) -> str:
         d = {
@@ -193,6 +286,8 @@ class Manifest:
             "cam": self.cam.to_dict(), "model_sha256": self.model_sha256,
             "provenance": self.provenance, "notice": self.notice,
         }
+        if self.scope is not None:
+            d["scope"] = self.scope.to_dict()
         return json.dumps(d, sort_keys=True, allow_nan=False)
 
     @classmethod
@@ -212,6 +307,7 @@ class Manifest:
                 model_sha256=str(d.get("model_sha256", "")), provenance=dict(d.get("provenance", {})),
                 notice=str(d.get("notice", NOT_A_MEDICAL_DEVICE)), format=str(d.get("format", "")),
                 format_version=int(d.get("format_version", -1)),
+                scope=ScopeSpec.from_dict(d["scope"]) if d.get("scope") is not None else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"manifest is missing or has a bad field: {exc!r}") from None
@@ -224,11 +320,14 @@ class Manifest:
         return tuple(n for n, t in zip(self.labels, self.thresholds) if t is not None)
 
     def summary(self) -> dict[str, Any]:
-        """Manifest as plain JSON-able data without the bulky CAM arrays (for ``info``/JSON output)."""
+        """Manifest as plain JSON-able data without the bulky CAM/scope arrays (for ``info``/JSON output)."""
         d = json.loads(self.to_json())
         for key in ("weights", "bias"):
             if key in d["cam"]:
                 d["cam"][key] = {k: v for k, v in d["cam"][key].items() if k != "base64"}
+        for key in ("mean", "components", "variances"):
+            if key in d.get("scope", {}):
+                d["scope"][key] = {k: v for k, v in d["scope"][key].items() if k != "base64"}
         return d
 
 

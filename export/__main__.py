@@ -21,6 +21,8 @@ from cxr_edge.errors import CxrEdgeError, InvalidArgumentError
 from .errors import ExportError, QuantizationGateError
 from .images import nih_sample_dir
 from .quantize import CALIBRATION_METHODS, DEFAULT_PRESET, PRESETS
+from .scope_fit import DEFAULT_K as SCOPE_K
+from .scope_fit import DEFAULT_QUANTILE as SCOPE_QUANTILE
 from .thresholds import METHODS
 from .verify import GateCriteria
 
@@ -47,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     img.add_argument("--calib-list", help="CSV/text list of calibration images (default: image dir minus verify)")
     img.add_argument("--threshold-images", help="CSV/text list of validation images for thresholds")
     out = p.add_argument_group("output")
-    out.add_argument("--out", required=True, help="bundle path (.onnx)")
+    out.add_argument("--out", required=True, help="bundle path (.onnx); a name saying int8/fp32 is corrected to "
+                                                   "the precision actually written")
+    out.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
     out.add_argument("--format", choices=("int8", "fp32"), default="int8")
     out.add_argument("--report", help="verification report JSON (default: <out>.report.json)")
     out.add_argument("--ingraph", help="also write a bytes-in bundle with in-graph decoding/preprocessing")
@@ -73,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript")
     e.add_argument("--no-optimize", action="store_true", help="skip onnxruntime's offline basic optimization")
     e.add_argument("--seed", type=int, default=0)
+    sc = p.add_argument_group("input scope gate (docs/scope.md)")
+    sc.add_argument("--scope", dest="scope", action="store_true", default=None,
+                    help="fit the scope gate into the manifest (default: on from 100 training images)")
+    sc.add_argument("--no-scope", dest="scope", action="store_false", help="do not fit a scope gate")
+    sc.add_argument("--scope-k", type=int, default=SCOPE_K, help="PCA components of the scope gate's density model")
+    sc.add_argument("--scope-quantile", type=float, default=SCOPE_QUANTILE,
+                    help="conformal quantile of in-scope calibration scores that sets the threshold")
     return p
 
 
@@ -103,6 +114,9 @@ def _source(args: argparse.Namespace):
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     report_path = args.report or str(Path(args.out).with_suffix("")) + ".report.json"
+    if Path(args.out).exists() and not args.overwrite:
+        print(f"error: {args.out} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
     try:
         from .build_bundle import export_bundle
 
@@ -115,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             criteria=GateCriteria(max_auc_drop=args.max_auc_drop, min_cam_median=args.min_cam_median,
                                   max_flip_rate=args.max_flip_rate),
             opset=args.opset, exporter=args.exporter, optimize=not args.no_optimize, debug=args.debug_quant,
-            seed=args.seed)
+            seed=args.seed, scope=args.scope, scope_k=args.scope_k, scope_quantile=args.scope_quantile)
     except InvalidArgumentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -128,7 +142,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CxrEdgeError as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    written = report.get("bundle", {}).get("precision")
+    out = Path(args.out)
+    other = {"int8": "fp32", "fp32": "int8"}.get(written or "")
+    if other and other in out.name:
+        fixed = out.with_name(out.name.replace(other, written))
+        out.replace(fixed)
+        report["bundle"]["path"] = str(fixed)
+        print(f"note: wrote {written}, so the bundle is {fixed} (not {out.name})", file=sys.stderr)
     summary = {k: report.get(k) for k in ("result", "bundle", "files", "latency_ms_batch1_1thread")}
+    if report.get("scope"):
+        summary["scope"] = {k: report["scope"][k] for k in ("threshold", "k", "manifest_bytes", "skipped")
+                            if k in report["scope"]}
     if "gate" in report:
         summary["gate"] = {k: report["gate"][k] for k in ("passed", "mean_auc_drop_points", "cam_pearson_median",
                                                           "logit_max_abs_diff", "logit_mean_abs_diff")}

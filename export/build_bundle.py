@@ -5,8 +5,10 @@ Order matters and every step can refuse:
   2. INT8 only: calibrate on real training images, quantize (float CAM head), then compare INT8
      with fp32 on held-out labelled images: AUC drop and CAM agreement (QuantizationGateError,
      or with ``fallback_fp32`` ship fp32 and record why in the provenance);
-  3. choose thresholds on the shipped model's outputs (calibration split), build the manifest, write the bundle and
-     load it back with ``cxr_edge.bundle.load_bundle`` (checksum, wiring, head identity);
+  3. choose thresholds on the shipped model's outputs (calibration split), fit the input scope gate on the shipped
+     model's pooled features of the training images (``export.scope_fit``; on by default when there are training
+     images), build the manifest, write the bundle and load it back with ``cxr_edge.bundle.load_bundle``
+     (checksum, wiring, head identity);
   4. optional bytes-in variant (``export.ingraph``), compared with the Python path on real files.
 The verification report JSON holds every number, also when the gate fails.
 """
@@ -31,11 +33,18 @@ from .ingraph import BYTES_INPUT, RESIZE_MODES, build_ingraph_model, ingraph_ses
 from .manifest_build import HEAD_ATOL, build_manifest
 from .onnx_export import DEFAULT_OPSET, check_parity, classifier_weights, export_onnx, optimize_offline, run_onnx
 from .quantize import DEFAULT_PRESET, debug_quantization, prepare_for_quantization, quantize_int8
+from .scope_fit import DEFAULT_K as SCOPE_K
+from .scope_fit import DEFAULT_QUANTILE as SCOPE_QUANTILE
+from .scope_fit import MIN_FIT_IMAGES as SCOPE_MIN_IMAGES
+from .scope_fit import fit_scope, pooled_features
 from .source import ExportSource
 from .thresholds import choose_thresholds
 from .verify import GateCriteria, cam_correlations, compare_models, gate, sigmoid
 
 PARITY_IMAGES = 32
+#: the scope gate is fitted by default only from this many training images on (a density of fewer is noise;
+#: ``scope=True`` / ``--scope`` fits one from as few as ``export.scope_fit.MIN_FIT_IMAGES``)
+SCOPE_AUTO_MIN_IMAGES = 100
 
 
 def _write_report(report: dict[str, Any], path: str | os.PathLike | None) -> None:
@@ -134,6 +143,31 @@ def _fit_thresholds(model_bytes: bytes, source: ExportSource, spec, labels, name
     return thresholds, details
 
 
+def _fit_scope_gate(model_bytes: bytes, source: ExportSource, spec, features_output: str, *, k: int,
+                    quantile: float, seed: int):
+    """Scope gate on ``model_bytes``'s pooled features: density on the training images (the calibration pool),
+    threshold on the run's calibration split (never the held-out evaluation set; without a calibration split,
+    out-of-fold training images). Returns (ScopeSpec, report dict)."""
+    t = time.perf_counter()
+    pool = source.calibration_pool
+    train = pooled_features(model_bytes, pool.paths, spec, features_output)
+    tset = source.threshold_set
+    use_tset = tset is not None and tset is not source.verification and bool(tset.paths)
+    if use_tset:
+        overlap = {str(p) for p in tset.paths} & {str(p) for p in pool.paths}
+        if overlap:
+            raise InvalidArgumentError(f"{len(overlap)} threshold images are also training images; the scope "
+                                       "threshold must come from images the density model did not see")
+    held = pooled_features(model_bytes, tset.paths, spec, features_output) if use_tset else None
+    scope = fit_scope(train, held, k=k, quantile=quantile, seed=seed, features_output=features_output,
+                      fit_set=pool.name, threshold_set=tset.name if use_tset else None)
+    nbytes = len(json.dumps(scope.to_dict(), allow_nan=False))
+    report = {"threshold": scope.threshold, "threshold_rule": scope.threshold_rule, "k": scope.k,
+              "transform": scope.transform, "manifest_bytes": nbytes, "statistics": scope.statistics,
+              "seconds": round(time.perf_counter() - t, 1)}
+    return scope, report
+
+
 def export_bundle(source: ExportSource, out: str | os.PathLike, *, precision: str = "int8", calib_images: int = 200,
                   preset: str = DEFAULT_PRESET, calibrate_method: str = "minmax", fallback_fp32: bool = False,
                   ingraph_out: str | os.PathLike | None = None, ingraph_images: int = 50,
@@ -141,8 +175,13 @@ def export_bundle(source: ExportSource, out: str | os.PathLike, *, precision: st
                   min_sensitivity: float = 0.9, min_positive_patients: int = 10, model_id: str | None = None, criteria: GateCriteria = GateCriteria(), opset: int = DEFAULT_OPSET,
                   exporter: str = "torchscript", optimize: bool = True, debug: bool = False,
                   logits_output: str = "logits", features_output: str = "features", seed: int = 0,
-                  measure_latency: bool = True) -> dict[str, Any]:
-    """Run the pipeline (module docstring); returns the report (also written to ``report_path``)."""
+                  measure_latency: bool = True, scope: bool | None = None, scope_k: int = SCOPE_K,
+                  scope_quantile: float = SCOPE_QUANTILE) -> dict[str, Any]:
+    """Run the pipeline (module docstring); returns the report (also written to ``report_path``).
+
+    ``scope``: fit the input scope gate into the manifest (``None``: when the source has at least
+    ``SCOPE_AUTO_MIN_IMAGES`` training images).
+    """
     if precision not in ("int8", "fp32"):
         raise InvalidArgumentError(f"precision must be int8 or fp32, got {precision!r}")
     spec, labels = source.spec, source.labels
@@ -226,9 +265,27 @@ def export_bundle(source: ExportSource, out: str | os.PathLike, *, precision: st
         thresholds, tdetails = _fit_thresholds(shipped, source, spec, labels, names, tcache, **tkw)
     provenance["thresholds"] = tdetails
     report["thresholds"] = tdetails
+    scope_spec = None
+    n_pool = len(source.calibration_pool.paths) if source.calibration_pool is not None else 0
+    if scope is None:  # default: on when there are enough training images to fit it
+        scope = n_pool >= SCOPE_AUTO_MIN_IMAGES
+        if not scope:
+            report["scope"] = {"skipped": f"{n_pool} training images (< {SCOPE_AUTO_MIN_IMAGES}): no scope gate "
+                                          "fitted (--scope forces one)"}
+    if scope:
+        if n_pool < SCOPE_MIN_IMAGES:
+            raise InvalidArgumentError(f"the scope gate needs at least {SCOPE_MIN_IMAGES} training images (the "
+                                       f"calibration pool has {n_pool}); pass --no-scope")
+        scope_spec, report["scope"] = _fit_scope_gate(shipped, source, spec, features_output, k=scope_k,
+                                                      quantile=scope_quantile, seed=seed)
+    elif "scope" not in report:
+        report["scope"] = None
     manifest = build_manifest(model_id=f"{base_id}-{shipped_precision}", labels=labels, thresholds=thresholds,
                               spec=spec, weights=weights, bias=bias, precision=shipped_precision,
                               provenance=provenance, **names)
+    if scope_spec is not None:
+        manifest = replace(manifest, scope=scope_spec)
+        manifest.validate()
     out = Path(out)
     sha = write_bundle(shipped, manifest, out)
     bundle = load_bundle(out, threads=1)  # checksum, wiring, head identity: the device's own checks
@@ -260,6 +317,8 @@ def export_bundle(source: ExportSource, out: str | os.PathLike, *, precision: st
         ig_manifest = build_manifest(model_id=f"{base_id}-{shipped_precision}-ingraph", labels=labels,
                                      thresholds=thresholds, spec=ig_spec, weights=weights, bias=bias,
                                      precision=shipped_precision, provenance=ig_prov, **names)
+        if scope_spec is not None:
+            ig_manifest = replace(ig_manifest, scope=scope_spec)
         ig_sha = write_bundle(ig_bytes, ig_manifest, ingraph_out)
         read_manifest(Path(ingraph_out).read_bytes())  # checksum + manifest round trip
         report["ingraph"] = {"path": str(ingraph_out), "model_sha256": ig_sha,
