@@ -227,6 +227,22 @@ def build_card(a: argparse.Namespace) -> tuple[str, str]:
                     + " |")
         add("")
 
+    if m.scope is not None:
+        sc = m.scope
+        add("## Input scope gate\n")
+        add(f"Fitted at export on the pooled final features of the {td.get('train', {}).get('images')} training images "
+            f"(method `{sc.method}`; see `docs/scope.md`); threshold {sc.threshold:.3f}, rule: {sc.threshold_rule}. "
+            "Cheap pixel rules run first (near-constant, aspect ratio, inverted, orientation, colour, chest layout). "
+            "An out-of-scope image gets no decisions.\n")
+        se = _load(a.scope_eval)
+        if se:
+            rows = se.get("rows", se if isinstance(se, list) else [])
+            add(f"`python scripts/scope_eval.py --bundle cxr_edge/data/default.onnx --json ...`:\n")
+            add("| kind | role | images | flagged |\n|---|---|---|---|")
+            for r in rows:
+                add(f"| {r.get('kind')} | {r.get('role')} | {r.get('n')} | {100 * float(r.get('flagged', 0)):.1f}% (pixel rules {100 * float(r.get('by_pixels', 0)):.1f}%, features {100 * float(r.get('by_features', 0)):.1f}%) |")
+        add("")
+
     bench = _load(a.bench)
     if bench:
         mach = bench["machine"]
@@ -279,6 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--own-teacher-eval", help="models.evaluate teacher JSON of the own teacher")
     p.add_argument("--ensemble-eval", help="models.evaluate teacher JSON of the CSV ensemble")
     p.add_argument("--bench", help="cxr-edge-bench --json output")
+    p.add_argument("--scope-eval", help="scripts/scope_eval.py --json output")
     p.add_argument("--cam-grid", default="7x7")
     p.add_argument("--out", help="default: cxr_edge/data/<model_id>.md")
     args = p.parse_args(argv)

@@ -31,15 +31,17 @@ cp "$(ls build/student.int8.onnx build/student.fp32.onnx 2>/dev/null | head -1)"
 # 4. the shipped bundle on the evaluation split: AUC, operating points, pointing game + baselines
 "$PY" -m models.evaluate score cxr_edge/data/default.onnx --pointing-game --out "$RUNS/shipped_eval.json"
 # 5. speed on this machine (runtime only)
-"$PY" -m cxr_edge.bench.cli --device cpu --model build/student.onnx --format fp32,int8 --threads 1,2 --batch 1,8 \
+"$PY" -m cxr_edge.bench.cli --device cpu --model cxr_edge/data/default.onnx --threads 1,2 --batch 1,8 \
     --image cxr_edge/data/sample_chest_pa.png --json build/bench.json --markdown | tee build/bench.md
-# 6. the model card, from the JSON files above
+# 6. the scope gate on held-out out-of-scope kinds and on the evaluation split
+"$PY" scripts/scope_eval.py --bundle cxr_edge/data/default.onnx --json "$RUNS/scope_eval.json" --timing
+# 7. the model card, from the JSON files above
 "$PY" -m export.card --runs "$RUNS" --run "$RUN" --bundle cxr_edge/data/default.onnx --report build/default.report.json \
     --student-eval "$RUNS/shipped_eval.json" --own-teacher-eval "$RUNS/teacher_own_eval.json" \
-    --ensemble-eval "$RUNS/teacher_ensemble_eval.json" --bench build/bench.json
-# 7. the recorded results (small JSON files) for the repository
+    --ensemble-eval "$RUNS/teacher_ensemble_eval.json" --bench build/bench.json --scope-eval "$RUNS/scope_eval.json"
+# 8. the recorded results (small JSON files) for the repository
 mkdir -p docs/results/kd
 for f in "$RUNS"/*.json; do cp "$f" docs/results/kd/; done
 for r in "$RUNS"/*/; do n=$(basename "$r"); cp "$r/metrics.json" "docs/results/kd/$n.metrics.json"; \
   cp "$r/config.json" "docs/results/kd/$n.config.json"; done
-cp build/default.report.json build/bench.json docs/results/kd/
+cp build/default.report.json build/bench.json build/bench.md docs/results/kd/
