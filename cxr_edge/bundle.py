@@ -23,6 +23,7 @@ from .manifest import MANIFEST_KEY, Manifest
 
 METADATA_PROPS_FIELD = 14
 DEFAULT_BUNDLE = "default.onnx"
+MAX_THREADS = 64  # more intra-op threads than this only costs memory and start-up time on any device we target
 
 
 def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -91,6 +92,9 @@ def split_model(model_bytes: bytes) -> tuple[bytes, dict[str, str]]:
         for number, wire, start, payload, end in _fields(model_bytes):
             if number == METADATA_PROPS_FIELD and wire == 2:
                 key, value = _string_entry(model_bytes[payload:end])
+                if key in metadata:  # readers disagree on which copy wins (onnx: first, a dict: last)
+                    raise BundleError(f"the model has two metadata entries named {key!r}; refusing to guess "
+                                      "which one is meant")
                 metadata[key] = value
             else:
                 kept += model_bytes[start:end]
@@ -106,6 +110,68 @@ def model_sha256(model_bytes: bytes) -> str:
     return hashlib.sha256(split_model(model_bytes)[0]).hexdigest()
 
 
+# ModelProto.graph = 7; GraphProto: node = 1, initializer = 5, sparse_initializer = 15; NodeProto.attribute = 5;
+# AttributeProto: t = 5, g = 6, tensors = 10, graphs = 11, sparse_tensor = 22, sparse_tensors = 23;
+# SparseTensorProto: values = 1, indices = 2; TensorProto: external_data = 13, data_location = 14 (1 = EXTERNAL).
+_GRAPH_TENSORS = {5: "tensor", 15: "sparse"}
+
+
+def _check_tensor(buf: bytes, where: str) -> None:
+    for number, wire, start, _, end in _fields(buf):
+        # a varint field's payload offset points past its value: read it again from after the tag
+        if number == 13 and wire == 2 or number == 14 and wire == 0 and _read_varint(
+                buf, _read_varint(buf, start)[1])[0] == 1:
+            raise BundleError(f"{where} stores its data in an external file: a bundle must hold every weight "
+                              "itself (the checksum could not cover a side file)")
+
+
+def _check_sparse(buf: bytes, where: str) -> None:
+    for number, wire, _, p, end in _fields(buf):
+        if number in (1, 2) and wire == 2:
+            _check_tensor(buf[p:end], where)
+
+
+def _check_graph_data(buf: bytes, depth: int = 0) -> None:
+    if depth > 32:
+        raise BundleError("the model's subgraphs are nested too deeply")
+    for number, wire, _, p, end in _fields(buf):
+        if wire != 2:
+            continue
+        if number == 5:
+            _check_tensor(buf[p:end], "an initializer")
+        elif number == 15:
+            _check_sparse(buf[p:end], "a sparse initializer")
+        elif number == 1:
+            for n2, w2, _, p2, e2 in _fields(buf[p:end]):
+                if n2 == 5 and w2 == 2:
+                    attr = buf[p:end][p2:e2]
+                    for n3, w3, _, p3, e3 in _fields(attr):
+                        if w3 != 2:
+                            continue
+                        if n3 in (5, 10):
+                            _check_tensor(attr[p3:e3], "a Constant/attribute tensor")
+                        elif n3 in (22, 23):
+                            _check_sparse(attr[p3:e3], "a sparse attribute tensor")
+                        elif n3 in (6, 11):
+                            _check_graph_data(attr[p3:e3], depth + 1)
+
+
+def check_no_external_data(model_bytes: bytes) -> None:
+    """Refuse any tensor whose data lives outside the file (initializers, Constant attributes, sparse
+    tensors, subgraphs): onnxruntime would resolve the side file relative to the working directory."""
+    for number, wire, _, p, end in _fields(model_bytes):
+        if number == 7 and wire == 2:
+            _check_graph_data(model_bytes[p:end])
+
+
+def _manifest_digest(body: bytes, blank_manifest_json: str) -> str:
+    """SHA-256 over the graph bytes and the manifest JSON with ``bundle_sha256`` blank."""
+    h = hashlib.sha256(body)
+    h.update(b"\x00cxr-edge-manifest\x00")
+    h.update(blank_manifest_json.encode("utf-8"))
+    return h.hexdigest()
+
+
 def _len_field(number: int, payload: bytes) -> bytes:
     return _encode_varint((number << 3) | 2) + _encode_varint(len(payload)) + payload
 
@@ -116,9 +182,11 @@ def embed_manifest(model_bytes: bytes, manifest: Manifest) -> bytes:
     Other metadata entries are kept; an older manifest entry is replaced.
     """
     body, metadata = split_model(model_bytes)
+    check_no_external_data(body)
     digest = hashlib.sha256(body).hexdigest()
-    manifest = replace(manifest, model_sha256=digest)
+    manifest = replace(manifest, model_sha256=digest, bundle_sha256="")
     manifest.validate()
+    manifest = replace(manifest, bundle_sha256=_manifest_digest(body, manifest.to_json()))
     metadata[MANIFEST_KEY] = manifest.to_json()
     out = bytearray(body)
     for key, value in metadata.items():
@@ -140,13 +208,25 @@ def read_manifest(model_bytes: bytes, verify_checksum: bool = True) -> Manifest:
     if MANIFEST_KEY not in metadata:
         raise ManifestError(f"this ONNX file has no cxr-edge manifest (metadata key {MANIFEST_KEY!r}); "
                             "export it with the toolchain or embed one with cxr_edge.bundle.write_bundle")
-    manifest = Manifest.from_json(metadata[MANIFEST_KEY])
+    text = metadata[MANIFEST_KEY]
+    manifest = Manifest.from_json(text)
     if verify_checksum:
+        check_no_external_data(body)
         actual = hashlib.sha256(body).hexdigest()
         if actual != manifest.model_sha256:
             raise ChecksumMismatchError(
                 f"model checksum mismatch: manifest says {manifest.model_sha256[:16]}..., file has "
                 f"{actual[:16]}...; the weights were altered or the file is damaged")
+        if not manifest.bundle_sha256:
+            raise ChecksumMismatchError("the manifest carries no bundle_sha256 (written by an older toolchain): "
+                                        "its thresholds and preprocessing are not covered; re-export the bundle")
+        # the digest is over the manifest exactly as stored, with its own value blanked
+        stored = f'"bundle_sha256": "{manifest.bundle_sha256}"'
+        if text.count(stored) != 1:
+            raise ChecksumMismatchError("the manifest's bundle_sha256 entry is malformed")
+        if _manifest_digest(body, text.replace(stored, '"bundle_sha256": ""')) != manifest.bundle_sha256:
+            raise ChecksumMismatchError("manifest checksum mismatch: the manifest (thresholds, labels, preprocessing, "
+                                        "scope, notice, ...) was altered after export")
     return manifest
 
 
@@ -202,8 +282,8 @@ def load_bundle(path: str | os.PathLike | None = None, threads: int | None = Non
     """Load, verify (checksum, manifest, graph wiring, head weights) and open a bundle."""
     import onnxruntime as ort
 
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise InvalidArgumentError(f"threads must be a positive integer, got {threads!r}")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= MAX_THREADS):
+        raise InvalidArgumentError(f"threads must be an integer in [1, {MAX_THREADS}], got {threads!r}")
     resolved = Path(path) if path is not None else default_bundle_path()
     try:
         model_bytes = resolved.read_bytes()

@@ -74,11 +74,21 @@ class PreprocessSpec:
         _require(all(math.isfinite(m) for m in self.mean), "preprocessing.mean must be finite")
         _require(self.layout == "NCHW", "preprocessing.layout must be NCHW")
         _require(self.dtype == "float32", "preprocessing.dtype must be float32")
+        for key in ("min_side", "max_pixels", "channels"):
+            v = getattr(self, key)
+            _require(isinstance(v, int) and not isinstance(v, bool), f"preprocessing.{key} must be an integer, got {v!r}")
+        _require(all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (*self.mean, *self.std)),
+                 "preprocessing.mean/std must be numbers")
         _require(self.min_side >= 1 and self.max_pixels >= self.min_side ** 2,
                  "preprocessing.min_side/max_pixels are inconsistent")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "PreprocessSpec":
+        _require(isinstance(d, Mapping), "preprocessing must be a JSON object")
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        # a runtime must never silently skip a preprocessing step it does not know
+        _require(not unknown, f"preprocessing has unknown key(s) {unknown}: this runtime does not implement them; "
+                              "upgrade cxr-edge")
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         for key in ("input_size", "mean", "std"):
             if key in known:
@@ -253,6 +263,9 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     #: optional input scope gate (``None``: the bundle has none; older manifests lack the key)
     scope: ScopeSpec | None = None
+    #: SHA-256 over the graph bytes and this manifest's JSON with this field blank (cxr_edge.bundle):
+    #: thresholds, labels, preprocessing, scope, provenance and notice are covered like the weights
+    bundle_sha256: str = ""
 
     def validate(self) -> None:
         _require(self.format == FORMAT_NAME, f"not a cxr-edge manifest (format={self.format!r})")
@@ -284,7 +297,7 @@ class Manifest:
             "thresholds": [None if t is None else float(t) for t in self.thresholds],
             "preprocessing": _plain(asdict(self.preprocessing)), "logits_output": self.logits_output,
             "cam": self.cam.to_dict(), "model_sha256": self.model_sha256,
-            "provenance": self.provenance, "notice": self.notice,
+            "provenance": self.provenance, "notice": self.notice, "bundle_sha256": self.bundle_sha256,
         }
         if self.scope is not None:
             d["scope"] = self.scope.to_dict()
@@ -296,7 +309,11 @@ class Manifest:
             d = json.loads(text)
         except (TypeError, ValueError) as exc:
             raise ManifestError(f"manifest is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ManifestError("manifest is nested too deeply to be a cxr-edge manifest") from None
         _require(isinstance(d, dict), "manifest must be a JSON object")
+        unknown = sorted(set(d) - _MANIFEST_KEYS)
+        _require(not unknown, f"manifest has unknown top-level key(s) {unknown} (a newer format?): upgrade cxr-edge")
         try:
             m = cls(
                 model_id=str(d["model_id"]), labels=tuple(str(x) for x in d["labels"]),
@@ -308,8 +325,9 @@ class Manifest:
                 notice=str(d.get("notice", NOT_A_MEDICAL_DEVICE)), format=str(d.get("format", "")),
                 format_version=int(d.get("format_version", -1)),
                 scope=ScopeSpec.from_dict(d["scope"]) if d.get("scope") is not None else None,
+                bundle_sha256=str(d.get("bundle_sha256", "")),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ManifestError(f"manifest is missing or has a bad field: {exc!r}") from None
         m.validate()
         return m
@@ -329,6 +347,10 @@ class Manifest:
             if key in d.get("scope", {}):
                 d["scope"][key] = {k: v for k, v in d["scope"][key].items() if k != "base64"}
         return d
+
+
+_MANIFEST_KEYS = frozenset({"format", "format_version", "model_id", "labels", "thresholds", "preprocessing",
+                            "logits_output", "cam", "model_sha256", "provenance", "notice", "scope", "bundle_sha256"})
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:

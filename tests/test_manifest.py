@@ -69,5 +69,7 @@ def test_summary_drops_bulky_arrays_but_keeps_checksums():
 
 
 def test_preprocess_spec_from_dict_converts_lists():
-    spec = PreprocessSpec.from_dict({"input_size": [128, 96], "mean": [0.4], "std": [0.2], "unknown_key": 1})
+    spec = PreprocessSpec.from_dict({"input_size": [128, 96], "mean": [0.4], "std": [0.2]})
     assert spec.input_size == (128, 96) and spec.mean == (0.4,)
+    with pytest.raises(ManifestError, match="unknown key"):  # an unknown step is refused, never skipped
+        PreprocessSpec.from_dict({"input_size": [128, 96], "mean": [0.4], "std": [0.2], "unknown_key": 1})
