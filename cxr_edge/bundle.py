@@ -255,6 +255,8 @@ class Bundle:
 def session_options(threads: int):
     import onnxruntime as ort
 
+    if hasattr(ort, "disable_telemetry_events"):  # onnxruntime's own telemetry switch (ETW on Windows)
+        ort.disable_telemetry_events()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
