@@ -32,6 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .classifier import SCHEMA_VERSION
 from .errors import InvalidArgumentError, OutputError
 
 ID_COLUMNS = ("image", "patient_id")
@@ -271,7 +272,7 @@ def calibrate_main(args) -> int:
                 tmp.unlink()
             except OSError:
                 pass
-    summary = {"schema_version": 1, "ok": True, "op": "calibrate", "out": str(out), "model_id": new_manifest.model_id,
+    summary = {"schema_version": SCHEMA_VERSION, "ok": True, "op": "calibrate", "out": str(out), "model_id": new_manifest.model_id,
                "rule": args.rule, "images": int(len(P)), "patients": int(len(set(pids))), "failed": failed,
                "skipped": skipped, "label_rows_without_image": unmatched_rows,
                "thresholds": dict(zip(labels, new)), "previous_thresholds": dict(zip(labels, manifest.thresholds)),

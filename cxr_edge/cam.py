@@ -109,6 +109,8 @@ class OverlayLegend:
     scale: float                        # logit contribution at the top of the colour bar
     empty: bool                         # the map has no positive evidence
     scale_rule: str = SCALE_RULE
+    out_of_scope: bool = False          # the input scope gate flagged the image: no decision
+    scope_reason: Optional[str] = None  # why (the gate's reasons, joined)
 
 
 def _ascii(text: str) -> str:
@@ -121,6 +123,10 @@ _WHITE, _GRAY, _AMBER, _RED, _GREEN = (255, 255, 255), (190, 190, 190), (255, 19
 
 def _decision_text(legend: OverlayLegend) -> tuple[str, str, tuple[int, int, int]]:
     p = legend.probability
+    if legend.out_of_scope:
+        why = f": {legend.scope_reason}" if legend.scope_reason else ""
+        return (f"{legend.label}: OUT OF SCOPE (no decision)",
+                f"probability {p:.3f}; the image is not like the model's training radiographs{why}", _AMBER)
     if legend.threshold is None or legend.decision is None:
         return (f"{legend.label}: UNDETERMINED",
                 f"probability {p:.3f}; no threshold: this bundle makes no decision for this label", _AMBER)

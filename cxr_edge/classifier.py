@@ -12,14 +12,21 @@ import numpy as np
 
 from .bundle import Bundle, load_bundle
 from .cam import OverlayLegend, absolute_map, activation_map_raw, class_activation_map, write_overlay_png
-from .errors import CxrEdgeError, DicomRefusedError, InferenceError, InvalidArgumentError
+from .errors import CxrEdgeError, DicomRefusedError, InferenceError, InvalidArgumentError, OutOfScopeError
 from .imaging import Radiograph, read_image
 from .manifest import NOT_A_MEDICAL_DEVICE, Manifest
 from .preprocess import preprocess
+from .scope import ScopeGate, ScopeResult
 
 #: version of the JSON objects ``Prediction.to_dict`` / ``cxr-edge predict --json`` / ``serve`` emit
 #: (``cxr_edge/schema/prediction.schema.json``)
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+#: ``Classifier(scope=...)``: what to do with images the input scope gate flags (``docs/scope.md``)
+SCOPE_MODES = ("flag", "refuse", "off")
+
+#: the reason added when ``allow_any_body_part`` let through a DICOM that would have been refused
+OVERRIDE_REASON = "DICOM anatomy override (allow_any_body_part): not a confirmed chest radiograph"
 
 Source = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, np.ndarray, Any]
 
@@ -60,6 +67,11 @@ class Prediction:
     #: refused without it (a non-chest or unconfirmed-anatomy DICOM): the result is out of scope
     override_used: bool = False
     out_of_scope: bool = False
+    #: the input scope gate's verdict: True/False, or None when no gate ran (the bundle has no scope block,
+    #: or ``scope="off"``). False: every decision is None (undetermined); probabilities are still reported
+    in_scope: bool | None = None
+    #: ``{"in_scope", "score", "threshold", "reasons"}`` of the gate (:meth:`ScopeResult.to_dict`), or None
+    scope: dict[str, Any] | None = None
     notice: str = NOT_A_MEDICAL_DEVICE
     _features: np.ndarray | None = field(default=None, repr=False)
     _cam_weights: np.ndarray | None = field(default=None, repr=False)
@@ -113,9 +125,12 @@ class Prediction:
 
     def overlay_legend(self, label: str | int) -> OverlayLegend:
         name = self.labels[self._label_index(label)]
+        flagged = self.in_scope is False
+        reason = "; ".join((self.scope or {}).get("reasons") or []) if flagged else None
         return OverlayLegend(label=name, probability=self.probabilities[name], threshold=self.thresholds[name],
                              decision=self.decisions[name], model_id=self.model_id, notice=self.notice,
-                             scale=self.cam_scale(), empty=self.cam_is_empty(name))
+                             scale=self.cam_scale(), empty=self.cam_is_empty(name),
+                             out_of_scope=flagged, scope_reason=reason or None)
 
     def write_overlay(self, path: str | os.PathLike, label: str | int, alpha: float = 0.45) -> bool:
         """Write an RGB PNG of the heatmap of ``label`` over the radiograph, with its legend burnt in.
@@ -138,7 +153,7 @@ class Prediction:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view (no pixels, no patient data: only non-identifying image facts).
 
-        Layout: ``cxr_edge/schema/prediction.schema.json`` (``schema_version`` 1).
+        Layout: ``cxr_edge/schema/prediction.schema.json`` (``schema_version`` 2).
         """
         image = {"height": self.image_shape[0], "width": self.image_shape[1], **self.image_info}
         if self.bit_depth is not None:
@@ -154,6 +169,8 @@ class Prediction:
             "positive": self.positive_labels, "undetermined": self.undetermined_labels,
             "image": image,
             "override_used": bool(self.override_used), "out_of_scope": bool(self.out_of_scope),
+            "in_scope": None if self.in_scope is None else bool(self.in_scope),
+            "scope": None if self.scope is None else dict(self.scope, reasons=list(self.scope.get("reasons") or [])),
             "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
         }
 
@@ -186,15 +203,33 @@ class Classifier:
 
     ``Classifier()`` loads the embedded default bundle; ``Classifier("model.onnx")`` any bundle.
     ``threads`` fixes onnxruntime's intra-op threads (results are deterministic for a fixed count).
+
+    ``scope`` (the input scope gate, ``docs/scope.md``; it runs only when the bundle's manifest has a
+    ``scope`` block, otherwise ``in_scope`` is None):
+
+    * ``"flag"`` (default): an out-of-scope image is still classified, but every decision is None
+      (undetermined), ``in_scope`` is False and ``scope["reasons"]`` says why;
+    * ``"refuse"``: an out-of-scope image raises :class:`~cxr_edge.errors.OutOfScopeError`
+      (collected per input by ``predict_batch(errors="collect")``);
+    * ``"off"``: **unsafe**, no checks at all: decisions for any pixels, ``in_scope``/``scope`` None.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, threads: int | None = None,
-                 providers: Sequence[str] | None = None, allow_any_body_part: bool = False) -> None:
+                 providers: Sequence[str] | None = None, allow_any_body_part: bool = False,
+                 scope: str = "flag") -> None:
+        if scope not in SCOPE_MODES:
+            raise InvalidArgumentError(f"scope must be one of {', '.join(SCOPE_MODES)}, got {scope!r}")
         self.bundle: Bundle = load_bundle(model, threads=threads, providers=providers)
         self.manifest: Manifest = self.bundle.manifest
         self.allow_any_body_part = allow_any_body_part
+        self.scope_mode = scope
         m = self.manifest
         self._outputs = [m.logits_output] + ([m.cam.features_output] if m.cam.method == "weights" else [])
+        #: None when the bundle has no scope block or the gate is off
+        self.scope_gate: ScopeGate | None = (ScopeGate.from_manifest(m)
+                                             if scope != "off" and getattr(m, "scope", None) is not None else None)
+        if self.scope_gate is not None and self.scope_gate.features_output not in self._outputs:
+            self._outputs.append(self.scope_gate.features_output)  # e.g. a bundle with cam.method "none"
         self._thresholds = np.asarray([np.nan if t is None else t for t in m.thresholds], dtype=np.float32)
 
     @property
@@ -224,43 +259,89 @@ class Classifier:
         # refused by a check the override relaxes (or not: then this read raises the same refusal)
         return read_image(source, min_side=spec.min_side, max_pixels=spec.max_pixels, allow_any_body_part=True), True
 
-    def _infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def _infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(logits, CAM features or None, scope-gate features or None)."""
         outs = self.bundle.session.run(self._outputs, {self.manifest.preprocessing.input_name: batch})
         logits = np.asarray(outs[0], dtype=np.float32)
         if not np.isfinite(logits).all():
             raise InferenceError("the model produced NaN/inf logits for this input; refusing to answer")
-        return logits, (outs[1] if len(outs) > 1 else None)
+        by_name = dict(zip(self._outputs, outs))
+        m = self.manifest
+        cam = by_name.get(m.cam.features_output) if m.cam.method == "weights" else None
+        gate = by_name.get(self.scope_gate.features_output) if self.scope_gate is not None else None
+        return logits, cam, gate
+
+    @staticmethod
+    def _refusal(result: ScopeResult) -> OutOfScopeError:
+        return OutOfScopeError("the image is out of scope for this model (not like the frontal adult chest "
+                               "radiographs it was trained on): " + "; ".join(result.reasons), scope=result)
 
     def _results(self, sources: Sequence[str], images: Sequence[Radiograph], decode_ms: Sequence[float],
-                 keep_image: bool, scopes: Sequence[bool] | None = None) -> list[Prediction]:
+                 keep_image: bool, scopes: Sequence[bool] | None = None) -> list[Prediction | OutOfScopeError]:
+        """One Prediction per image; in ``scope="refuse"`` mode an :class:`OutOfScopeError` instead for each
+        image the gate flags (images the pixel rules flag are not even run through the model)."""
+        n = len(images)
+        scopes = list(scopes) if scopes else [False] * n
+        gate = self.scope_gate
+        out: list[Prediction | OutOfScopeError | None] = [None] * n
+        pixel_reasons: list[list[str]] = [[] for _ in range(n)]
+        scope_ms = [0.0] * n
+        if gate is not None:
+            for i, img in enumerate(images):
+                ts = time.perf_counter()
+                pixel_reasons[i] = gate.check_pixels(img.pixels, img.info.get("colour_fraction"))
+                scope_ms[i] = (time.perf_counter() - ts) * 1e3
+                if pixel_reasons[i] and self.scope_mode == "refuse":  # no inference for a blank frame
+                    reasons = pixel_reasons[i] + ([OVERRIDE_REASON] if self.allow_any_body_part and scopes[i] else [])
+                    out[i] = self._refusal(ScopeResult(False, None, gate.threshold, reasons))
+        run = [i for i in range(n) if out[i] is None]
+        if not run:
+            return out  # type: ignore[return-value]
         t0 = time.perf_counter()
-        batch = preprocess([img.pixels for img in images], self.manifest.preprocessing)
+        batch = preprocess([images[i].pixels for i in run], self.manifest.preprocessing)
         t1 = time.perf_counter()
-        logits, features = self._infer(batch)
+        logits, features, gate_features = self._infer(batch)
         t2 = time.perf_counter()
         probs = _sigmoid(logits)
-        n = len(images)
-        share_pre, share_inf = (t1 - t0) * 1e3 / n, (t2 - t1) * 1e3 / n
+        share_pre, share_inf = (t1 - t0) * 1e3 / len(run), (t2 - t1) * 1e3 / len(run)
         labels = self.labels
-        results = []
-        for i, img in enumerate(images):
-            p = probs[i]
+        thresholds = {name: (None if np.isnan(t) else float(t)) for name, t in zip(labels, self._thresholds)}
+        for j, i in enumerate(run):
+            img = images[i]
+            p = probs[j]
+            decisions = {name: (None if np.isnan(t) else bool(v >= t)) for name, v, t in zip(labels, p, self._thresholds)}
             timings = {"decode": decode_ms[i], "preprocess": share_pre, "inference": share_inf}
+            in_scope: bool | None = None
+            scope_dict: dict[str, Any] | None = None
+            if gate is not None:
+                ts = time.perf_counter()
+                feats = None if gate_features is None else gate_features[j]
+                res = gate.assess(None, feats)  # the feature score (pixel rules ran above)
+                reasons = pixel_reasons[i] + res.reasons
+                if self.allow_any_body_part and scopes[i]:  # the DICOM anatomy override let it through
+                    reasons.append(OVERRIDE_REASON)
+                res = ScopeResult(not reasons, res.score, res.threshold, reasons)
+                timings["scope"] = scope_ms[i] + (time.perf_counter() - ts) * 1e3
+                if not res.in_scope and self.scope_mode == "refuse":
+                    out[i] = self._refusal(res)
+                    continue
+                in_scope, scope_dict = res.in_scope, res.to_dict()
+                if not res.in_scope:  # flagged: probabilities stay, decisions are withheld
+                    decisions = {name: None for name in labels}
             timings["total"] = sum(timings.values())
-            results.append(Prediction(
+            out[i] = Prediction(
                 source=sources[i], model_id=self.model_id, labels=labels,
                 probabilities={name: float(v) for name, v in zip(labels, p)},
-                decisions={name: (None if np.isnan(t) else bool(v >= t)) for name, v, t in
-                           zip(labels, p, self._thresholds)},
-                thresholds={name: (None if np.isnan(t) else float(t)) for name, t in zip(labels, self._thresholds)},
+                decisions=decisions, thresholds=dict(thresholds),
                 timings_ms=timings, image_shape=img.pixels.shape, image_info={"format": img.format, **img.info},
                 bit_depth=img.bit_depth, bit_depth_source=img.bit_depth_source,
-                override_used=self.allow_any_body_part, out_of_scope=bool(scopes[i]) if scopes else False,
+                override_used=self.allow_any_body_part, out_of_scope=bool(scopes[i]),
+                in_scope=in_scope, scope=scope_dict,
                 notice=self.manifest.notice,
-                _features=None if features is None else np.array(features[i], dtype=np.float32),
+                _features=None if features is None else np.array(features[j], dtype=np.float32),
                 _cam_weights=self.manifest.cam.weights, _pixels=img.pixels if keep_image else None,
-            ))
-        return results
+            )
+        return out  # type: ignore[return-value]
 
     def _read_timed(self, source: Source) -> tuple[Radiograph, float, bool]:
         start = time.perf_counter()
@@ -270,13 +351,17 @@ class Classifier:
     def predict(self, source: Source, *, keep_image: bool = True) -> Prediction:
         """Classify one image (path, bytes, array or PIL image)."""
         image, ms, scope = self._read_timed(source)
-        return self._results([describe_source(source)], [image], [ms], keep_image, [scope])[0]
+        res = self._results([describe_source(source)], [image], [ms], keep_image, [scope])[0]
+        if isinstance(res, OutOfScopeError):
+            raise res
+        return res
 
     def predict_batch(self, sources: Iterable[Source], *, batch_size: int = 8, keep_image: bool = False,
                       errors: Literal["raise", "collect"] = "raise") -> list[Prediction | CxrEdgeError]:
         """Classify many images, running the model on real batches of ``batch_size``.
 
-        ``errors="collect"`` puts the typed error in place of a failed input's result and goes on;
+        ``errors="collect"`` puts the typed error in place of a failed input's result and goes on
+        (with ``scope="refuse"``, out-of-scope inputs become :class:`OutOfScopeError` entries);
         ``"raise"`` stops at the first bad input.
         """
         if errors not in ("raise", "collect"):
@@ -293,9 +378,11 @@ class Classifier:
             idx = [i for i, _, _, _ in pending]
             results = self._results([describe_source(sources[i]) for i in idx], [im for _, im, _, _ in pending],
                                     [ms for _, _, ms, _ in pending], keep_image, [sc for _, _, _, sc in pending])
-            for i, r in zip(idx, results):
-                out[i] = r
             pending.clear()
+            for i, r in zip(idx, results):
+                if isinstance(r, OutOfScopeError) and errors == "raise":
+                    raise r
+                out[i] = r
 
         for i, source in enumerate(sources):
             try:

@@ -2,8 +2,10 @@
 
 Exit codes (stable; ``docs/cli.md``): 0 all inputs succeeded; 1 internal error (a bug: reported as a
 typed ``InternalError``, never a traceback); 2 usage error; 3 some inputs failed (the others were
-still processed); 4 the model could not be loaded; 5 an output could not be written; 130
-interrupted (SIGINT / Ctrl-C); 141 stdout closed early (broken pipe, e.g. ``| head -1``).
+still processed); 4 the model could not be loaded; 5 an output could not be written; 6 every input
+was read, but some were out of scope (the input scope gate flagged them) and got no decisions (3
+takes precedence when any input failed, including inputs refused with ``--out-of-scope refuse``);
+130 interrupted (SIGINT / Ctrl-C); 141 stdout closed early (broken pipe, e.g. ``| head -1``).
 With ``--json`` each input gives one JSON object on stdout; errors, skipped files and the final
 summary are JSON objects on stderr. Set ``CXR_EDGE_DEBUG=1`` to get Python tracebacks instead.
 """
@@ -20,7 +22,7 @@ from typing import Any, Iterator, Sequence
 from . import __version__
 from .errors import BundleError, CxrEdgeError, ImageError, InvalidArgumentError, OutputError
 
-from .cli_support import (EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT_FAILED, EXIT_MODEL, EXIT_OUTPUT, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE, IMAGE_SUFFIXES, UsageError, _Parser, walk_inputs, iter_inputs, Progress, Reporter)  # noqa: F401
+from .cli_support import (EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT_FAILED, EXIT_MODEL, EXIT_OUTPUT, EXIT_OUT_OF_SCOPE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE, IMAGE_SUFFIXES, UsageError, _Parser, walk_inputs, iter_inputs, Progress, Reporter, add_scope_arguments, scope_mode)  # noqa: F401
 
 
 def _report_error(args, source: Any, exc: BaseException) -> None:
@@ -35,11 +37,18 @@ def _human(obj: dict[str, Any]) -> str:
              f"{obj['timings_ms']['total']:.1f} ms)"]
     if obj.get("out_of_scope"):
         lines.append("  OUT OF SCOPE: read only because of --allow-any-body-part (not a confirmed chest radiograph)")
+    flagged = obj.get("in_scope") is False
+    if flagged:
+        lines.append(f"  {scope_line(obj.get('scope') or {})}")
     probs = obj["probabilities"]
     for name in sorted(probs, key=lambda n: -probs[n]):
         t = obj["thresholds"][name]
         if t is None:
             lines.append(f"  {name:<20} {probs[name]:6.3f}  (undetermined: no decision for this label)")
+            continue
+        if obj["decisions"][name] == "undetermined":
+            why = "out of scope" if flagged else "no decision"
+            lines.append(f"  {name:<20} {probs[name]:6.3f}  (threshold {t:.3f}) undetermined ({why})")
             continue
         flag = "POSITIVE" if obj["decisions"][name] is True else ""
         lines.append(f"  {name:<20} {probs[name]:6.3f}  (threshold {t:.3f}) {flag}".rstrip())
@@ -47,6 +56,22 @@ def _human(obj: dict[str, Any]) -> str:
         note = "  (no positive evidence)" if (obj.get("cam_empty") or {}).get(label) else ""
         lines.append(f"  heatmap {label}: {path}{note}")
     return "\n".join(lines)
+
+
+def scope_line(scope: dict[str, Any]) -> str:
+    """``OUT OF SCOPE: <reasons> (score s > threshold t): no decisions`` for a flagged result's ``scope``."""
+    reasons = "; ".join(scope.get("reasons") or []) or "flagged by the input scope gate"
+    score, threshold = scope.get("score"), scope.get("threshold")
+    numbers = ""
+    if score is not None and threshold is not None:
+        numbers = f" (score {score:.3f} {'>' if score > threshold else '<='} threshold {threshold:.3f})"
+    return f"OUT OF SCOPE: {reasons}{numbers}: no decisions"
+
+
+def _warn_scope_off(args, out: Reporter) -> None:
+    if scope_mode(args) == "off":
+        out.warning("scope_gate_off", "--no-scope-gate: the input scope gate is off (unsafe): decisions are given "
+                                      "for any pixels, including images that are not frontal chest radiographs")
 
 
 def _shown(path: Any) -> str:
@@ -80,7 +105,8 @@ def prepare_output_dir(path: str, flag: str = "--cam-dir") -> None:
 def _engine(args) -> Any:
     from .engine import Engine
 
-    return Engine(args.model, threads=args.threads, allow_any_body_part=getattr(args, "allow_any_body_part", False))
+    return Engine(args.model, threads=args.threads, allow_any_body_part=getattr(args, "allow_any_body_part", False),
+                  scope=scope_mode(args))
 
 
 def cmd_predict(args) -> int:
@@ -96,7 +122,8 @@ def cmd_predict(args) -> int:
     sources = [p for p, reason in entries if reason is None]
     progress = Progress(len(sources), enabled=sys.stderr.isatty() and len(sources) > 5 and not args.json)
     out = Reporter(args.json, progress)
-    failed = skipped = 0
+    _warn_scope_off(args, out)
+    failed = skipped = flagged = 0
     for path, reason in entries:
         if reason is None:
             continue
@@ -108,33 +135,37 @@ def cmd_predict(args) -> int:
             out.skipped(skipped_object(path, reason))
     if not sources:
         out.error(error_object("<inputs>", InvalidArgumentError("no image files found in the given paths")))
-        _summary(args, engine, 0, 0, failed + 1, skipped)
+        _summary(args, engine, 0, 0, failed + 1, skipped, 0)
         return EXIT_INPUT_FAILED
     classified = 0
     for obj in engine.run(sources, batch_size=args.batch_size, cam_dir=args.cam_dir, cam_how=cam_how):
         progress.step()
         if obj["ok"]:
             classified += 1
+            flagged += obj.get("in_scope") is False
             out.result(obj, _human(obj))
         else:
             failed += 1
             out.error(obj)
     progress.close()
-    _summary(args, engine, len(sources), classified, failed, skipped)
-    return EXIT_INPUT_FAILED if failed else EXIT_OK
+    _summary(args, engine, len(sources), classified, failed, skipped, flagged)
+    if failed:
+        return EXIT_INPUT_FAILED
+    return EXIT_OUT_OF_SCOPE if flagged else EXIT_OK
 
 
-def _summary(args, engine, attempted: int, classified: int, failed: int, skipped: int) -> None:
+def _summary(args, engine, attempted: int, classified: int, failed: int, skipped: int, flagged: int) -> None:
     from .classifier import SCHEMA_VERSION
     from .engine import dumps
 
     if args.json:
         print(dumps({"schema_version": SCHEMA_VERSION, "summary": True, "attempted": attempted,
-                     "classified": classified, "failed": failed, "skipped": skipped,
+                     "classified": classified, "failed": failed, "skipped": skipped, "out_of_scope": flagged,
                      "model_id": engine.model_id, "notice": engine.manifest.notice}), file=sys.stderr, flush=True)
     else:
-        print(f"{classified} of {attempted} images classified; {failed} failed; {skipped} skipped (not attempted); "
-              f"{engine.manifest.notice}", file=sys.stderr, flush=True)
+        scoped = f"{flagged} out of scope (no decisions); " if flagged else ""
+        print(f"{classified} of {attempted} images classified; {scoped}{failed} failed; {skipped} skipped "
+              f"(not attempted); {engine.manifest.notice}", file=sys.stderr, flush=True)
 
 
 def cmd_explain(args) -> int:
@@ -152,6 +183,7 @@ def cmd_explain(args) -> int:
         raise InvalidArgumentError("this bundle carries no CAM (manifest cam.method is 'none')")
     parent = out.parent if str(out.parent) else Path(".")
     prepare_output_dir(str(parent), flag="--out folder")
+    _warn_scope_off(args, Reporter(args.json))
     try:
         pred = engine.classifier.predict(args.path)
     except CxrEdgeError as exc:
@@ -165,13 +197,15 @@ def cmd_explain(args) -> int:
         obj.update(label=label, probability=round(pred.probabilities[label], 6), overlay=_shown(args.out))
         print(dumps(obj), flush=True)
     else:
+        if pred.in_scope is False:
+            print(scope_line(pred.scope or {}), flush=True)
         decision = {True: "positive", False: "negative", None: "undetermined"}[pred.decisions[label]]
         thr = pred.thresholds[label]
         vs = f" vs threshold {thr:.3f}" if thr is not None else ""
         note = "; no positive evidence (empty map)" if empty else ""
         print(f"{label}: probability {pred.probabilities[label]:.3f}{vs} ({decision}){note}; "
               f"overlay written to {_shown(args.out)}", flush=True)
-    return EXIT_OK
+    return EXIT_OUT_OF_SCOPE if pred.in_scope is False else EXIT_OK
 
 
 def model_card_text(model_id: str) -> str | None:
@@ -210,6 +244,7 @@ def cmd_info(args) -> int:
           f"input      {p.input_name}: N x {p.channels} x {p.input_size[0]} x {p.input_size[1]} float32; resize "
           f"{p.resize} ({p.aspect}); (x - {list(p.mean)}) / {list(p.std)}; min side {p.min_side} px\n"
           f"cam        {m.cam.method} from output {m.cam.features_output!r}")
+    print(f"scope      {scope_info_line(summary.get('scope'))}")
     print("labels     threshold")
     for name, t in zip(m.labels, m.thresholds):
         print(f"  {name:<20} {'undetermined' if t is None else f'{t:.3f}'}")
@@ -220,6 +255,18 @@ def cmd_info(args) -> int:
     if card:
         print("\nmodel card: cxr-edge info --card")
     return EXIT_OK
+
+
+def scope_info_line(scope: dict[str, Any] | None) -> str:
+    """The ``info`` line of the manifest's scope block (``summary()["scope"]``)."""
+    if not scope:
+        return "none (this bundle has no scope block: no input scope gate runs; in_scope is null)"
+    stats = scope.get("statistics") or {}
+    k = stats.get("k") or (scope.get("components") or {}).get("shape", [None])[0]
+    text = (f"{scope.get('method')} on output {scope.get('features_output')!r} ({scope.get('transform')}), k {k}, "
+            f"threshold {float(scope['threshold']):.3f} + pixel rules")
+    rule = scope.get("threshold_rule")
+    return f"{text}\n           rule: {rule}" if rule else text
 
 
 def cmd_serve(args) -> int:
@@ -239,7 +286,8 @@ def cmd_calibrate(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cxr-edge", description="On-device chest X-ray classification with heatmaps. "
                      "Exit codes: 0 ok, 1 internal error, 2 usage error, 3 some inputs failed, 4 model could not "
-                     "be loaded, 5 output could not be written, 130 interrupted, 141 broken pipe.")
+                     "be loaded, 5 output could not be written, 6 some inputs were out of scope (no decisions), "
+                     "130 interrupted, 141 broken pipe.")
     parser.add_argument("--version", action="version", version=f"cxr-edge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -257,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="images per model run (default 1: lowest memory)")
     p.add_argument("--allow-any-body-part", action="store_true",
                    help="accept DICOMs whose anatomy is not (confirmed) chest; such results carry out_of_scope=true")
+    add_scope_arguments(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("explain", help="write a heatmap overlay of one label for one image")
@@ -264,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", required=True)
     p.add_argument("--out", required=True, help="overlay PNG path (.png; missing folders are created)")
     p.add_argument("--allow-any-body-part", action="store_true")
+    add_scope_arguments(p)
     common(p)
     p.set_defaults(func=cmd_explain)
 
@@ -282,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-request-bytes", type=int, default=64 << 20,
                    help="longest request line accepted (default 64 MiB)")
     p.add_argument("--allow-any-body-part", action="store_true")
+    add_scope_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no log lines on stderr")
     p.add_argument("--test-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve, json=True)

@@ -10,12 +10,36 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT_FAILED, EXIT_MODEL, EXIT_OUTPUT = 0, 1, 2, 3, 4, 5
+EXIT_OUT_OF_SCOPE = 6  # every input was read, but some were out of scope and got no decisions
 EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic", ".tif", ".tiff"}
 
 
 class UsageError(Exception):
     """Bad command-line usage (exit 2)."""
+
+
+SCOPE_CHOICES = ("flag", "refuse")
+
+
+def add_scope_arguments(p: argparse.ArgumentParser) -> None:
+    """``--out-of-scope flag|refuse`` and ``--no-scope-gate`` (predict, serve, explain)."""
+    p.add_argument("--out-of-scope", choices=SCOPE_CHOICES, default="flag", dest="out_of_scope",
+                   help="what to do with images the input scope gate says are not frontal adult chest radiographs: "
+                        "flag (default: classified, but every decision undetermined and in_scope=false) or refuse "
+                        "(an out_of_scope error, counted as a failed input)")
+    p.add_argument("--no-scope-gate", action="store_true",
+                   help="UNSAFE: switch the input scope gate off; decisions are then given for any pixels "
+                        "(photographs, blank frames, inverted or rotated films)")
+
+
+def scope_mode(args) -> str:
+    """The ``Classifier(scope=...)`` mode the scope arguments ask for."""
+    if getattr(args, "no_scope_gate", False):
+        if getattr(args, "out_of_scope", "flag") == "refuse":
+            raise UsageError("--no-scope-gate switches the gate off; it cannot be combined with --out-of-scope refuse")
+        return "off"
+    return getattr(args, "out_of_scope", None) or "flag"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -131,6 +155,17 @@ class Reporter:
             src = obj["source"]
             who = "cxr-edge" if src.startswith("<") and src.endswith(">") else src  # a run-level error
             self._emit(f"{who}: error [{err['code']}]: {err['message']}", sys.stderr)
+
+    def warning(self, code: str, message: str) -> None:
+        """A run-level warning on stderr (a JSON ``warning`` object under ``--json``)."""
+        from .classifier import SCHEMA_VERSION
+        from .engine import dumps
+
+        if self.json:
+            self._emit(dumps({"schema_version": SCHEMA_VERSION, "warning": True, "code": code, "message": message}),
+                       sys.stderr)
+        else:
+            self._emit(f"cxr-edge: warning: {message}", sys.stderr)
 
     def skipped(self, obj: dict[str, Any]) -> None:
         from .engine import dumps

@@ -1,7 +1,7 @@
 """One engine for every front end: read, infer, write overlays and format JSON the same way.
 
 ``cxr-edge predict`` and ``cxr-edge serve`` both go through :class:`Engine`, so an image gives
-the same JSON object (``schema_version`` 1, ``cxr_edge/schema/prediction.schema.json``) whether it
+the same JSON object (``schema_version`` 2, ``cxr_edge/schema/prediction.schema.json``) whether it
 came from a command line, a socket or stdin; errors are the same typed objects everywhere.
 
 Thread safety: an Engine is read-only after construction; onnxruntime sessions may be run from
@@ -97,9 +97,11 @@ class Engine:
     """A loaded bundle plus the formatting every front end shares."""
 
     def __init__(self, model: str | os.PathLike | None = None, *, threads: int | None = None,
-                 providers: Sequence[str] | None = None, allow_any_body_part: bool = False) -> None:
+                 providers: Sequence[str] | None = None, allow_any_body_part: bool = False,
+                 scope: str = "flag") -> None:
+        """``scope``: ``flag`` (default) | ``refuse`` | ``off`` (unsafe), as for :class:`Classifier`."""
         self.classifier = Classifier(model, threads=threads, providers=providers,
-                                     allow_any_body_part=allow_any_body_part)
+                                     allow_any_body_part=allow_any_body_part, scope=scope)
         self.manifest = self.classifier.manifest
 
     @property
@@ -122,6 +124,11 @@ class Engine:
         if how in CAM_CHOICES:
             return how
         return self.labels[label_index(self.labels, how)]
+
+    @property
+    def has_scope_gate(self) -> bool:
+        """The input scope gate runs (the bundle has a scope block and it was not switched off)."""
+        return self.classifier.scope_gate is not None
 
     def cam_labels(self, pred: Prediction, how: str) -> list[str]:
         if how == "positive":

@@ -50,6 +50,21 @@ class DicomRefusedError(ImageError):
         self.field = field
 
 
+class OutOfScopeError(ImageError):
+    """The image is not like the frontal adult chest radiographs the model was trained on (the input
+    scope gate, :mod:`cxr_edge.scope`), and the classifier was asked to refuse such inputs
+    (``Classifier(scope="refuse")``, ``--out-of-scope refuse``).
+
+    ``scope`` is the gate's verdict (a :class:`~cxr_edge.scope.ScopeResult`: score, threshold, reasons).
+    """
+
+    code = "out_of_scope"
+
+    def __init__(self, message: str, scope=None) -> None:
+        super().__init__(message)
+        self.scope = scope
+
+
 class BundleError(CxrEdgeError):
     """The model bundle is missing, malformed, tampered with, or inconsistent with its graph."""
 

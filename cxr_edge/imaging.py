@@ -140,10 +140,12 @@ def _validate_limits(min_side: int, max_pixels: int) -> None:
 
 # --------------------------------------------------------------------------- gray conversion
 
-def _to_gray(img: np.ndarray, order: str) -> np.ndarray:
+def _to_gray(img: np.ndarray, order: str, info: dict | None = None) -> np.ndarray:
     """H x W x C -> H x W. Equal colour channels: take one (exact); else luminance. Alpha dropped.
 
-    ``order`` is "bgr" for OpenCV decodes and "rgb" for arrays / PIL images.
+    ``order`` is "bgr" for OpenCV decodes and "rgb" for arrays / PIL images. When the colour
+    channels differ and ``info`` is given, ``info["colour_fraction"]`` records the fraction of
+    coloured pixels (:func:`cxr_edge.scope.colour_fraction`), for the scope gate's colour rule.
     """
     if img.ndim == 2:
         return img
@@ -159,6 +161,10 @@ def _to_gray(img: np.ndarray, order: str) -> np.ndarray:
         return c0
     if img.dtype == np.float64 or img.dtype == np.float16:
         img = img.astype(np.float32)
+    if info is not None:
+        from .scope import colour_fraction  # chroma is max - min: channel order does not matter
+
+        info["colour_fraction"] = round(colour_fraction(img), 4)
     code = {("bgr", 3): cv2.COLOR_BGR2GRAY, ("bgr", 4): cv2.COLOR_BGRA2GRAY,
             ("rgb", 3): cv2.COLOR_RGB2GRAY, ("rgb", 4): cv2.COLOR_RGBA2GRAY}[(order, channels)]
     try:
@@ -356,10 +362,11 @@ def _read_png(data: bytes, min_side: int, max_pixels: int) -> Radiograph:
     img = cv2.imdecode(np.frombuffer(layout.minimal, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None or img.shape[:2] != (height, width):
         raise CorruptImageError("the PNG could not be decoded (damaged image data)")
-    gray = _to_gray(img, "bgr")
+    colour: dict = {}
+    gray = _to_gray(img, "bgr", colour)
     maxval, bit_depth, source = _png_scale(gray, layout)
     pixels = to_unit_range(gray, 0, maxval, what="PNG")
-    info = {"width": width, "height": height, "channels_in": _PNG_CHANNELS[layout.colour_type]}
+    info = {"width": width, "height": height, "channels_in": _PNG_CHANNELS[layout.colour_type], **colour}
     return Radiograph(pixels, "png", bit_depth, info, source)
 
 
@@ -385,11 +392,12 @@ def _read_jpeg(data: bytes, min_side: int, max_pixels: int) -> Radiograph:
     if img.shape[:2] != (height, width):
         raise CorruptImageError("the JPEG decoded to a different size than its header declares")
     _check_scans_complete(data, layout, img, "JPEG")
-    gray = _to_gray(img, order)
+    colour: dict = {}
+    gray = _to_gray(img, order, colour)
     maxval = 255 if gray.dtype == np.uint8 else (1 << layout.precision) - 1  # 12-bit JPEG decodes to uint16
     pixels = to_unit_range(gray, 0, maxval, what="JPEG")
     return Radiograph(pixels, "jpeg", layout.precision,
-                      {"width": width, "height": height, "channels_in": layout.components}, "SOF")
+                      {"width": width, "height": height, "channels_in": layout.components, **colour}, "SOF")
 
 
 # --------------------------------------------------------------------------- arrays and PIL
@@ -408,11 +416,12 @@ def _from_array(arr: np.ndarray, min_side: int, max_pixels: int, fmt: str = "arr
     height, width = arr.shape[:2]
     check_dimensions(height, width, min_side=min_side, max_pixels=max_pixels, what=f"{fmt} image")
     dtype = arr.dtype
+    colour: dict = {}
     if dtype.kind in "uif" and not dtype.isnative:
         arr = arr.astype(dtype.newbyteorder("="))
         dtype = arr.dtype
     if dtype == np.uint8 or dtype == np.uint16:
-        gray = _to_gray(arr, "rgb")
+        gray = _to_gray(arr, "rgb", colour)
         pixels = to_unit_range(gray, 0, 255 if dtype == np.uint8 else 65535, what=f"{fmt} image")
         bit_depth = dtype.itemsize * 8
     elif dtype.kind == "f" and dtype.itemsize in (2, 4, 8):
@@ -425,13 +434,13 @@ def _from_array(arr: np.ndarray, min_side: int, max_pixels: int, fmt: str = "arr
         bit_depth = dtype.itemsize * 8
         if dtype == np.float16:
             arr = arr.astype(np.float32)
-        gray = _to_gray(arr, "rgb")
+        gray = _to_gray(arr, "rgb", colour)
         pixels = np.array(gray, dtype=np.float32, order="C", copy=True)  # never alias the caller's array
         np.clip(pixels, 0.0, 1.0, out=pixels)  # luminance rounding can step a hair outside
     else:
         raise InvalidImageError(f"unsupported pixel dtype {dtype}: use uint8, uint16 or float in [0, 1]")
     channels = channels_in if channels_in is not None else (1 if arr.ndim == 2 else arr.shape[2])
-    return Radiograph(pixels, fmt, bit_depth, {"width": width, "height": height, "channels_in": channels})
+    return Radiograph(pixels, fmt, bit_depth, {"width": width, "height": height, "channels_in": channels, **colour})
 
 
 _PIL_CHANNELS = {"L": 1, "LA": 2, "I;16": 1, "I;16B": 1, "I;16L": 1, "I": 1, "F": 1, "RGB": 3, "RGBA": 4,

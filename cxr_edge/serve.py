@@ -437,7 +437,13 @@ def serve_main(args) -> int:
             except (OSError, ValueError):
                 pass
 
-    engine = Engine(args.model, threads=args.threads, allow_any_body_part=args.allow_any_body_part)
+    from .cli_support import scope_mode
+
+    mode = scope_mode(args)
+    if mode == "off":  # printed even with --quiet: an unsafe setting must not go unnoticed
+        print("cxr-edge serve: WARNING: --no-scope-gate: the input scope gate is off (unsafe): decisions are given for any pixels, "
+            "including images that are not frontal chest radiographs", file=sys.stderr, flush=True)
+    engine = Engine(args.model, threads=args.threads, allow_any_body_part=args.allow_any_body_part, scope=mode)
     server = Server(engine, workers=args.workers, queue_size=args.queue_size,
                     max_request_bytes=args.max_request_bytes, log=log, delay_s=args.test_delay_ms / 1e3)
     if args.socket:

@@ -102,3 +102,58 @@ def tiny_bundle_factory(tmp_path):
         return path
 
     return make
+
+
+SAMPLE_CHEST = REPO / "cxr_edge" / "data" / "sample_chest_pa.png"
+
+
+def sample_chest(side: int = 256) -> np.ndarray:
+    """The repository's own sample PA chest radiograph, area-resized to ``side`` px high (passes every pixel rule)."""
+    import cv2
+
+    from cxr_edge.imaging import read_image
+
+    px = read_image(SAMPLE_CHEST).pixels
+    h, w = px.shape
+    return cv2.resize(px, (max(32, round(w * side / h)), side), interpolation=cv2.INTER_AREA).astype(np.float32)
+
+
+def build_scoped_bundle(path: Path, *, threshold: float | None = None, cam: bool = True, **overrides) -> Path:
+    """A tiny bundle with a ``scope`` block fitted (export/scope_fit.py, numpy only) on noisy copies of the sample
+    chest. ``threshold`` overrides the fitted one (default: 3 x the larger of the fitted threshold and the clean
+    chest's own score, so the chest itself is in scope and only the pixel rules, or a gross feature shift, flag)."""
+    from dataclasses import replace
+
+    import onnxruntime as ort
+
+    from cxr_edge.bundle import write_bundle
+    from cxr_edge.manifest import CamSpec
+    from cxr_edge.preprocess import preprocess
+    from cxr_edge.scope import ScopeGate
+    from export.scope_fit import fit_scope
+
+    model_bytes, w, b = build_tiny_onnx()
+    manifest = make_manifest(w, b, **overrides)
+    sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    chest = sample_chest(128)
+    rng = np.random.default_rng(0)
+    imgs = [np.clip(chest + rng.normal(0, 0.03, chest.shape), 0, 1).astype(np.float32) for _ in range(40)]
+    (feats,) = sess.run(["features"], {"image": preprocess(imgs, manifest.preprocessing)})
+    pooled = feats.mean(axis=(2, 3))
+    spec = fit_scope(pooled[:30], pooled[30:], k=3)
+    if threshold is None:
+        (f1,) = sess.run(["features"], {"image": preprocess([chest], manifest.preprocessing)})
+        own = ScopeGate(spec).score(f1[0])
+        threshold = 3.0 * max(spec.threshold, own)
+    spec = replace(spec, threshold=float(threshold))
+    manifest = replace(manifest, scope=spec)
+    if not cam:
+        manifest = replace(manifest, cam=CamSpec(method="none"))
+    write_bundle(model_bytes, manifest, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def scoped_bundle(tmp_path_factory) -> Path:
+    """A tiny bundle (3 labels, thresholds 0.5) whose manifest has a scope block."""
+    return build_scoped_bundle(tmp_path_factory.mktemp("scoped") / "scoped.onnx")

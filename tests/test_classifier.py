@@ -302,10 +302,11 @@ def test_tiff_tags_never_reach_the_output(tiny_bundle):
 def test_to_dict_schema_1_fields(tiny_bundle_factory):
     res = Classifier(tiny_bundle_factory(thresholds=(0.5, None, 0.2)), threads=1).predict(_image())
     d = res.to_dict()
-    assert d["schema_version"] == 1 and d["margins"]["label_1"] is None
+    assert d["schema_version"] == 2 and d["margins"]["label_1"] is None
     assert d["margins"]["label_0"] == pytest.approx(res.probabilities["label_0"] - 0.5, abs=1e-6)
     assert d["image"]["bit_depth"] == 32 and d["image"]["bit_depth_source"] == "container"  # a float32 array
     assert d["override_used"] is False and d["out_of_scope"] is False
+    assert d["in_scope"] is None and d["scope"] is None and res.in_scope is None  # no scope block: no gate
 
 
 def test_overlay_uses_one_scale_per_image_and_flags_empty_maps(tiny_bundle, tmp_path):
@@ -315,3 +316,116 @@ def test_overlay_uses_one_scale_per_image_and_flags_empty_maps(tiny_bundle, tmp_
     for n in res.labels:
         empty = res.write_overlay(tmp_path / f"{n}.png", n)
         assert empty == (float(res.cam_raw(n).max()) <= 0) == res.cam_is_empty(n)
+
+
+# --------------------------------------------------------------------------- input scope gate
+
+def _constant(h=200, w=180):
+    return np.full((h, w), 0.5, np.float32)
+
+
+def test_in_scope_image_gets_decisions_and_a_scope_verdict(scoped_bundle):
+    from conftest import sample_chest
+
+    clf = Classifier(scoped_bundle, threads=1)
+    assert clf.scope_gate is not None and clf.scope_gate.has_features
+    res = clf.predict(sample_chest())
+    assert res.in_scope is True and res.scope["reasons"] == [] and res.scope["in_scope"] is True
+    assert res.scope["score"] is not None and res.scope["score"] <= res.scope["threshold"]
+    assert all(v is not None for v in res.decisions.values())
+    assert res.timings_ms["scope"] >= 0 and "scope" in res.timings_ms
+    d = res.to_dict()
+    assert d["in_scope"] is True and d["scope"]["reasons"] == []
+
+
+@pytest.mark.parametrize("kind", ["constant", "noise"])
+def test_out_of_scope_image_is_flagged_with_no_decisions(scoped_bundle, kind):
+    img = _constant() if kind == "constant" else np.random.default_rng(0).random((200, 180)).astype(np.float32)
+    res = Classifier(scoped_bundle, threads=1).predict(img)
+    assert res.in_scope is False
+    assert all(v is None for v in res.decisions.values())
+    assert res.positive_labels == [] and res.undetermined_labels == list(res.labels)
+    assert all(0.0 <= p <= 1.0 for p in res.probabilities.values())  # still reported
+    assert all(t == 0.5 for t in res.thresholds.values())  # thresholds unchanged
+    word = "near-constant" if kind == "constant" else "no frontal chest layout"
+    assert any(word in r for r in res.scope["reasons"])
+    assert res.out_of_scope is False  # the DICOM-override field keeps its meaning
+    d = res.to_dict()
+    assert d["in_scope"] is False and set(d["decisions"].values()) == {"undetermined"} and d["positive"] == []
+    legend = res.overlay_legend("label_0")
+    assert legend.out_of_scope and word in legend.scope_reason
+
+
+def test_feature_score_alone_can_flag(tmp_path):
+    from conftest import build_scoped_bundle, sample_chest
+
+    bundle = build_scoped_bundle(tmp_path / "strict.onnx", threshold=1e-9)
+    res = Classifier(bundle, threads=1).predict(sample_chest())
+    assert res.in_scope is False and len(res.scope["reasons"]) == 1
+    assert res.scope["reasons"][0].startswith("unlike the training radiographs: feature score")
+    assert res.scope["score"] > res.scope["threshold"]
+
+
+def test_refuse_mode_raises_and_collects_out_of_scope_errors(scoped_bundle):
+    from conftest import sample_chest
+    from cxr_edge.errors import ImageError, OutOfScopeError
+
+    clf = Classifier(scoped_bundle, threads=1, scope="refuse")
+    with pytest.raises(OutOfScopeError) as info:
+        clf.predict(_constant())
+    assert isinstance(info.value, ImageError) and info.value.code == "out_of_scope"
+    assert "near-constant" in str(info.value) and info.value.scope.in_scope is False
+    out = clf.predict_batch([sample_chest(), _constant(), np.random.default_rng(1).random((200, 200))],
+                            batch_size=3, errors="collect")
+    assert out[0].in_scope is True and all(v is not None for v in out[0].decisions.values())
+    assert isinstance(out[1], OutOfScopeError) and isinstance(out[2], OutOfScopeError)
+    with pytest.raises(OutOfScopeError):
+        clf.predict_batch([sample_chest(), _constant()], batch_size=2, errors="raise")
+
+
+def test_scope_off_gives_decisions_and_null_scope(scoped_bundle):
+    res = Classifier(scoped_bundle, threads=1, scope="off").predict(_constant())
+    assert res.in_scope is None and res.scope is None and "scope" not in res.timings_ms
+    assert all(v is not None for v in res.decisions.values())
+    with pytest.raises(InvalidArgumentError):
+        Classifier(scoped_bundle, threads=1, scope="maybe")
+
+
+def test_bundle_without_scope_block_reports_in_scope_null(tiny_bundle):
+    clf = Classifier(tiny_bundle, threads=1)
+    assert clf.scope_gate is None
+    res = clf.predict(_constant())
+    assert res.in_scope is None and res.scope is None and res.to_dict()["in_scope"] is None
+    assert all(v is not None for v in res.decisions.values())
+
+
+def test_scope_gate_without_cam_still_reads_the_features(tmp_path):
+    from conftest import build_scoped_bundle, sample_chest
+
+    clf = Classifier(build_scoped_bundle(tmp_path / "nocam.onnx", cam=False), threads=1)
+    res = clf.predict(sample_chest())
+    assert res.in_scope is True and res.scope["score"] is not None and res._features is None
+
+
+def test_colour_photo_is_flagged_by_the_colour_rule(scoped_bundle, tmp_path):
+    from conftest import sample_chest
+
+    gray = (sample_chest() * 255).astype(np.uint8)
+    bgr = np.dstack([gray, gray, np.clip(gray.astype(np.int16) + 60, 0, 255).astype(np.uint8)])  # reddish tint
+    cv2.imwrite(str(tmp_path / "c.png"), bgr)
+    res = Classifier(scoped_bundle, threads=1).predict(tmp_path / "c.png")
+    assert res.image_info["colour_fraction"] > 0.5
+    assert res.in_scope is False and any(r.startswith("colour image") for r in res.scope["reasons"])
+    cv2.imwrite(str(tmp_path / "g.png"), np.dstack([gray] * 3))  # gray stored as RGB: no colour fraction
+    res = Classifier(scoped_bundle, threads=1).predict(tmp_path / "g.png")
+    assert "colour_fraction" not in res.image_info and res.in_scope is True
+
+
+def test_overlay_of_a_flagged_image_says_out_of_scope(scoped_bundle, tmp_path):
+    from cxr_edge.cam import _decision_text
+
+    res = Classifier(scoped_bundle, threads=1).predict(_constant())
+    title, detail, _ = _decision_text(res.overlay_legend("label_0"))
+    assert "OUT OF SCOPE" in title and "near-constant" in detail
+    res.write_overlay(tmp_path / "o.png", "label_0")
+    assert cv2.imread(str(tmp_path / "o.png")) is not None

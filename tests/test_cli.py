@@ -151,7 +151,7 @@ def test_json_output_carries_schema_version_margins_and_bit_depth(tiny_bundle_fa
     code, out, _ = _run(capsys, "predict", str(_png(tmp_path / "a.png")), "--json", "--model", str(bundle))
     assert code == EXIT_OK
     obj = json.loads(out)
-    assert obj["schema_version"] == 1
+    assert obj["schema_version"] == 2
     for name, p in obj["probabilities"].items():
         t = obj["thresholds"][name]
         assert obj["margins"][name] is None if t is None else abs(obj["margins"][name] - (p - t)) < 2e-6
@@ -160,6 +160,7 @@ def test_json_output_carries_schema_version_margins_and_bit_depth(tiny_bundle_fa
     assert probs == sorted(probs, reverse=True)
     assert obj["image"]["bit_depth"] == 8 and obj["image"]["bit_depth_source"] == "container"
     assert obj["override_used"] is False and obj["out_of_scope"] is False
+    assert obj["in_scope"] is None and obj["scope"] is None  # tiny bundles have no scope block
 
 
 def test_hidden_files_and_folders_are_accounted_for(tiny_bundle, tmp_path, capsys):
@@ -370,3 +371,95 @@ def test_progress_bar_never_shares_a_line_with_results(tiny_bundle, tmp_path, mo
         if "img" in line and ".png" in line:
             before = line[:line.index(str(folder))] if str(folder) in line else ""
             assert before == "" or before.endswith("\r\x1b[K"), repr(line)
+
+
+# --------------------------------------------------------------------------- input scope gate
+
+def _scope_pngs(tmp_path):
+    from conftest import sample_chest
+
+    chest, blank = tmp_path / "chest.png", tmp_path / "blank.png"
+    cv2.imwrite(str(chest), (sample_chest() * 255).astype(np.uint8))
+    cv2.imwrite(str(blank), np.full((200, 200), 128, np.uint8))
+    return chest, blank
+
+
+def test_flagged_input_exits_6_with_no_decisions(scoped_bundle, tmp_path, capsys):
+    from cxr_edge.cli import EXIT_OUT_OF_SCOPE
+
+    assert EXIT_OUT_OF_SCOPE == 6
+    chest, blank = _scope_pngs(tmp_path)
+    code, out, err = _run(capsys, "predict", str(chest), "--json", "--model", str(scoped_bundle))
+    assert code == EXIT_OK and json.loads(out)["in_scope"] is True
+    code, out, err = _run(capsys, "predict", str(chest), str(blank), "--json", "--model", str(scoped_bundle))
+    assert code == EXIT_OUT_OF_SCOPE
+    a, b = [json.loads(line) for line in out.splitlines()]
+    assert a["in_scope"] is True and all(v != "undetermined" for v in a["decisions"].values())
+    assert b["in_scope"] is False and set(b["decisions"].values()) == {"undetermined"} and b["positive"] == []
+    assert b["scope"]["reasons"] and b["scope"]["score"] > b["scope"]["threshold"]
+    summary = json.loads(err.splitlines()[-1])
+    assert summary["out_of_scope"] == 1 and summary["classified"] == 2 and summary["failed"] == 0
+    code, out, err = _run(capsys, "predict", str(blank), "--model", str(scoped_bundle))  # human output
+    assert code == EXIT_OUT_OF_SCOPE
+    line = next(ln for ln in out.splitlines() if "OUT OF SCOPE" in ln)
+    assert "near-constant" in line and "> threshold" in line and line.endswith(": no decisions")
+    assert "undetermined (out of scope)" in out and "POSITIVE" not in out
+    assert "1 out of scope (no decisions)" in err
+
+
+def test_failures_take_precedence_over_out_of_scope(scoped_bundle, tmp_path, capsys):
+    _, blank = _scope_pngs(tmp_path)
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    code, _, _ = _run(capsys, "predict", str(blank), str(tmp_path / "bad.png"), "--json", "--model", str(scoped_bundle))
+    assert code == EXIT_INPUT_FAILED
+
+
+def test_refuse_mode_is_a_failed_input_with_a_json_error(scoped_bundle, tmp_path, capsys):
+    chest, blank = _scope_pngs(tmp_path)
+    code, out, err = _run(capsys, "predict", str(chest), str(blank), "--json", "--model", str(scoped_bundle),
+                          "--out-of-scope", "refuse", "--batch-size", "2")
+    assert code == EXIT_INPUT_FAILED
+    assert [json.loads(line)["source"] for line in out.splitlines()] == [str(chest)]
+    errors = [json.loads(line) for line in err.splitlines() if '"error"' in line]
+    assert len(errors) == 1 and errors[0]["source"] == str(blank)
+    assert errors[0]["error"]["type"] == "OutOfScopeError" and errors[0]["error"]["code"] == "out_of_scope"
+    assert "near-constant" in errors[0]["error"]["message"]
+
+
+def test_no_scope_gate_gives_decisions_again_with_a_warning(scoped_bundle, tmp_path, capsys):
+    _, blank = _scope_pngs(tmp_path)
+    code, out, err = _run(capsys, "predict", str(blank), "--json", "--model", str(scoped_bundle), "--no-scope-gate")
+    assert code == EXIT_OK
+    obj = json.loads(out)
+    assert obj["in_scope"] is None and obj["scope"] is None and "undetermined" not in obj["decisions"].values()
+    warnings = [json.loads(line) for line in err.splitlines() if '"warning"' in line]
+    assert len(warnings) == 1 and warnings[0]["code"] == "scope_gate_off"
+    code, _, err = _run(capsys, "predict", str(blank), "--model", str(scoped_bundle), "--no-scope-gate")
+    assert code == EXIT_OK and err.count("warning: --no-scope-gate") == 1
+    code, _, _ = _run(capsys, "predict", str(blank), "--model", str(scoped_bundle), "--no-scope-gate",
+                      "--out-of-scope", "refuse")
+    assert code == EXIT_USAGE
+    code, _, _ = _run(capsys, "predict", str(blank), "--model", str(scoped_bundle), "--out-of-scope", "maybe")
+    assert code == EXIT_USAGE
+
+
+def test_bundle_without_scope_block_is_not_gated(tiny_bundle, tmp_path, capsys):
+    _, blank = _scope_pngs(tmp_path)
+    code, out, _ = _run(capsys, "predict", str(blank), "--json", "--model", str(tiny_bundle))
+    assert code == EXIT_OK and json.loads(out)["in_scope"] is None
+
+
+def test_info_prints_the_scope_gate_line(scoped_bundle, tiny_bundle, capsys):
+    code, out, _ = _run(capsys, "info", "--model", str(scoped_bundle))
+    line = next(ln for ln in out.splitlines() if ln.startswith("scope "))
+    assert code == EXIT_OK and "pca-mahalanobis" in line and "k 3" in line and "threshold" in line
+    assert "rule: split conformal" in out
+    code, out, _ = _run(capsys, "info", "--model", str(tiny_bundle))
+    assert next(ln for ln in out.splitlines() if ln.startswith("scope ")).split(None, 1)[1].startswith("none")
+
+
+def test_explain_of_a_flagged_image(scoped_bundle, tmp_path, capsys):
+    _, blank = _scope_pngs(tmp_path)
+    code, out, _ = _run(capsys, "explain", str(blank), "--label", "label_0", "--out", str(tmp_path / "o.png"),
+                        "--model", str(scoped_bundle))
+    assert code == 6 and "OUT OF SCOPE" in out and "(undetermined)" in out and (tmp_path / "o.png").is_file()

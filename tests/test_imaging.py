@@ -665,3 +665,20 @@ def test_shared_names_still_importable_from_imaging():
     import cxr_edge.dicom as dicom
 
     assert dicom.Radiograph is radiograph.Radiograph
+
+
+def test_colour_inputs_record_their_colour_fraction_for_the_scope_gate():
+    from cxr_edge.scope import colour_fraction
+
+    img = gray8()
+    assert "colour_fraction" not in read_image(encode(".png", np.dstack([img, img, img]))).info  # gray as RGB
+    assert "colour_fraction" not in read_image(np.dstack([img, img, img])).info
+    bgr = np.dstack([gray8(seed=1), gray8(seed=2), gray8(seed=3)])
+    png = read_image(encode(".png", bgr)).info["colour_fraction"]
+    assert png == pytest.approx(colour_fraction(bgr), abs=1e-4) and png > 0.5
+    assert read_image(encode(".jpg", bgr)).info["colour_fraction"] > 0.5
+    assert read_image(bgr).info["colour_fraction"] == pytest.approx(png, abs=1e-4)  # uint8 array
+    assert read_image(bgr.astype(np.float32) / 255).info["colour_fraction"] == pytest.approx(png, abs=1e-4)
+    assert read_image(Image.fromarray(bgr[:, :, ::-1].copy(), "RGB")).info["colour_fraction"] == pytest.approx(png, abs=1e-4)
+    slight = np.dstack([img, img, np.clip(img.astype(np.int16) + 3, 0, 255).astype(np.uint8)])  # chroma << 0.08
+    assert read_image(encode(".png", slight)).info["colour_fraction"] == 0.0

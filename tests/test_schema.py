@@ -1,4 +1,4 @@
-"""Every JSON object the CLI prints validates against cxr_edge/schema/prediction.schema.json (schema_version 1)."""
+"""Every JSON object the CLI prints validates against cxr_edge/schema/prediction.schema.json (schema_version 2)."""
 from __future__ import annotations
 
 import json
@@ -99,11 +99,28 @@ def test_run_level_errors_and_explain_validate(validator, tiny_bundle, tmp_path,
 
 def test_schema_rejects_drift(validator):
     """The schema is strict: an unknown top-level field or a missing one is a contract change."""
-    ok = {"schema_version": 1, "source": "x", "ok": False, "skipped": True, "reason": "r"}
+    ok = {"schema_version": 2, "source": "x", "ok": False, "skipped": True, "reason": "r"}
     validator.validate(ok)
     with pytest.raises(jsonschema.ValidationError):
         validator.validate({**ok, "surprise": 1})
     with pytest.raises(jsonschema.ValidationError):
         validator.validate({k: v for k, v in ok.items() if k != "schema_version"})
     with pytest.raises(jsonschema.ValidationError):
-        validator.validate({**ok, "schema_version": 2})
+        validator.validate({**ok, "schema_version": 1})
+
+
+@pytest.mark.parametrize("flags, expected", [([], 6), (["--out-of-scope", "refuse"], 3), (["--no-scope-gate"], 0)])
+def test_scope_gate_outputs_validate(validator, scoped_bundle, tmp_path, capsys, flags, expected):
+    from conftest import sample_chest
+
+    chest, blank = tmp_path / "chest.png", tmp_path / "blank.png"
+    cv2.imwrite(str(chest), (sample_chest() * 255).astype(np.uint8))
+    cv2.imwrite(str(blank), np.full((200, 200), 128, np.uint8))
+    code = main(["predict", str(chest), str(blank), "--json", "--model", str(scoped_bundle), *flags])
+    out, err = capsys.readouterr()
+    assert code == expected, err
+    objs = _lines(out) + _lines(err)
+    for obj in objs:
+        validator.validate(obj)
+    results = [o for o in objs if "probabilities" in o]
+    assert {o["in_scope"] for o in results} == ({True, False} if not flags else {True} if expected == 3 else {None})

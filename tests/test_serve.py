@@ -231,3 +231,37 @@ def test_iter_lines_caps_and_recovers():
     chunks = iter([b'{"a": 1}\n{"b"', b': 2}\n' + b"x" * 50, b"y" * 50 + b"\n", b'{"c": 3}', b""])
     out = list(iter_lines(lambda: next(chunks), cap=40))
     assert out == [("line", b'{"a": 1}'), ("line", b'{"b": 2}'), ("too_large", None), ("line", b'{"c": 3}')]
+
+
+def _scope_images(tmp_path):
+    from conftest import sample_chest
+
+    chest, blank = tmp_path / "chest.png", tmp_path / "blank.png"
+    cv2.imwrite(str(chest), (sample_chest() * 255).astype(np.uint8))
+    cv2.imwrite(str(blank), np.full((200, 200), 128, np.uint8))
+    return chest, blank
+
+
+@pytest.mark.parametrize("flags", [[], ["--out-of-scope", "refuse"], ["--no-scope-gate"]])
+def test_stdio_replies_carry_the_scope_verdict(scoped_bundle, tmp_path, flags):
+    chest, blank = _scope_images(tmp_path)
+    reqs = [{"id": 1, "path": str(chest)}, {"id": 2, "image_b64": base64.b64encode(blank.read_bytes()).decode()}]
+    proc = subprocess.run([sys.executable, "-m", "cxr_edge.cli", "serve", "--stdio", "--model", str(scoped_bundle),
+                           "--threads", "1", "--quiet", *flags], input="".join(json.dumps(r) + "\n" for r in reqs),
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    replies = {r["id"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    if flags == ["--no-scope-gate"]:
+        assert "WARNING" in proc.stderr and "unsafe" in proc.stderr  # even with --quiet
+        assert all(r["ok"] and r["in_scope"] is None and r["scope"] is None for r in replies.values())
+        assert "undetermined" not in replies[2]["decisions"].values()
+        return
+    assert proc.stderr == ""
+    assert replies[1]["ok"] and replies[1]["in_scope"] is True and replies[1]["scope"]["reasons"] == []
+    if flags:
+        assert replies[2]["ok"] is False and replies[2]["error"]["code"] == "out_of_scope"
+        assert replies[2]["error"]["type"] == "OutOfScopeError"
+    else:
+        assert replies[2]["ok"] and replies[2]["in_scope"] is False
+        assert set(replies[2]["decisions"].values()) == {"undetermined"}
+        assert "near-constant" in replies[2]["scope"]["reasons"][0]
