@@ -298,6 +298,11 @@ def load_bundle(path: str | os.PathLike | None = None, threads: int | None = Non
         session = ort.InferenceSession(model_bytes, sess_options=session_options(n_threads),
                                        providers=provider_list)
     except Exception as exc:  # onnxruntime raises its own untyped errors
+        if "DecodeImage" in str(exc) or "ai.onnx.contrib" in str(exc):
+            raise BundleError("this is an in-graph preprocessing bundle (its input is the encoded PNG/JPEG bytes, "
+                              "decoded by onnxruntime-extensions' DecodeImage op): open it with "
+                              "export.ingraph.ingraph_session / run_ingraph, which registers onnxruntime-extensions; "
+                              "the Classifier and the cxr-edge CLI take pixel-input bundles") from None
         raise BundleError(f"onnxruntime could not load the model: {exc}") from None
     check_graph(manifest, session)
     if self_check and manifest.cam.method == "weights":

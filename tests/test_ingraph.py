@@ -149,6 +149,11 @@ def test_ingraph_bundle_carries_a_manifest_and_refuses_lanczos(tmp_path, toy):
     assert loaded.preprocessing.input_name == BYTES_INPUT and loaded.provenance["ingraph"]
     sess = ingraph_session((tmp_path / "ig.onnx").read_bytes())
     assert [i.name for i in sess.get_inputs()] == [BYTES_INPUT]
+    from cxr_edge.bundle import load_bundle
+    from cxr_edge.errors import BundleError
+
+    with pytest.raises(BundleError, match="in-graph preprocessing bundle"):  # not onnxruntime's raw op error
+        load_bundle(tmp_path / "ig.onnx", threads=1)
     with pytest.raises(InvalidArgumentError):
         build_ingraph_model(fp32, PreprocessSpec(input_size=(112, 112), resize="lanczos", mean=(0.5,), std=(0.25,)))
 
