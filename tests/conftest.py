@@ -16,6 +16,23 @@ NIH_LABELS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass",
               "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")
 
 
+def encode(ext: str, img: np.ndarray, params: list[int] | None = None) -> bytes:
+    """An image encoded by OpenCV (".png", ".jpg", ".tiff", ...), for reader tests."""
+    import cv2
+
+    ok, buf = cv2.imencode(ext, img, params or [])
+    assert ok
+    return buf.tobytes()
+
+
+def png_chunk(ctype: bytes, payload: bytes) -> bytes:
+    """One PNG chunk (length, type, payload, CRC), for building damaged PNGs by hand."""
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(payload)) + ctype + payload + struct.pack(">I", zlib.crc32(ctype + payload))
+
+
 def need_shared(*parts: str) -> Path:
     """Path under ../shared, or skip the test with the reason when it is not there."""
     path = SHARED.joinpath(*parts)

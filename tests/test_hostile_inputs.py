@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import socket
-import struct
 import sys
 import threading
 import time
@@ -23,6 +22,7 @@ from cxr_edge import errors
 from cxr_edge.errors import CorruptImageError, ImageError, InvalidImageError
 from cxr_edge.imaging import read_image
 from cxr_edge.radiograph import max_file_bytes
+from conftest import encode, png_chunk
 
 REPO = Path(__file__).resolve().parents[1]
 posix_only = pytest.mark.skipif(os.name != "posix", reason="FIFOs, sockets and /dev/zero are POSIX")
@@ -59,16 +59,6 @@ def read_with_timeout(source, seconds: float = 10.0, **kw):
 def gray(h: int = 160, w: int = 150) -> np.ndarray:
     rng = np.random.default_rng(5)
     return rng.integers(0, 256, (h, w), dtype=np.uint8)
-
-
-def encode(ext: str, img: np.ndarray, params: list[int] | None = None) -> bytes:
-    ok, buf = cv2.imencode(ext, img, params or [])
-    assert ok
-    return buf.tobytes()
-
-
-def png_chunk(ctype: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + ctype + payload + struct.pack(">I", zlib.crc32(ctype + payload))
 
 
 # --------------------------------------------------------------------------- every scripted case, in-process

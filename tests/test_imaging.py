@@ -14,7 +14,7 @@ from cxr_edge import imaging
 from cxr_edge.errors import (CorruptImageError, CxrEdgeError, ImageError, InvalidArgumentError,
                              InvalidImageError, UnsupportedFormatError)
 from cxr_edge.imaging import Radiograph, read_image, sniff_format
-from tests.conftest import need_shared
+from tests.conftest import encode, need_shared, png_chunk
 
 RNG_SEED = 1234
 
@@ -24,16 +24,6 @@ def gray8(h: int = 160, w: int = 192, seed: int = RNG_SEED) -> np.ndarray:
     img = rng.integers(0, 256, (h, w), dtype=np.uint8)
     img[:, : w // 3] = np.arange(h, dtype=np.uint8)[:, None]  # a smooth part too
     return img
-
-
-def encode(ext: str, img: np.ndarray, params: list[int] | None = None) -> bytes:
-    ok, buf = cv2.imencode(ext, img, params or [])
-    assert ok
-    return buf.tobytes()
-
-
-def png_chunk(ctype: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + ctype + payload + struct.pack(">I", zlib.crc32(ctype + payload))
 
 
 def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
