@@ -30,6 +30,7 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> None:
     res = train(TrainConfig(**cfg_dict))
     torch.save({"params": {k: v.detach().clone() for k, v in res.model.named_parameters()},
                 "steps": res.history[0]["steps"], "world": dist.get_world_size()}, os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()  # leave together: a rank tearing gloo down while its peer still works aborts the peer
     dist.destroy_process_group()
 
 
