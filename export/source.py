@@ -55,20 +55,19 @@ class ExportSource:
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
-def _rows_to_set(name: str, table, rows: np.ndarray, root: Path) -> ImageSet:
-    from models.data import image_path
+def _rows_to_set(name: str, table, rows: np.ndarray) -> ImageSet:
+    from models.runs import image_paths
 
     rows = np.asarray(rows, dtype=np.int64)
-    return ImageSet(name, [image_path(root, table.image_ids[i]) for i in rows],
+    return ImageSet(name, image_paths(table, rows),
                     np.asarray(table.targets)[rows].astype(np.float32),
                     len({table.patient_ids[i] for i in rows}), [str(table.patient_ids[i]) for i in rows])
 
 
 def source_from_run(run_dir: str | os.PathLike, checkpoint: str = "final") -> ExportSource:
     """Everything from a ``models.train`` run directory (see the module docstring)."""
-    from models.datasets import read_nih_sample
     from models.registry import model_config
-    from models.runs import load_run_model, split_indices
+    from models.runs import load_run_model, load_table, split_indices
 
     run = Path(run_dir)
     if not (run / "config.json").is_file():
@@ -77,16 +76,15 @@ def source_from_run(run_dir: str | os.PathLike, checkpoint: str = "final") -> Ex
     from models.runs import fold_indices
 
     spec = cfg.student_spec()
-    table = read_nih_sample(cfg.data_path())
+    table = load_table(cfg)  # the run's dataset (--dataset, label set, policy): its labels are the bundle's
     if tuple(table.label_names) != tuple(labels):
         raise InvalidArgumentError(f"the run's labels {labels} differ from the label table's {table.label_names}")
     train_rows, val_rows, eval_rows = split_indices(cfg, table)
     train_rows, _ = fold_indices(cfg, table, train_rows)
-    root = cfg.data_path()
-    train_set = _rows_to_set("run train split", table, train_rows, root)
-    eval_set = _rows_to_set("run evaluation split (held out)", table, eval_rows, root)
-    val_set = (_rows_to_set("run calibration split (validation patients: epoch and thresholds)", table, val_rows,
-                            root) if len(val_rows) else None)
+    train_set = _rows_to_set("run train split", table, train_rows)
+    eval_set = _rows_to_set("run evaluation split (held out)", table, eval_rows)
+    val_set = (_rows_to_set("run calibration split (validation patients: epoch and thresholds)", table, val_rows)
+               if len(val_rows) else None)
     metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else None
     try:
         arch_desc = model_config(cfg.model).description
@@ -103,6 +101,7 @@ def source_from_run(run_dir: str | os.PathLike, checkpoint: str = "final") -> Ex
         "teachers": (metrics or {}).get("teachers") or list(cfg.teachers),
         "distillation": {"kd_alpha": cfg.kd_alpha, "kd_temperature": cfg.kd_temperature, "at_beta": cfg.at_beta},
         "training_data": {"dataset": table.dataset, "label_file": Path(table.source).name,
+                          "label_set": cfg.label_set, "uncertainty_policy": cfg.uncertainty_policy,
                           "train": train_set.describe(), "validation": val_set.describe() if val_set else None,
                           "evaluation": eval_set.describe(), "split": cfg.split, "split_seed": cfg.split_seed},
         "seed": cfg.seed, "epochs": cfg.epochs, "training_config": cfg.to_dict(),

@@ -23,9 +23,13 @@ REPO = Path(__file__).resolve().parents[1]
 NIH_MEAN = 0.49465
 NIH_STD = 0.25223
 
+#: Label layouts ``models.datasets.load_dataset`` reads (``--dataset``); csv is the generic layout.
+DATASETS: tuple[str, ...] = ("nih-sample", "chestxray14", "chexpert", "padchest", "csv")
+
 #: Fields that may differ between an interrupted run and its ``--resume`` (they do not change the math).
 OPERATIONAL_FIELDS = frozenset({"resume", "stop_after_epochs", "num_workers", "threads", "device",
                                 "teacher_cache_dir", "log_every", "data_root", "shared_dir", "channels_last",
+                                "labels_csv", "image_dir",
                                 "compile", "eval_batch_size", "bootstrap", "keep_checkpoints"})
 
 
@@ -65,6 +69,15 @@ class TrainConfig:
     at_beta: float = 0.0               # attention-transfer weight (final activations)
     box_beta: float = 0.0              # CAM supervision from the training images' radiologist boxes (bbox.csv)
     # --- data
+    dataset: str = "nih-sample"        # nih-sample | chestxray14 | chexpert | padchest | csv (the generic layout, README)
+    labels_csv: str = ""               # the label file (default: <data_root>/labels.csv)
+    image_dir: str = ""                # folder the label file's image paths are relative to (default: <data_root>/images for nih-sample, else <data_root>)
+    label_set: str = "own"             # own: the dataset's labels (csv: its label columns); common: the labels all datasets share
+    uncertainty_policy: str = "U-Ignore"  # CheXpert / csv -1 (uncertain): U-Ones -> 1, U-Zeros -> 0, U-Ignore -> unknown (masked)
+    label_columns: list = field(default_factory=list)  # csv: the label columns (default: all but image/patient_id/view)
+    frontal_only: bool = True          # keep frontal views only (view / Projection / Frontal/Lateral column)
+    padchest_min_images: int = 1       # padchest: labels carried by fewer images are dropped
+    skip_missing_images: bool = False  # skip rows whose image is not on disk (default: refuse the label file)
     data_root: str = ""                # default: <shared>/data/nih-cxr14-sample
     shared_dir: str = ""               # default: $CXR_EDGE_SHARED or <repo>/../shared
     split: str = "teacher"             # teacher: train on teacher_train, evaluate on teacher_val; patient: random
@@ -144,6 +157,17 @@ class TrainConfig:
     def data_path(self) -> Path:
         return Path(self.data_root) if self.data_root else self.shared_path() / "data" / "nih-cxr14-sample"
 
+    def labels_path(self) -> Path:
+        """The label file: ``labels_csv``, else ``<data_root>/labels.csv``."""
+        return Path(self.labels_csv) if self.labels_csv else self.data_path() / "labels.csv"
+
+    def image_root(self) -> Path:
+        """The folder image paths are relative to: ``image_dir``, else ``<data_root>/images`` (nih-sample)
+        or ``<data_root>``."""
+        if self.image_dir:
+            return Path(self.image_dir)
+        return self.data_path() / "images" if self.dataset == "nih-sample" else self.data_path()
+
     def split_lists(self) -> tuple[Path, Path]:
         """(train, eval) image lists of split=teacher."""
         teachers = self.shared_path() / "teachers"
@@ -170,6 +194,18 @@ class TrainConfig:
             (self.teacher_mode in ("cache", "online"), "teacher_mode must be cache or online"),
             (self.teacher_combine in ("logits", "probs"), "teacher_combine must be logits or probs"),
             (self.split in ("teacher", "patient"), "split must be teacher or patient"),
+            (self.dataset in DATASETS, f"dataset must be one of {', '.join(DATASETS)}"),
+            (self.label_set in ("own", "common"), "label_set must be own or common"),
+            (self.uncertainty_policy in ("U-Ones", "U-Zeros", "U-Ignore"),
+             "uncertainty_policy must be U-Ones, U-Zeros or U-Ignore"),
+            (self.padchest_min_images >= 1, "padchest_min_images must be >= 1"),
+            (not self.label_columns or self.dataset == "csv", "label_columns applies to --dataset csv only"),
+            (self.dataset == "nih-sample" or bool(self.data_root) or bool(self.labels_csv and self.image_dir),
+             f"--dataset {self.dataset} needs --data-root (or --labels-csv and --image-dir): where its labels and "
+             "images are"),
+            (self.split != "teacher" or self.dataset == "nih-sample" or bool(self.train_list and self.eval_list),
+             f"split=teacher uses the NIH sample's teacher image lists; with --dataset {self.dataset} use "
+             "--split patient (or give --train-list and --eval-list)"),
             (0.0 < self.eval_fraction < 1.0, "eval_fraction must lie in (0, 1)"),
             (0.0 <= self.val_fraction < 1.0, "val_fraction must lie in [0, 1)"),
             (self.schedule in ("onecycle", "cosine"), "schedule must be onecycle or cosine"),
@@ -280,6 +316,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Base config (``--config`` file or defaults) with the given flags applied, validated."""
     base = TrainConfig.load(args.config) if getattr(args, "config", None) else TrainConfig()
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    if ("dataset" in overrides and overrides["dataset"] != "nih-sample" and "split" not in overrides
+            and base.split == "teacher" and not (base.train_list or overrides.get("train_list"))):
+        overrides["split"] = "patient"  # the teacher lists are the NIH sample's; another dataset splits by patient
     cfg = replace(base, **overrides)
     cfg.validate()
     return cfg

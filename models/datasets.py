@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Mapping, NamedTuple, Sequence, TypeVar, U
 import numpy as np
 
 from cxr_edge.errors import CxrEdgeError, InvalidArgumentError
-from models.config import shared_dir
+from models.config import DATASETS, shared_dir
 from models.labelsets import CHESTXRAY14_LABELS, CHEXPERT_LABELS, COMMON_LABELS, COMMON_MAPS
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -188,23 +188,31 @@ def _open_text(path: PathLike) -> io.StringIO:
         raise LabelFileError(f"{path}: not a readable UTF-8 CSV (plain or gzip): {exc}") from None
 
 
-def _read_columns(path: PathLike, required: Iterable[str]) -> dict[str, list[str]]:
-    """The named columns of a CSV as lists of strings; a missing column or ragged row is an error."""
-    required = list(required)
+def _read_rows(path: PathLike) -> list[list[str]]:
+    """Header + rows of a CSV; an empty file or a ragged row (field count != header's) is an error."""
     try:
         rows = list(csv.reader(_open_text(path)))
     except csv.Error as exc:
         raise LabelFileError(f"{path}: malformed CSV ({exc})") from None
     if not rows:
         raise LabelFileError(f"{path}: empty file, expected a CSV header")
+    width = len(rows[0])
+    ragged = next((line for line, row in enumerate(rows[1:], start=2) if len(row) != width), None)
+    if ragged is not None:
+        raise LabelFileError(f"{path}: row {ragged} has {len(rows[ragged - 1])} fields, the header has {width}")
+    return rows
+
+
+def _read_columns(path: PathLike, required: Iterable[str]) -> dict[str, list[str]]:
+    """The named columns of a CSV as lists of strings; a missing column or ragged row is an error."""
+    required = list(required)
+    if not Path(path).is_file():
+        raise LabelFileError(f"label file not found: {path}")
+    rows = _read_rows(path)
     header = rows[0]
     missing = [c for c in required if c not in header]
     if missing:
         raise LabelFileError(f"{path}: missing column(s) {missing}")
-    width = len(header)
-    ragged = next((line for line, row in enumerate(rows[1:], start=2) if len(row) != width), None)
-    if ragged is not None:
-        raise LabelFileError(f"{path}: row {ragged} has {len(rows[ragged - 1])} fields, the header has {width}")
     if len(rows) == 1:
         return {c: [] for c in required}
     # the trailing 0 keeps itemgetter returning a tuple even for one column; zip below drops it
@@ -311,8 +319,9 @@ def official_split(table: LabelTable, train_val_list: PathLike | None = None,
 
 @_gc_paused
 def read_nih_sample(root: PathLike) -> LabelTable:
-    """The 1,266-image NIH sample's labels.csv (same labels as Data_Entry_2017_v2020)."""
-    path = Path(root) / "labels.csv"
+    """The 1,266-image NIH sample's labels.csv (same labels as Data_Entry_2017_v2020); ``root`` is
+    the sample folder (its ``labels.csv`` is read) or the CSV itself."""
+    path = Path(root) if Path(root).suffix.lower() in (".csv", ".gz") else Path(root) / "labels.csv"
     required = ("image", "patient_id", "follow_up", "age", "sex", "view", "original_width", "original_height",
                 *CHESTXRAY14_LABELS, "no_finding")
     cols = _read_columns(path, required)
@@ -472,6 +481,181 @@ def read_padchest(csv_path: PathLike, min_images: int = 1, frontal_only: bool = 
                "sex": _sex(pick("PatientSex_DICOM")), "method": np.array(pick("MethodLabel")),
                "image_dir": np.array(pick("ImageDir")), "study_id": np.array(pick("StudyID"))},
         skipped=skipped, source=str(csv_path))
+
+
+# --------------------------------------------------------------------------------------------
+# Generic CSV (the user's own labels)
+# --------------------------------------------------------------------------------------------
+#: The generic layout's fixed column names: image path (relative to the image folder), patient id,
+#: optional view. Every other column is a label unless ``label_columns`` names the labels.
+CSV_IMAGE_COLUMN, CSV_PATIENT_COLUMN, CSV_VIEW_COLUMN = "image", "patient_id", "view"
+#: View values (case-insensitive) kept by the frontal filter; a blank view is unknown and kept.
+CSV_FRONTAL_VIEWS: frozenset[str] = frozenset({"pa", "ap", "ap_horizontal", "ap horizontal", "frontal",
+                                               "posteroanterior", "anteroposterior"})
+_CSV_VALUES = {"1": 1.0, "1.0": 1.0, "0": 0.0, "0.0": 0.0, "-1": -1.0, "-1.0": -1.0, "": np.nan}
+
+
+@_gc_paused
+def read_csv_labels(csv_path: PathLike, label_columns: Sequence[str] | None = None, policy: str = "U-Ignore",
+                    frontal_only: bool = False) -> LabelTable:
+    """The generic layout: ``image``, ``patient_id``, label columns, optional ``view``.
+
+    Label cells are 1 / 0, blank (unknown: NaN, masked in the loss and the AUC) or -1 (uncertain,
+    mapped by ``policy`` like CheXpert's: U-Ones -> 1, U-Zeros -> 0, U-Ignore -> NaN). The labels
+    are ``label_columns`` in that order, default every column but image / patient_id / view in
+    file order. ``frontal_only`` with a view column keeps rows whose view is frontal
+    (:data:`CSV_FRONTAL_VIEWS`) or blank (``skipped["not_frontal"]`` counts the rest).
+    Messages name columns and rows, never a cell's value (it may be patient data).
+    """
+    if policy not in CHEXPERT_POLICIES:
+        raise InvalidArgumentError(f"unknown uncertainty policy {policy!r}; use one of {CHEXPERT_POLICIES}")
+    if not Path(csv_path).is_file():
+        raise LabelFileError(f"label file not found: {csv_path}")
+    rows = _read_rows(csv_path)
+    header = [h.strip() for h in rows[0]]
+    dupes = sorted({h for h in header if header.count(h) > 1})
+    if dupes:
+        raise LabelFileError(f"{csv_path}: duplicate column name(s) {dupes}")
+    layout = (f"the generic layout is {CSV_IMAGE_COLUMN!r} (image path relative to the image folder), "
+              f"{CSV_PATIENT_COLUMN!r}, one 1/0/blank column per label, optional {CSV_VIEW_COLUMN!r}")
+    for col in (CSV_IMAGE_COLUMN, CSV_PATIENT_COLUMN):
+        if col not in header:
+            raise LabelFileError(f"{csv_path}: no {col!r} column ({layout}); its columns are {header}")
+    fixed = {CSV_IMAGE_COLUMN, CSV_PATIENT_COLUMN, CSV_VIEW_COLUMN}
+    if label_columns:
+        names = tuple(label_columns)
+        missing = [c for c in names if c not in header]
+        if missing:
+            raise LabelFileError(f"{csv_path}: label column(s) {missing} not in the header {header}")
+        clash = [c for c in names if c in fixed]
+        if clash:
+            raise LabelFileError(f"{csv_path}: {clash} cannot be label columns ({layout})")
+    else:
+        names = tuple(h for h in header if h not in fixed)
+    if not names:
+        raise LabelFileError(f"{csv_path}: no label columns ({layout})")
+    body = rows[1:]
+    if not body:
+        raise LabelFileError(f"{csv_path}: no data rows")
+    col = {h: k for k, h in enumerate(header)}
+    images = [r[col[CSV_IMAGE_COLUMN]].strip() for r in body]
+    patients = [r[col[CSV_PATIENT_COLUMN]].strip() for r in body]
+    for what, values in ((CSV_IMAGE_COLUMN, images), (CSV_PATIENT_COLUMN, patients)):
+        blank = next((i for i, v in enumerate(values) if not v), None)
+        if blank is not None:
+            raise LabelFileError(f"{csv_path}: row {blank + 2}: empty {what!r}")
+    seen: dict[str, int] = {}
+    for i, image in enumerate(images):
+        if image in seen:
+            raise LabelFileError(f"{csv_path}: row {i + 2}: the image of row {seen[image] + 2} again "
+                                 "(one row per image)")
+        seen[image] = i
+    targets = np.empty((len(body), len(names)), dtype=np.float32)
+    for j, name in enumerate(names):
+        k = col[name]
+        bad = []
+        for i, r in enumerate(body):
+            v = _CSV_VALUES.get(r[k].strip())
+            if v is None:
+                bad.append(i)
+                v = np.nan
+            targets[i, j] = v
+        if bad:
+            raise LabelFileError(
+                f"{csv_path}: column {name!r} has {len(bad)} value(s) that are not 1, 0, -1 or blank (first at row "
+                f"{bad[0] + 2}); label columns hold 1 (present), 0 (absent), blank (unknown) or -1 (uncertain)"
+                + ("" if label_columns else "; name the label columns with --label-columns if other columns "
+                   "(age, sex, ...) are in the file"))
+    targets[targets == -1] = {"U-Ones": 1.0, "U-Zeros": 0.0, "U-Ignore": np.nan}[policy]
+    extra: dict[str, np.ndarray] = {}
+    skipped = {"not_frontal": 0}
+    if CSV_VIEW_COLUMN in col:
+        views = np.array([r[col[CSV_VIEW_COLUMN]].strip() for r in body])
+        extra["view"] = views
+        extra["frontal"] = np.array([v.lower() in CSV_FRONTAL_VIEWS or not v for v in views], dtype=bool)
+    table = LabelTable(dataset="csv", label_names=names, image_ids=images, patient_ids=patients, targets=targets,
+                       extra=extra, skipped=skipped, source=str(csv_path))
+    if not frontal_only or "frontal" not in extra:
+        return table
+    frontal = table.extra["frontal"]
+    return replace(table.subset(frontal), skipped={"not_frontal": int((~frontal).sum())})
+
+
+# --------------------------------------------------------------------------------------------
+# One entry point for training / evaluation / export: a dataset by name, with image paths
+# --------------------------------------------------------------------------------------------
+LABEL_SETS: tuple[str, ...] = ("own", "common")
+
+
+def load_dataset(dataset: str, labels_csv: PathLike, image_root: PathLike, *, policy: str = "U-Ignore",
+                 label_set: str = "own", frontal_only: bool = True, label_columns: Sequence[str] | None = None,
+                 padchest_min_images: int = 1, skip_missing_images: bool = False) -> LabelTable:
+    """A dataset's labels with ``extra["path"]``, every image's file, checked to exist.
+
+    Where the images are, below ``image_root``: nih-sample ``<id>`` (``.png`` added when the id has
+    no suffix); chestxray14 the file of that name at any depth (the release's images_001..012
+    folders); chexpert the ``Path`` column; padchest ``<ImageDir>/<ImageID>`` or ``<ImageID>``;
+    csv the ``image`` column. ``label_set`` "common" re-expresses the labels on
+    :data:`labelsets.COMMON_LABELS` (a csv maps the columns spelled like them). A listed image not
+    on disk is an error, or with ``skip_missing_images`` a skipped row (``skipped["missing_image"]``).
+    """
+    if dataset not in DATASETS:
+        raise InvalidArgumentError(f"unknown dataset {dataset!r}; use one of {DATASETS}")
+    if label_set not in LABEL_SETS:
+        raise InvalidArgumentError(f"unknown label set {label_set!r}; use one of {LABEL_SETS}")
+    root = Path(image_root)
+    if not root.is_dir():
+        raise LabelFileError(f"image folder not found: {root}")
+    if dataset == "nih-sample":
+        table = read_nih_sample(labels_csv)
+    elif dataset == "chestxray14":
+        table = read_chestxray14(labels_csv)
+    elif dataset == "chexpert":
+        table = read_chexpert(labels_csv, policy=policy, frontal_only=frontal_only)
+    elif dataset == "padchest":
+        table = read_padchest(labels_csv, min_images=padchest_min_images, frontal_only=frontal_only)
+    else:
+        table = read_csv_labels(labels_csv, label_columns=label_columns, policy=policy, frontal_only=frontal_only)
+    if frontal_only and dataset in ("nih-sample", "chestxray14"):
+        frontal = table.extra["frontal"]
+        table = replace(table.subset(frontal), skipped={**table.skipped, "not_frontal": int((~frontal).sum())})
+    if label_set == "common":
+        mapping = None
+        if dataset == "csv":
+            mapping = {name: (name,) for name in COMMON_LABELS if name in table.label_names}
+            if not mapping:
+                raise LabelFileError(f"{labels_csv}: --label-set common needs label columns named like the common "
+                                     f"labels {list(COMMON_LABELS)}; none found")
+        table = table.to_common(mapping=mapping)
+    paths = _image_files(dataset, table, root)
+    exists = np.array([p.is_file() for p in paths], dtype=bool)
+    n_missing = int((~exists).sum())
+    if n_missing and not skip_missing_images:
+        first = table.image_ids[int(np.flatnonzero(~exists)[0])]
+        raise LabelFileError(f"{n_missing} of {len(table)} images listed in {Path(labels_csv).name} are not under "
+                             f"{root} (first: {first}); fix the image folder (--image-dir / --data-root) or pass "
+                             "--skip-missing-images")
+    if n_missing:
+        table = replace(table.subset(exists), skipped={**table.skipped, "missing_image": n_missing})
+        paths = [p for p, ok in zip(paths, exists) if ok]
+    if not len(table):
+        raise LabelFileError(f"{Path(labels_csv).name}: no images left to use (skipped {dict(table.skipped)})")
+    return replace(table, extra={**table.extra, "path": np.array([str(p) for p in paths])})
+
+
+def _image_files(dataset: str, table: LabelTable, root: Path) -> list[Path]:
+    if dataset == "nih-sample":
+        return [root / (i if Path(i).suffix else f"{i}.png") for i in table.image_ids]
+    if dataset == "chestxray14":
+        found: dict[str, Path] = {}
+        for folder, _, files in os.walk(root):
+            for name in files:
+                found.setdefault(name, Path(folder) / name)
+        return [found.get(i, root / i) for i in table.image_ids]
+    if dataset == "padchest":
+        nested = [root / d / i for d, i in zip(table.extra["image_dir"], table.image_ids)]
+        return [p if p.is_file() else root / i for p, i in zip(nested, table.image_ids)]
+    return [root / i for i in table.image_ids]
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import os
 import sys
 from collections import defaultdict
@@ -28,11 +29,13 @@ import numpy as np
 from scipy.stats import rankdata
 
 from cxr_edge.cam import class_activation_map
-from cxr_edge.errors import InvalidArgumentError
+from cxr_edge.errors import CxrEdgeError, InvalidArgumentError
 from models.runs import read_image_list  # noqa: F401  (re-exported: the image-list reader lives in models.runs)
 
 #: bbox.csv finding -> model label, where the spellings differ (the NIH list says "Infiltrate").
 FINDING_TO_LABEL = {"Infiltrate": "Infiltration"}
+
+log = logging.getLogger(__name__)
 
 
 # ============================================================================ AUC
@@ -40,6 +43,51 @@ FINDING_TO_LABEL = {"Infiltrate": "Infiltration"}
 # export thresholds and `cxr-edge calibrate`), re-exported here for the toolchain.
 from cxr_edge.operating_points import (_interval, auc_per_label, bootstrap_auc, patient_resamples,  # noqa: E402,F401
                                        roc_auc)
+
+
+# ============================================================================ degenerate predictions
+#: A label's scores are degenerate when they span less than this (logits; probabilities for a score
+#: given as probabilities) over the images: then float rounding, not the model, orders the images.
+DEGENERATE_SPREAD = 1e-3
+#: ... or when more than this share of the images has one identical score (a tie-dominated label).
+DEGENERATE_TIED = 0.5
+
+
+def degenerate_predictions(scores: np.ndarray, label_names: Sequence[str], targets: np.ndarray | None = None,
+                           spread_tol: float = DEGENERATE_SPREAD, tied_tol: float = DEGENERATE_TIED) -> dict:
+    """Labels whose scores carry no ranking, ``{label: {"spread", "tied_fraction", "reason"}}``.
+
+    Why: a near-constant model (logits equal to 1e-8) still gets an AUC, from whichever way the
+    last bits fall; it differs between two correct implementations (ONNX vs PyTorch, channels-last
+    vs contiguous kernels, INT8) by points and means nothing. Only images with a known target for
+    the label count (those the AUC uses) when ``targets`` is given.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    out = {}
+    for j, name in enumerate(label_names):
+        col = scores[:, j]
+        keep = np.isfinite(col) if targets is None else np.isfinite(col) & ~np.isnan(np.asarray(targets)[:, j])
+        col = col[keep]
+        if col.size < 2:
+            continue
+        spread = float(col.max() - col.min())
+        tied = float(np.unique(col, return_counts=True)[1].max() / col.size)
+        reasons = []
+        if spread < spread_tol:
+            reasons.append(f"scores span {spread:.2g} (< {spread_tol:g})")
+        if tied > tied_tol:
+            reasons.append(f"{tied:.0%} of the images share one score")
+        if reasons:
+            out[str(name)] = {"spread": spread, "tied_fraction": round(tied, 6), "reason": "; ".join(reasons)}
+    return out
+
+
+def warn_degenerate(found: dict, context: str) -> None:
+    """One logged warning naming the degenerate labels (from :func:`degenerate_predictions`)."""
+    if found:
+        detail = "; ".join(f"{k}: {v['reason']}" for k, v in sorted(found.items()))
+        log.warning("degenerate predictions in %s for %d label(s): their AUC comes from rounding and "
+                    "tie-breaking, not from the model (%s)", context, len(found), detail)
 
 
 def paired_bootstrap(targets: np.ndarray, scores_a: Sequence[np.ndarray], scores_b: Sequence[np.ndarray],
@@ -304,9 +352,19 @@ def box_cams(predictor, images, table, boxes, label_names: Sequence[str], batch_
 
 
 def evaluate_logits(targets: np.ndarray, logits: np.ndarray, patient_ids: Sequence[str], label_names: Sequence[str],
-                    n_boot: int = 1000, seed: int = 0) -> dict:
-    """The metrics.json body for one model's logits on one image set."""
-    return bootstrap_auc(targets, logits, patient_ids, label_names, n_boot=n_boot, seed=seed)
+                    n_boot: int = 1000, seed: int = 0, context: str = "evaluation") -> dict:
+    """The metrics.json body for one model's logits on one image set: per-label AUC with patient
+    bootstrap CIs (``cxr_edge.operating_points``, the one implementation), and the degenerate labels
+    (``degenerate_labels``, ``per_label[...]["degenerate_predictions"]``; a logged warning)."""
+    metrics = bootstrap_auc(targets, logits, patient_ids, label_names, n_boot=n_boot, seed=seed)
+    found = degenerate_predictions(logits, label_names, targets)
+    for name, entry in metrics["per_label"].items():
+        entry["degenerate_predictions"] = name in found
+    metrics["degenerate_labels"] = sorted(found)
+    metrics["degenerate_predictions"] = found
+    metrics["degenerate_rule"] = {"spread_below": DEGENERATE_SPREAD, "tied_fraction_above": DEGENERATE_TIED}
+    warn_degenerate(found, context)
+    return metrics
 
 
 def format_table(metrics: dict, title: str = "") -> str:
@@ -320,6 +378,9 @@ def format_table(metrics: dict, title: str = "") -> str:
     lines.append(f"{'mean AUC':<20}{mean:>7.3f}  [{metrics['mean_ci_low']:.3f}, {metrics['mean_ci_high']:.3f}]"
                  f"  ({metrics['n_images']} images, {metrics['n_patients']} patients"
                  + (f"; skipped {metrics['skipped_labels']}" if metrics["skipped_labels"] else "") + ")")
+    if metrics.get("degenerate_labels"):
+        lines.append(f"WARNING degenerate predictions (AUC from rounding/ties, not the model): "
+                     f"{', '.join(metrics['degenerate_labels'])}")
     pg = metrics.get("pointing_game")
     if pg:
         o = pg["overall"]
@@ -360,35 +421,41 @@ def load_predictions(run_or_file: str | os.PathLike) -> dict:
 # ============================================================================ CLI
 def _score(args: argparse.Namespace) -> int:
     from models.config import TrainConfig
-    from models.data import ImageCache, image_path
-    from models.datasets import read_bboxes, read_nih_sample
+    from models.data import ImageCache
+    from models.datasets import read_bboxes
     from models.distill import load_predictor
-    from models.runs import split_indices
+    from models.runs import image_paths, load_table, split_indices
 
     source = Path(args.source)
     is_run = source.is_dir()
-    cfg = TrainConfig.load(source / "config.json") if is_run else TrainConfig()
+    config = Path(args.config) if args.config else (source / "config.json" if is_run else None)
+    cfg = TrainConfig.load(config) if config else TrainConfig()
     if args.data_root:
         cfg.data_root = args.data_root
     if args.shared_dir:
         cfg.shared_dir = args.shared_dir
     import torch
 
-    torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
-    table = read_nih_sample(cfg.data_path())
+    # the run's threads and eval batch size by default: the same kernels as training's evaluation
+    torch.set_num_threads(args.threads or cfg.threads or min(2, os.cpu_count() or 1))
+    batch_size = args.batch_size or cfg.eval_batch_size
+    args.bootstrap = args.bootstrap or (cfg.bootstrap if config else 1000)
+    table = load_table(cfg)
     if args.images:
         wanted = set(read_image_list(args.images))
         eval_idx = np.array([k for k, i in enumerate(table.image_ids) if i in wanted], dtype=np.int64)
     else:
         eval_idx = split_indices(cfg, table)[2]
     sub = table.subset(eval_idx)
-    images = ImageCache([image_path(cfg.data_path(), i) for i in sub.image_ids], sub.image_ids, cfg.cache_dtype)
+    images = ImageCache(image_paths(sub), sub.image_ids, cfg.cache_dtype)
     pred = load_predictor(str(source), spec=cfg.teacher_spec(), num_classes=len(table.label_names),
                           threads=args.threads or None, checkpoint=args.checkpoint)
     if pred.labels is not None and tuple(pred.labels) != tuple(table.label_names):
         raise InvalidArgumentError(f"{pred.name}: its labels {pred.labels} are not the table's {table.label_names}")
-    logits, _ = predict(pred, images, range(len(images)), batch_size=args.batch_size)
-    metrics = evaluate_logits(sub.targets, logits, sub.patient_ids, table.label_names, args.bootstrap, args.seed)
+    logits, _ = predict(pred, images, range(len(images)), batch_size=batch_size)
+    metrics = evaluate_logits(sub.targets, logits, sub.patient_ids, table.label_names, args.bootstrap, args.seed,
+                              context=f"{pred.name} on {len(images)} images")
+    metrics["dataset"] = cfg.dataset
     metrics["model"] = {"source": str(source), "name": pred.name, "checksum": pred.checksum,
                         "input_size": list(pred.spec.input_size)}
     if args.pointing_game:
@@ -493,6 +560,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = sub.add_parser("score", help="AUC (+CIs) and optionally the pointing game of one model")
     s.add_argument("source", help="run directory, .onnx (teacher or bundle) or registry_name:weights.pt")
     s.add_argument("--images", help="CSV with an 'image' column (default: the run's / teacher split's eval set)")
+    s.add_argument("--config", help="TrainConfig JSON giving the dataset and split (default: the run's own "
+                                    "config.json; for a .onnx source: the NIH sample defaults)")
     s.add_argument("--data-root")
     s.add_argument("--shared-dir")
     s.add_argument("--checkpoint", default="final", choices=("final", "best", "last"))
@@ -501,9 +570,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--tolerance", type=float, default=0.0, help="pointing-game box tolerance in image pixels")
     s.add_argument("--fixed-grid", type=int, nargs="*", default=[7],
                    help="grids of the best-fixed-cell baselines besides 4x4 (default: 7, the CAM grid)")
-    s.add_argument("--bootstrap", type=int, default=1000)
+    s.add_argument("--bootstrap", type=int, default=0, help="patient resamples (default: the run's, else 1000)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--batch-size", type=int, default=0, help="default: the run's eval_batch_size (64)")
     s.add_argument("--threads", type=int, default=0)
     s.add_argument("--out", help="JSON output (default: <run>/eval.json or eval-<name>.json)")
     s.add_argument("--save-predictions", help="also write an .npz of ids/logits/targets")
@@ -527,7 +596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd == "teacher":
             return _teacher(args)
         return _score(args) if args.cmd == "score" else _compare(args)
-    except InvalidArgumentError as exc:
+    except CxrEdgeError as exc:  # bad arguments, a bad label file (LabelFileError), an unreadable image
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

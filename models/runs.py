@@ -27,6 +27,24 @@ def read_image_list(path: str | os.PathLike) -> list[str]:
         return [r["image"].strip() for r in reader if r["image"].strip()]
 
 
+def load_table(cfg: TrainConfig):
+    """The run's label table (``models.datasets.LabelTable``) with every image's file in
+    ``extra["path"]``: the one reader behind training, ``models.evaluate score`` and export, so the
+    label names of a run, its metrics and its bundle all come from the same data."""
+    from models.datasets import load_dataset
+
+    return load_dataset(cfg.dataset, cfg.labels_path(), cfg.image_root(), policy=cfg.uncertainty_policy,
+                        label_set=cfg.label_set, frontal_only=cfg.frontal_only,
+                        label_columns=cfg.label_columns or None, padchest_min_images=cfg.padchest_min_images,
+                        skip_missing_images=cfg.skip_missing_images)
+
+
+def image_paths(table, rows=None) -> list[Path]:
+    """Files of ``rows`` (default: all) of a table from :func:`load_table`."""
+    paths = table.extra["path"]
+    return [Path(paths[int(i)]) for i in (range(len(table)) if rows is None else rows)]
+
+
 def split_indices(cfg: TrainConfig, table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(train, val, eval) row indices of the table; patient-disjoint.
 

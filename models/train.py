@@ -1,6 +1,8 @@
-"""Train a model on the NIH sample: supervised (teachers) or with multi-label knowledge distillation.
+"""Train a model on the NIH sample or any labelled dataset: supervised (teachers) or with multi-label
+knowledge distillation.
 
     python -m models.train --model eeea_c2 --input-size 128 --epochs 25 --out-dir runs/plain_s0
+    python -m models.train --dataset csv --data-root my_xrays --out-dir runs/mine  # my_xrays/labels.csv
     python -m models.train --model eeea_c2 --input-size 128 --epochs 25 --out-dir runs/kd_s0 \\
         --teachers /work/shared/teachers/densenet121-nih1071.onnx --kd-alpha 0.5 --kd-temperature 2
     torchrun --nproc_per_node 2 -m models.train ...        # DDP (gloo on CPU, nccl on CUDA)
@@ -11,12 +13,21 @@ enough for a 2-core CPU (images decoded once into memory, a slow teacher's outpu
 No epoch is picked on the evaluation images: the last epoch is evaluated, or the best epoch on a
 patient-wise validation part of the *training* images when ``--val-fraction`` > 0.
 
+Data (``--dataset``, :func:`models.runs.load_table`): the NIH sample (default), ChestX-ray14, CheXpert
+(``--uncertainty-policy``), PadChest, or the generic CSV layout (``image``, ``patient_id``, label
+columns of 1/0/blank, optional ``view``; README "Training on your own data"); ``--label-set common``
+maps them onto the labels the public datasets share. Unknown targets (blank, uncertain under
+U-Ignore, a label a dataset lacks) are NaN and masked in the BCE loss and in every AUC.
+
+Exit codes: 0 done; 2 bad arguments, a bad label file or an unreadable image (a one-line message).
+
 A run directory holds ``config.json``, ``last.pt`` (full training state, every epoch),
 ``model_final.pt`` (weights + config), ``metrics.json`` (per-label AUC with patient-bootstrap 95% CIs)
 and ``predictions.npz`` (evaluation image ids, logits, targets, patients) for re-evaluation.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -36,13 +47,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from cxr_edge.errors import InvalidArgumentError
+from cxr_edge.errors import CxrEdgeError, InvalidArgumentError
 from models.config import TrainConfig, parse_config
-from models.data import AugmentParams, CxrDataset, ImageCache, image_path
+from models.data import AugmentParams, CxrDataset, ImageCache
 from models.distill import (CsvTeacher, Predictor, TorchPredictor, attention_map, box_cam_loss,
                             cached_teacher_outputs, distillation_loss, load_predictor)
-from models.evaluate import auc_per_label, evaluate_logits, format_table, predict
-from models.runs import build_model, fold_indices, load_run_model, read_image_list, split_indices  # noqa: F401
+from models.evaluate import (auc_per_label, degenerate_predictions, evaluate_logits, format_table, predict,
+                             warn_degenerate)
+from models.runs import (build_model, fold_indices, image_paths, load_run_model, load_table,  # noqa: F401
+                         read_image_list, split_indices)
 
 
 # ============================================================================ plumbing
@@ -146,7 +159,10 @@ def _training_boxes(cfg: TrainConfig, table, train_rows: np.ndarray, labels: Seq
 
     column = {n: j for j, n in enumerate(labels)}
     by_image: dict[str, list] = defaultdict(list)
-    for b in read_bboxes(cfg.data_path() / "bbox.csv"):
+    bbox_csv = cfg.data_path() / "bbox.csv"
+    if not bbox_csv.is_file():
+        raise InvalidArgumentError(f"--box-beta needs radiologist boxes in {bbox_csv} (image, finding, x, y, w, h)")
+    for b in read_bboxes(bbox_csv):
         label = FINDING_TO_LABEL.get(b.finding, b.finding)
         if label in column:
             by_image[b.image].append((column[label], b.x, b.y, b.w, b.h))
@@ -257,20 +273,19 @@ def _online_teacher(teachers: Sequence[Predictor], batch: dict, device: torch.de
 
 def evaluate_model(model: nn.Module, spec, images: ImageCache, cache_idx: Sequence[int], device: torch.device,
                    batch_size: int) -> np.ndarray:
-    """Logits of clean images, model put back in its previous mode."""
-    was_training = model.training
-    pred = TorchPredictor(model, spec, name="eval", checksum="", device=str(device))
-    try:
-        logits, _ = predict(pred, images, cache_idx, batch_size=batch_size)
-    finally:
-        model.train(was_training)
+    """Logits of clean images, computed as ``models.evaluate score`` computes them for the saved
+    checkpoint: an eval-mode copy in the default (contiguous) memory format, batches of
+    ``batch_size`` (the run's ``eval_batch_size``, also evaluate's default). The training model itself
+    may be channels_last, whose kernels round differently (~1e-7): on a near-constant model that
+    alone reorders the images and moves the AUC by points, so both paths must run the same math."""
+    clone = copy.deepcopy(model).to(memory_format=torch.contiguous_format).eval()
+    pred = TorchPredictor(clone, spec, name="eval", checksum="", device=str(device))
+    logits, _ = predict(pred, images, cache_idx, batch_size=batch_size)
     return logits
 
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) one training run; returns the run dir and the trained (unwrapped) model."""
-    from models.datasets import read_nih_sample
-
     cfg.validate()
     d = setup_distributed(cfg)
     threads = set_threads(cfg, d)
@@ -291,20 +306,22 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # ---- data
     t0 = time.perf_counter()
-    table = read_nih_sample(cfg.data_path())
+    table = load_table(cfg)
     labels = list(table.label_names)
     train_rows, val_rows, eval_rows = split_indices(cfg, table)
     train_rows, oof_rows = fold_indices(cfg, table, train_rows)
     needed = np.unique(np.concatenate([train_rows, val_rows, eval_rows, oof_rows]))
     ids = [table.image_ids[i] for i in needed]
-    images = ImageCache([image_path(cfg.data_path(), i) for i in ids], ids, cfg.cache_dtype, workers=threads)
+    images = ImageCache(image_paths(table, needed), ids, cfg.cache_dtype, workers=threads)
     pos = {int(r): k for k, r in enumerate(needed)}
     train_ci = np.array([pos[int(r)] for r in train_rows], dtype=np.int64)
     val_ci = np.array([pos[int(r)] for r in val_rows], dtype=np.int64)
     eval_ci = np.array([pos[int(r)] for r in eval_rows], dtype=np.int64)
     oof_ci = np.array([pos[int(r)] for r in oof_rows], dtype=np.int64)
     if d.main:
-        print(f"data: {len(train_rows)} train / {len(val_rows)} val / {len(eval_rows)} eval / {len(oof_rows)} "
+        print(f"data: {cfg.dataset} ({len(labels)} labels, label set {cfg.label_set}"
+              + (f", skipped {dict(table.skipped)}" if any(table.skipped.values()) else "") + "); "
+              f"{len(train_rows)} train / {len(val_rows)} val / {len(eval_rows)} eval / {len(oof_rows)} "
               f"out-of-fold images "
               f"(split={cfg.split}); decoded {len(images)} in {time.perf_counter() - t0:.1f}s "
               f"({images.nbytes / 2**20:.0f} MiB); {threads} threads, world {d.world}", flush=True)
@@ -441,6 +458,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             vl = evaluate_model(model, spec, images, val_ci, d.device, cfg.eval_batch_size)
             auc = auc_per_label(table.targets[val_rows], vl)
             record["val_mean_auc"] = round(float(np.nanmean(auc)), 5) if np.isfinite(auc).any() else None
+            degenerate = degenerate_predictions(vl, labels, table.targets[val_rows])
+            if degenerate:
+                record["val_degenerate_labels"] = sorted(degenerate)
+                warn_degenerate(degenerate, f"epoch {epoch + 1} validation ({len(val_rows)} images)")
         history.append(record)
         if d.main:
             if record.get("val_mean_auc") is not None and record["val_mean_auc"] > best:
@@ -484,8 +505,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             oof_logits = evaluate_model(eval_model, spec, images, oof_ci, d.device, cfg.eval_batch_size)
             np.savez(run / "oof_predictions.npz", image_ids=np.array([table.image_ids[r] for r in oof_rows]),
                      logits=oof_logits, label_names=np.array(labels), fold=cfg.fold, n_folds=cfg.n_folds)
-        metrics = evaluate_logits(sub.targets, logits, sub.patient_ids, labels, n_boot=cfg.bootstrap, seed=0)
-        metrics.update({"model": cfg.model, "pretrained": getattr(model, "pretrained_source", None) or cfg.pretrained,
+        metrics = evaluate_logits(sub.targets, logits, sub.patient_ids, labels, n_boot=cfg.bootstrap, seed=0,
+                                  context=f"{run.name}: {len(eval_rows)} held-out evaluation images")
+        metrics.update({"dataset": cfg.dataset, "label_set": cfg.label_set, "model": cfg.model, "pretrained": getattr(model, "pretrained_source", None) or cfg.pretrained,
                         "checkpoint": chosen, "n_folds": cfg.n_folds, "fold": cfg.fold, "epochs": cfg.epochs, "teachers": teacher_info,
                         "split": cfg.split, "input_size": cfg.input_size, "kd_alpha": cfg.kd_alpha,
                         "kd_temperature": cfg.kd_temperature, "at_beta": cfg.at_beta, "seed": cfg.seed,
@@ -502,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = parse_config(argv, prog="python -m models.train")
         train(cfg)
-    except InvalidArgumentError as exc:
+    except CxrEdgeError as exc:  # bad flags, a bad label file (LabelFileError), an unreadable image
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
