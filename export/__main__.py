@@ -5,8 +5,9 @@
     python -m export --checkpoint model_final.pt --config runs/kd_s0/config.json --out m.onnx --format fp32 \\
         --image-dir ../shared/data/nih-cxr14-sample/images --verify-images ../shared/teachers/teacher_val_images.csv
 
-Exit codes: 0 bundle written; 2 bad arguments; 3 INT8 gate failed (no bundle; see the report);
-4 export/parity failure; 1 anything else.
+The flags become one ``export.build_bundle.ExportConfig`` (recorded in the manifest's provenance).
+Exit codes: 0 bundle written; 2 bad arguments (also: --out exists without --overwrite); 3 INT8 gate failed
+(no bundle; see the report); 4 export/parity failure; 1 anything else.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from cxr_edge.errors import CxrEdgeError, InvalidArgumentError
 
@@ -25,6 +26,9 @@ from .scope_fit import DEFAULT_K as SCOPE_K
 from .scope_fit import DEFAULT_QUANTILE as SCOPE_QUANTILE
 from .thresholds import METHODS
 from .verify import GateCriteria
+
+if TYPE_CHECKING:
+    from .build_bundle import ExportConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--report", help="verification report JSON (default: <out>.report.json)")
     out.add_argument("--ingraph", help="also write a bytes-in bundle with in-graph decoding/preprocessing")
     out.add_argument("--ingraph-images", type=int, default=50, help="real files to compare the in-graph path on")
+    out.add_argument("--sign-key", metavar="PRIVATE.pem",
+                     help="sign the written bundle with this private key (export.sign.sign_bundle_file)")
     q = p.add_argument_group("quantization and gate")
     q.add_argument("--calib-images", type=int, default=200, help="number of calibration images (seeded subset)")
     q.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET)
@@ -111,45 +117,63 @@ def _source(args: argparse.Namespace):
         calib_list=args.calib_list, verify_list=args.verify_images, threshold_list=args.threshold_images)
 
 
+def config_from_args(args: argparse.Namespace) -> "ExportConfig":
+    """The flags as one :class:`export.build_bundle.ExportConfig` (checked: a bad value is exit code 2)."""
+    from .build_bundle import ExportConfig
+
+    return ExportConfig(
+        precision=args.format, model_id=args.model_id, overwrite=args.overwrite,
+        opset=args.opset, exporter=args.exporter, optimize=not args.no_optimize,
+        calib_images=args.calib_images, preset=args.preset, calibrate_method=args.calibrate_method,
+        criteria=GateCriteria(max_auc_drop=args.max_auc_drop, min_cam_median=args.min_cam_median,
+                              max_flip_rate=args.max_flip_rate),
+        fallback_fp32=args.fallback_fp32, debug=args.debug_quant,
+        threshold_method=args.thresholds, min_sensitivity=args.min_sensitivity,
+        min_positive_patients=args.min_positive_patients,
+        scope=args.scope, scope_k=args.scope_k, scope_quantile=args.scope_quantile,
+        ingraph_images=args.ingraph_images, seed=args.seed)
+
+
+#: typed failure -> (exit code, message suffix); the first matching class wins (docstring: exit codes)
+_EXIT_CODES: tuple[tuple[type[Exception], int, str], ...] = (
+    (InvalidArgumentError, 2, ""),
+    (QuantizationGateError, 3, " (numbers in {report}; --fallback-fp32 ships fp32 instead)"),
+    (ExportError, 4, ""),
+    (CxrEdgeError, 1, ""),
+)
+
+
+def _run(args: argparse.Namespace, report_path: str) -> dict:
+    from .build_bundle import check_outputs, export_bundle
+
+    config = config_from_args(args)
+    check_outputs(args.out, args.ingraph, overwrite=config.overwrite)  # before the model is loaded
+    sign = None
+    if args.sign_key:  # checked before the export, used after it
+        if not Path(args.sign_key).is_file():
+            raise InvalidArgumentError(f"--sign-key {args.sign_key}: no such file")
+        from .sign import sign_bundle_file as sign  # lazily: only signing needs it
+    report = export_bundle(_source(args), args.out, config, ingraph_out=args.ingraph, report_path=report_path)
+    if sign is not None:
+        sign(report["bundle"]["path"], args.sign_key)
+        report["bundle"]["signed"] = True
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     report_path = args.report or str(Path(args.out).with_suffix("")) + ".report.json"
-    if Path(args.out).exists() and not args.overwrite:
-        print(f"error: {args.out} exists; pass --overwrite to replace it", file=sys.stderr)
-        return 2
     try:
-        from .build_bundle import export_bundle
-
-        report = export_bundle(
-            _source(args), args.out, precision=args.format, calib_images=args.calib_images, preset=args.preset,
-            calibrate_method=args.calibrate_method, fallback_fp32=args.fallback_fp32, ingraph_out=args.ingraph,
-            ingraph_images=args.ingraph_images, report_path=report_path, threshold_method=args.thresholds,
-            min_sensitivity=args.min_sensitivity, min_positive_patients=args.min_positive_patients,
-            model_id=args.model_id,
-            criteria=GateCriteria(max_auc_drop=args.max_auc_drop, min_cam_median=args.min_cam_median,
-                                  max_flip_rate=args.max_flip_rate),
-            opset=args.opset, exporter=args.exporter, optimize=not args.no_optimize, debug=args.debug_quant,
-            seed=args.seed, scope=args.scope, scope_k=args.scope_k, scope_quantile=args.scope_quantile)
-    except InvalidArgumentError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except QuantizationGateError as exc:
-        print(f"error: {exc} (numbers in {report_path}; --fallback-fp32 ships fp32 instead)", file=sys.stderr)
-        return 3
-    except ExportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 4
+        report = _run(args, report_path)
     except CxrEdgeError as exc:
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    written = report.get("bundle", {}).get("precision")
-    out = Path(args.out)
-    other = {"int8": "fp32", "fp32": "int8"}.get(written or "")
-    if other and other in out.name:
-        fixed = out.with_name(out.name.replace(other, written))
-        out.replace(fixed)
-        report["bundle"]["path"] = str(fixed)
-        print(f"note: wrote {written}, so the bundle is {fixed} (not {out.name})", file=sys.stderr)
+        code, suffix = next((c, s) for cls, c, s in _EXIT_CODES if isinstance(exc, cls))
+        name = f"{type(exc).__name__}: " if code == 1 else ""
+        print(f"error: {name}{exc}{suffix.format(report=report_path)}", file=sys.stderr)
+        return code
+    written = report["bundle"]["path"]
+    if Path(written) != Path(args.out):
+        print(f"note: wrote {report['bundle']['precision']}, so the bundle is {written} (not {Path(args.out).name})",
+              file=sys.stderr)
     summary = {k: report.get(k) for k in ("result", "bundle", "files", "latency_ms_batch1_1thread")}
     if report.get("scope"):
         summary["scope"] = {k: report["scope"][k] for k in ("threshold", "k", "manifest_bytes", "skipped")

@@ -284,3 +284,114 @@ def test_cli_run_directory_uses_the_runs_config_and_split(tmp_path):
     assert prov["training_data"]["train"]["images"] == 24 and prov["training_data"]["evaluation"]["images"] == 16
     assert prov["export"]["verification_set"]["images"] == 16
     assert "optimistic" in prov["thresholds"]["caveat"]  # no validation split: thresholds on the eval images
+
+
+# --------------------------------------------------------------------------- ExportConfig (one frozen value)
+
+#: ExportConfig fields no CLI flag sets (library/test knobs); every other field must be reachable from a flag
+API_ONLY_FIELDS = {"measure_latency", "logits_output", "features_output"}
+
+
+def _toy_source(tmp_path, n: int = 12):
+    import cv2
+
+    from export.source import ExportSource, ImageSet
+
+    spec = PreprocessSpec(input_size=(64, 64), mean=(0.5,), std=(0.25,), min_side=32)
+    imgs = synthetic_radiographs(n, 96, seed=5)
+    paths = []
+    for i, img in enumerate(imgs):
+        paths.append(tmp_path / f"img{i:02d}.png")
+        cv2.imwrite(str(paths[-1]), (img * 255).astype(np.uint8))
+    model = make_toy_model(num_classes=3, bn_batch=preprocess(imgs[:8], spec), seed=0)
+    targets = (np.random.default_rng(0).random((n // 2, 3)) < 0.5).astype(np.float32)
+    return ExportSource(model=model, spec=spec, labels=("a", "b", "c"), model_id="toy-run", architecture="toy",
+                        calibration_pool=ImageSet("train", paths[: n // 2]),
+                        verification=ImageSet("eval", paths[n // 2:], targets), provenance={"architecture": "toy"})
+
+
+@pytest.mark.parametrize("bad", [{"precision": "int4"}, {"exporter": "onnxscript"}, {"calib_images": 0},
+                                 {"threshold_method": "median"}, {"scope_quantile": 1.5}, {"preset": "nope"},
+                                 {"calibrate_method": "kl"}, {"scope_k": 0}, {"criteria": {"max_auc_drop": 1}}])
+def test_export_config_refuses_bad_values(bad):
+    from export.build_bundle import ExportConfig
+
+    with pytest.raises(InvalidArgumentError):
+        ExportConfig(**bad)
+
+
+def test_every_cli_flag_reaches_the_config():
+    """Non-default flags -> every ExportConfig field (but the API-only ones) differs from its default."""
+    from dataclasses import fields
+
+    from export.__main__ import build_parser, config_from_args
+    from export.build_bundle import ExportConfig
+    from export.quantize import DEFAULT_PRESET, PRESETS
+    from export.verify import GateCriteria
+
+    other_preset = next(p for p in sorted(PRESETS) if p != DEFAULT_PRESET)
+    args = build_parser().parse_args([
+        "--out", "x.onnx", "--format", "fp32", "--model-id", "m", "--overwrite", "--opset", "17",
+        "--exporter", "dynamo", "--no-optimize", "--calib-images", "7", "--preset", other_preset,
+        "--calibrate-method", "percentile", "--max-auc-drop", "1.5", "--min-cam-median", "0.5",
+        "--max-flip-rate", "0.1", "--fallback-fp32", "--debug-quant", "--thresholds", "youden",
+        "--min-sensitivity", "0.8", "--min-positive-patients", "3", "--scope", "--scope-k", "5",
+        "--scope-quantile", "0.9", "--ingraph-images", "3", "--seed", "4"])
+    cfg, default = config_from_args(args), ExportConfig()
+    unchanged = {f.name for f in fields(ExportConfig) if getattr(cfg, f.name) == getattr(default, f.name)}
+    assert unchanged == API_ONLY_FIELDS
+    assert cfg.criteria == GateCriteria(max_auc_drop=1.5, min_cam_median=0.5, max_flip_rate=0.1)
+    assert (cfg.precision, cfg.model_id, cfg.preset, cfg.optimize, cfg.scope) == ("fp32", "m", other_preset, False,
+                                                                                 True)
+    assert config_from_args(build_parser().parse_args(["--out", "x", "--no-scope"])).scope is False
+    assert config_from_args(build_parser().parse_args(["--out", "x"])) == default  # CLI defaults = API defaults
+
+
+def test_export_bundle_records_its_config_names_by_precision_and_refuses_to_overwrite(tmp_path):
+    from test_bundle_integrity import _rewrite_manifest
+
+    from cxr_edge.errors import ChecksumMismatchError
+    from export.build_bundle import ExportConfig, export_bundle
+    from export.verify import GateCriteria
+
+    src = _toy_source(tmp_path)
+    config = ExportConfig(precision="fp32", model_id="my-model", scope=False, measure_latency=False, seed=3)
+    asked = tmp_path / "toy.int8.onnx"
+    report = export_bundle(src, asked, config)
+    written = tmp_path / "toy.fp32.onnx"  # a file named int8 never holds fp32
+    assert report["bundle"]["path"] == str(written) and written.exists() and not asked.exists()
+    manifest = load_bundle(written, threads=1).manifest
+    assert manifest.model_id == "my-model-fp32"
+    recorded = manifest.provenance["export"]["config"]
+    assert recorded == json.loads(json.dumps(config.to_dict())) == config.to_dict()
+    assert ExportConfig(**{**recorded, "criteria": GateCriteria(**recorded["criteria"])}) == config
+    # the bundle digest covers the recorded config: an edit is refused
+    data = written.read_bytes()
+    with pytest.raises(ChecksumMismatchError):
+        read_manifest(_rewrite_manifest(data, lambda d: d["provenance"]["export"]["config"].update(seed=4)))
+    # an existing bundle is never replaced without overwrite: neither the name asked for nor the corrected one
+    before = written.read_bytes()
+    with pytest.raises(InvalidArgumentError, match="exists"):
+        export_bundle(src, written, config)
+    with pytest.raises(InvalidArgumentError, match="exists"):
+        export_bundle(src, asked, config)
+    assert written.read_bytes() == before and not asked.exists()
+    again = export_bundle(src, asked, config, overwrite=True, seed=5)  # keyword shorthand for config fields
+    assert again["bundle"]["path"] == str(written)
+    assert read_manifest(written.read_bytes()).provenance["export"]["config"]["seed"] == 5
+    with pytest.raises(TypeError, match="unknown option"):
+        export_bundle(src, written, config, precison="fp32")
+
+
+def test_cli_refuses_an_existing_out_and_a_missing_sign_key_before_loading_anything(tmp_path, capsys):
+    from export.__main__ import main
+
+    out = tmp_path / "b.onnx"
+    out.write_bytes(b"an earlier bundle")
+    missing = ["--checkpoint", str(tmp_path / "missing.pt"), "--arch", "x", "--out", str(out)]
+    assert main(missing) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err and out.read_bytes() == b"an earlier bundle"
+    assert main(missing + ["--overwrite", "--sign-key", str(tmp_path / "nokey.pem")]) == 2
+    assert "--sign-key" in capsys.readouterr().err and out.read_bytes() == b"an earlier bundle"
+    assert main(missing + ["--overwrite", "--format", "fp32", "--calib-images", "0"]) == 2
+    assert "calib_images" in capsys.readouterr().err
