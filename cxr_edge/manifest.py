@@ -43,8 +43,14 @@ class PreprocessSpec:
 
     ``read_image`` already produced intensities in [0, 1] (8-bit / 255, 16-bit / 65535, DICOM
     through its LUTs). Then: resize to ``input_size`` (H, W) with ``resize`` (``area`` is
-    OpenCV's antialiased box filter for downscaling), optional ``gamma``, normalise
+    OpenCV's antialiased box filter for downscaling), clip to [0, 1], normalise
     ``(x - mean) / std`` and lay out as N x C x H x W float32, gray repeated over ``channels``.
+
+    Changing preprocessing (docs/refactor.md): a new field, or a new meaning of a field or value, bumps
+    ``FORMAT_VERSION`` (a runtime refuses other versions and, in ``from_dict``, unknown keys, so no bundle is
+    ever preprocessed by rules it was not trained with), and lands in one change in ``cxr_edge/preprocess.py``,
+    in ``export/ingraph.py`` (``SPEC_HANDLED`` / ``SPEC_RESTRICTED``: implement it or refuse it;
+    tests/test_ingraph.py fails otherwise) and in training (``models.config.TrainConfig.student_spec``).
     """
 
     input_name: str = "image"

@@ -2,6 +2,9 @@
 
 Input is the [0, 1] float32 grayscale image from :func:`cxr_edge.imaging.read_image`; output is
 the model's N x C x H x W float32 tensor. Pure numpy + OpenCV, no torch.
+
+A change here is a preprocessing change: it follows the rule at :class:`cxr_edge.manifest.PreprocessSpec`
+(format version bump; the same change in ``export/ingraph.py`` and training; docs/refactor.md).
 """
 from __future__ import annotations
 

@@ -34,6 +34,7 @@ Refused (``run_ingraph``) because onnxruntime-extensions 0.15 mishandles them:
 """
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any, Sequence
 
 import numpy as np
@@ -55,6 +56,45 @@ RESIZE_MODES: dict[str, dict[str, Any]] = {
     "linear": {"mode": "linear", "antialias": 0},
     "cubic": {"mode": "cubic", "antialias": 0, "cubic_coeff_a": -0.75},
 }
+#: Every PreprocessSpec field, and how this module implements it. A field that changes the pixels or the
+#: tensor must be in the graph (or in the input guard) exactly as ``cxr_edge.preprocess`` does it
+#: (docs/refactor.md, "Changing preprocessing"); tests/test_ingraph.py fails for a PreprocessSpec field that is
+#: in neither dict, and checks each handled field by changing it.
+SPEC_HANDLED: dict[str, str] = {
+    "input_name": "the model input the preprocessing graph feeds (build_ingraph_model checks the wiring)",
+    "input_size": "the resize target (pixel-area matrices, or ONNX Resize sizes)",
+    "channels": "the gray image broadcast over C by the per-channel mean/std",
+    "mean": "Sub per channel",
+    "std": "Mul by 1/std per channel",
+    "min_side": "check_ingraph_input/run_ingraph refuse smaller images before the graph runs",
+    "max_pixels": "check_ingraph_input/run_ingraph refuse larger images before the graph runs",
+}
+#: PreprocessSpec fields the graph can express only for these values; any other value is refused
+#: (:func:`check_spec_supported`), never approximated
+SPEC_RESTRICTED: dict[str, tuple[Any, ...]] = {
+    "resize": tuple(RESIZE_MODES),
+    "aspect": ("stretch",),
+    "layout": ("NCHW",),
+    "dtype": ("float32",),
+}
+
+
+def check_spec_supported(spec: PreprocessSpec, *, resize_override: bool = False) -> None:
+    """Refuse a spec the graph cannot reproduce: a field this module does not know, or a value it cannot express
+    (``resize_override``: the caller picked an ONNX Resize filter itself, so ``resize`` is not checked)."""
+    unknown = [f.name for f in fields(spec) if f.name not in SPEC_HANDLED and f.name not in SPEC_RESTRICTED]
+    if unknown:
+        raise InvalidArgumentError(f"preprocessing field(s) {unknown} are not implemented by in-graph "
+                                   "preprocessing (export/ingraph.py); use the Python runtime")
+    for name, allowed in SPEC_RESTRICTED.items():
+        if name == "resize" and resize_override:
+            continue
+        if getattr(spec, name) not in allowed:
+            what = "has no ONNX Resize equivalent" if name == "resize" else "cannot be expressed in-graph"
+            raise InvalidArgumentError(f"{name} {getattr(spec, name)!r} {what}; in-graph preprocessing supports "
+                                       f"{sorted(allowed)}")
+
+
 #: in-graph vs Python path tolerance on real 8-bit PNGs, probability units (``area`` resize; the
 #: measured maximum is far below, see the export report).
 PROB_TOLERANCE = 1e-3
@@ -63,10 +103,8 @@ PROB_TOLERANCE = 1e-3
 def build_preprocess_graph(spec: PreprocessSpec, opset: int, ir_version: int, out_name: str = "preprocessed",
                            resize: dict[str, Any] | None = None) -> onnx.ModelProto:
     """The decode + preprocessing graph alone: uint8 bytes -> 1 x C x H x W float32."""
+    check_spec_supported(spec, resize_override=resize is not None)
     if resize is None:
-        if spec.resize not in RESIZE_MODES:
-            raise InvalidArgumentError(f"resize {spec.resize!r} has no ONNX Resize equivalent; in-graph "
-                                       f"preprocessing supports {sorted(RESIZE_MODES)}")
         resize = RESIZE_MODES[spec.resize]
     h, w = spec.input_size
     c = spec.channels

@@ -166,3 +166,81 @@ def test_ingraph_converts_an_opset17_model(toy):
     logits, _ = run_ingraph(sess, data, min_side=32)
     ref = run_onnx(fp32_17, preprocess(read_image(data, min_side=32).pixels, SPEC), ["logits"], "image")[0]
     assert np.abs(sigmoid(logits) - sigmoid(ref)).max() < PROB_TOLERANCE
+
+
+# --------------------------------------------------------------------------- every PreprocessSpec field
+# The rule (docs/refactor.md, "Changing preprocessing"): a PreprocessSpec field is either implemented by the
+# in-graph path exactly as cxr_edge.preprocess does it (SPEC_HANDLED), or the in-graph export refuses the values
+# it cannot express (SPEC_RESTRICTED). Adding a field without touching export/ingraph.py fails here.
+
+from dataclasses import dataclass, fields  # noqa: E402
+
+from cxr_edge.errors import InvalidImageError  # noqa: E402
+from cxr_edge.manifest import RESIZE_METHODS  # noqa: E402
+from export.errors import ExportError  # noqa: E402
+from export.ingraph import SPEC_HANDLED, SPEC_RESTRICTED, check_ingraph_input  # noqa: E402
+
+#: one changed value per handled pixel field: the graph must follow it exactly like the Python path
+PIXEL_VARIANTS = {
+    "input_size": {"input_size": (96, 80)},
+    "channels": {"channels": 3, "mean": (0.4, 0.5, 0.6), "std": (0.2, 0.25, 0.3)},
+    "mean": {"mean": (0.3,)},
+    "std": {"std": (0.1,)},
+}
+#: handled fields that do not change pixels, and the check that proves the in-graph path uses them
+WIRING_FIELDS = ("input_name", "min_side", "max_pixels")
+
+
+def _graph_and_python(spec: PreprocessSpec, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    got = _prep_session(spec).run(None, {BYTES_INPUT: np.frombuffer(data, np.uint8)})[0]
+    return got, preprocess(read_image(data, min_side=spec.min_side, max_pixels=spec.max_pixels).pixels, spec)
+
+
+def test_every_spec_field_is_handled_or_refused_by_the_ingraph_path():
+    names = [f.name for f in fields(PreprocessSpec)]
+    assert not set(SPEC_HANDLED) & set(SPEC_RESTRICTED)
+    missing = set(names) - set(SPEC_HANDLED) - set(SPEC_RESTRICTED)
+    assert not missing, f"PreprocessSpec field(s) {missing}: implement them in export/ingraph.py or refuse them"
+    assert set(SPEC_HANDLED) | set(SPEC_RESTRICTED) == set(names)  # no stale declarations either
+    assert set(PIXEL_VARIANTS) | set(WIRING_FIELDS) == set(SPEC_HANDLED), "each handled field needs a check below"
+
+    @dataclass(frozen=True)
+    class FutureSpec(PreprocessSpec):  # a field added to the spec but not to the in-graph path
+        unsharp_mask: float = 0.5
+
+    with pytest.raises(InvalidArgumentError, match="unsharp_mask"):
+        build_preprocess_graph(FutureSpec(input_size=(112, 112), min_side=32), 18, 9)
+
+
+@pytest.mark.parametrize("name", sorted(PIXEL_VARIANTS))
+def test_each_handled_pixel_field_changes_the_graph_like_python(name, gray_u8):
+    data = _png(gray_u8)
+    varied = replace(SPEC, **PIXEL_VARIANTS[name])
+    got, ref = _graph_and_python(varied, data)
+    base, _ = _graph_and_python(SPEC, data)
+    assert got.shape == ref.shape and np.abs(got - ref).max() < 1e-5
+    assert got.shape != base.shape or np.abs(got - base).max() > 0.05  # the variant really changed the input
+
+
+def test_each_handled_wiring_field_is_used(toy, gray_u8):
+    _, fp32, _ = toy
+    with pytest.raises(ExportError, match="do not match"):
+        build_ingraph_model(fp32, replace(SPEC, input_name="pixels"))  # input_name: the wiring is checked
+    data = _png(gray_u8)  # 200 x 200
+    check_ingraph_input(data, SPEC.min_side, SPEC.max_pixels)
+    with pytest.raises(InvalidImageError):
+        check_ingraph_input(data, 201, SPEC.max_pixels)  # min_side
+    with pytest.raises(InvalidImageError):
+        check_ingraph_input(data, SPEC.min_side, 200 * 200 - 1)  # max_pixels
+
+
+@pytest.mark.parametrize("name", sorted(SPEC_RESTRICTED))
+def test_each_restricted_field_is_exact_for_its_values_and_refuses_others(name, gray_u8):
+    data = _png(gray_u8)
+    for value in SPEC_RESTRICTED[name]:
+        got, ref = _graph_and_python(replace(SPEC, **{name: value}), data)
+        assert np.abs(got - ref).max() < 1e-5, (name, value)
+    others = [v for v in RESIZE_METHODS if v not in SPEC_RESTRICTED[name]] if name == "resize" else []
+    for value in others + ["a-future-value"]:
+        with pytest.raises(InvalidArgumentError, match=name):
+            build_preprocess_graph(replace(SPEC, **{name: value}), 18, 9)
