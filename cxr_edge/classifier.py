@@ -13,7 +13,7 @@ import numpy as np
 from .bundle import Bundle, load_bundle
 from .cam import OverlayLegend, absolute_map, activation_map_raw, class_activation_map, write_overlay_png
 from .errors import CxrEdgeError, DicomRefusedError, InferenceError, InvalidArgumentError, OutOfScopeError
-from .imaging import Radiograph, read_image
+from .imaging import Radiograph, decode_floor, read_image
 from .manifest import NOT_A_MEDICAL_DEVICE, Manifest
 from .preprocess import preprocess
 from .scope import ScopeGate, ScopeResult
@@ -33,6 +33,13 @@ Source = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, np.ndarray
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)
+
+
+def _declared_shape(img: Radiograph) -> tuple[int, int]:
+    """(H, W) of the image as stored: a JPEG decoded at reduced size keeps its declared grid for CAMs."""
+    if img.info.get("decode_scale"):
+        return int(img.info["height"]), int(img.info["width"])
+    return img.pixels.shape  # type: ignore[return-value]
 
 
 def describe_source(source: Source) -> str:
@@ -247,17 +254,22 @@ class Classifier:
         """
         return self.read_scoped(source)[0]
 
-    def read_scoped(self, source: Source) -> tuple[Radiograph, bool]:
+    def read_scoped(self, source: Source, *, reduce: bool = False) -> tuple[Radiograph, bool]:
         """``(radiograph, out_of_scope)``: out_of_scope is True when ``allow_any_body_part`` let through
-        an image that would otherwise have been refused (the anatomy checks of a DICOM)."""
+        an image that would otherwise have been refused (the anatomy checks of a DICOM).
+
+        ``reduce``: the pixels only feed the model input (they are not kept for an overlay), so a JPEG
+        much larger than the input is decoded at reduced size (``read_image(decode_at_least=...)``)."""
         spec = self.manifest.preprocessing
+        floor = decode_floor(spec.input_size) if reduce else None
         try:
-            return read_image(source, min_side=spec.min_side, max_pixels=spec.max_pixels), False
+            return read_image(source, min_side=spec.min_side, max_pixels=spec.max_pixels, decode_at_least=floor), False
         except DicomRefusedError:
             if not self.allow_any_body_part:
                 raise
         # refused by a check the override relaxes (or not: then this read raises the same refusal)
-        return read_image(source, min_side=spec.min_side, max_pixels=spec.max_pixels, allow_any_body_part=True), True
+        return read_image(source, min_side=spec.min_side, max_pixels=spec.max_pixels, allow_any_body_part=True,
+                          decode_at_least=floor), True
 
     def _infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(logits, CAM features or None, scope-gate features or None)."""
@@ -333,7 +345,7 @@ class Classifier:
                 source=sources[i], model_id=self.model_id, labels=labels,
                 probabilities={name: float(v) for name, v in zip(labels, p)},
                 decisions=decisions, thresholds=dict(thresholds),
-                timings_ms=timings, image_shape=img.pixels.shape, image_info={"format": img.format, **img.info},
+                timings_ms=timings, image_shape=_declared_shape(img), image_info={"format": img.format, **img.info},
                 bit_depth=img.bit_depth, bit_depth_source=img.bit_depth_source,
                 override_used=self.allow_any_body_part, out_of_scope=bool(scopes[i]),
                 in_scope=in_scope, scope=scope_dict,
@@ -343,14 +355,14 @@ class Classifier:
             )
         return out  # type: ignore[return-value]
 
-    def _read_timed(self, source: Source) -> tuple[Radiograph, float, bool]:
+    def _read_timed(self, source: Source, reduce: bool = False) -> tuple[Radiograph, float, bool]:
         start = time.perf_counter()
-        image, scope = self.read_scoped(source)
+        image, scope = self.read_scoped(source, reduce=reduce)
         return image, (time.perf_counter() - start) * 1e3, scope
 
     def predict(self, source: Source, *, keep_image: bool = True) -> Prediction:
         """Classify one image (path, bytes, array or PIL image)."""
-        image, ms, scope = self._read_timed(source)
+        image, ms, scope = self._read_timed(source, reduce=not keep_image)
         res = self._results([describe_source(source)], [image], [ms], keep_image, [scope])[0]
         if isinstance(res, OutOfScopeError):
             raise res
@@ -386,7 +398,7 @@ class Classifier:
 
         for i, source in enumerate(sources):
             try:
-                image, ms, scope = self._read_timed(source)
+                image, ms, scope = self._read_timed(source, reduce=not keep_image)
             except CxrEdgeError as exc:
                 if errors == "raise":
                     raise

@@ -13,7 +13,6 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
-import cv2
 import numpy as np
 from .errors import (CorruptImageError, ImageError, InvalidArgumentError, InvalidImageError,
                      UnsupportedFormatError)
@@ -194,24 +193,73 @@ def _jpeg_stream(data: bytes, layout: _JpegLayout, pad: bool) -> bytes:
     return b"".join(parts)
 
 
-def _decode_jpeg(stream: bytes, layout: _JpegLayout) -> tuple[np.ndarray, str]:
-    """Decode with Pillow (8-bit DCT: silent, errors raised) or OpenCV (12-bit, lossless); (array, order)."""
+#: DCT scale factors libjpeg can decode at (1/8, 1/4, 1/2 of each side) through Pillow's ``draft``
+DCT_SCALES = (8, 4, 2)
+
+
+def dct_scale(layout: _JpegLayout, at_least: tuple[int, int] | None) -> int:
+    """The largest reduction (8, 4, 2 or 1) that keeps both decoded sides >= ``at_least`` (H, W).
+
+    Only 8-bit DCT frames (the ones Pillow decodes) can be reduced: libjpeg then runs a smaller
+    inverse DCT per 8 x 8 block (1/2: 4 x 4 outputs, ...), which costs less and is itself a box-like
+    low-pass filter, so the image downscaled from it to the model input barely changes. Lossless
+    and 12-bit frames, and ``at_least`` None, give 1 (full size).
+    """
+    if at_least is None or layout.precision != 8 or layout.sof not in _SOF_PILLOW:
+        return 1
+    need_h, need_w = (max(1, int(v)) for v in at_least)
+    for s in DCT_SCALES:
+        if layout.height // s >= need_h and layout.width // s >= need_w:
+            return s
+    return 1
+
+
+def decoded_shape(layout: _JpegLayout, scale: int) -> tuple[int, int]:
+    """(H, W) libjpeg produces at ``scale``: each side divided by it, rounded up."""
+    return -(-layout.height // scale), -(-layout.width // scale)
+
+
+def _decode_jpeg(stream: bytes, layout: _JpegLayout, scale: int = 1) -> tuple[np.ndarray, str]:
+    """Decode with Pillow (8-bit DCT, optionally at 1/``scale`` size) or pylibjpeg-libjpeg (12-bit,
+    lossless); (array, channel order). Both are silent: errors come back as exceptions, never as
+    lines on stderr (OpenCV's libjpeg prints its warnings there, and cannot decode those frames)."""
     if layout.precision == 8 and layout.sof in _SOF_PILLOW:
         from PIL import JpegImagePlugin  # the plugin class directly: no format guessing, no MPO, no bomb warning
 
         try:
             image = JpegImagePlugin.JpegImageFile(io.BytesIO(stream))
+            if scale > 1:
+                # draft picks the largest s in 8/4/2 with W // s >= w and H // s >= h: asking for
+                # (W // scale, H // scale) gives exactly ``scale`` (W // (W // s) == s when W // s >= s)
+                image.draft(image.mode, (layout.width // scale, layout.height // scale))
+                if image.decoderconfig[:1] != (scale,):
+                    raise InvalidArgumentError(f"the JPEG decoder did not accept scale 1/{scale}")
             image = image.convert("RGB") if image.mode == "CMYK" else image
             image.load()
             return np.asarray(image), "rgb"
-        except MemoryError:
+        except (MemoryError, InvalidArgumentError):
             raise
         except Exception as exc:  # OSError, SyntaxError, ValueError, struct.error... from a damaged stream
             raise CorruptImageError(f"the JPEG could not be decoded ({type(exc).__name__})") from None
-    img = cv2.imdecode(np.frombuffer(stream, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise CorruptImageError("the JPEG could not be decoded (damaged or unsupported coding)")
-    return img, "bgr"
+    if layout.components != 1:
+        raise UnsupportedFormatError(f"the JPEG is a {layout.precision}-bit "
+                                     f"{'lossless' if layout.sof in _SOF_LOSSLESS else 'extended'} image with "
+                                     f"{layout.components} colour components; only grayscale is read at that "
+                                     "precision or coding (export a grayscale image)")
+    from libjpeg import decode as libjpeg_decode  # pylibjpeg-libjpeg: 12-bit and lossless, errors raised
+
+    try:
+        img = np.asarray(libjpeg_decode(stream))
+    except MemoryError:
+        raise
+    except Exception as exc:  # RuntimeError "libjpeg error code ...", ValueError...
+        raise CorruptImageError(f"the JPEG could not be decoded ({type(exc).__name__}: damaged or unsupported "
+                                "coding)") from None
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.ndim != 2 or img.dtype not in (np.uint8, np.uint16):
+        raise CorruptImageError("the JPEG decoded to an unexpected layout")
+    return img, "gray"
 
 
 def _check_jpeg_coded_size(layout: _JpegLayout, what: str) -> None:
@@ -221,12 +269,16 @@ def _check_jpeg_coded_size(layout: _JpegLayout, what: str) -> None:
                                 f"size needs ({layout.least_bytes:,}); refused before decoding")
 
 
-def _check_scans_complete(data: bytes, layout: _JpegLayout, first: np.ndarray, what: str) -> None:
-    """Decode again with padding after every scan: any difference means a scan stopped early."""
+def _check_scans_complete(data: bytes, layout: _JpegLayout, first: np.ndarray, what: str, scale: int = 1) -> None:
+    """Decode again (at the same ``scale``) with padding after every scan: any difference, or a
+    padded stream the decoder refuses, means a scan stopped early."""
     if layout.sof in _SOF_ARITHMETIC:
         return
-    again, _ = _decode_jpeg(_jpeg_stream(data, layout, pad=True), layout)
-    if not np.array_equal(first, again):
+    try:
+        again, _ = _decode_jpeg(_jpeg_stream(data, layout, pad=True), layout, scale)
+    except CorruptImageError:
+        again = None
+    if again is None or not np.array_equal(first, again):
         raise CorruptImageError(f"the {what} is truncated or damaged: a scan's image data ends before the image "
                                 "is complete (the decoder would fill the rest with gray)")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -672,3 +673,189 @@ def test_colour_inputs_record_their_colour_fraction_for_the_scope_gate():
     assert read_image(Image.fromarray(bgr[:, :, ::-1].copy(), "RGB")).info["colour_fraction"] == pytest.approx(png, abs=1e-4)
     slight = np.dstack([img, img, np.clip(img.astype(np.int16) + 3, 0, 255).astype(np.uint8)])  # chroma << 0.08
     assert read_image(encode(".png", slight)).info["colour_fraction"] == 0.0
+
+
+# --------------------------------------------------------------------------- JPEG: reduced-size decode
+
+def box_average(img: np.ndarray, s: int) -> np.ndarray:
+    h, w = img.shape
+    return img[: h // s * s, : w // s * s].reshape(h // s, s, w // s, s).mean(axis=(1, 3))
+
+
+@pytest.mark.parametrize("at_least, scale", [((100, 60), 8), ((130, 60), 4), ((300, 140), 2), ((700, 600), 1)])
+def test_jpeg_reduced_decode_picks_the_largest_scale_that_keeps_the_floor(at_least, scale):
+    img = cv2.resize(gray8(200, 120), (600, 1000), interpolation=cv2.INTER_CUBIC)  # 1000 x 600, smooth
+    data = encode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    full = read_image(data)
+    rad = read_image(data, decode_at_least=at_least)
+    assert (rad.info["height"], rad.info["width"]) == (1000, 600)  # the declared size, whatever the scale
+    assert rad.pixels.shape == (-(-1000 // scale), -(-600 // scale))
+    assert rad.pixels.shape[0] >= at_least[0] and rad.pixels.shape[1] >= at_least[1]
+    assert rad.info.get("decode_scale", 1) == scale and rad.bit_depth == 8
+    if scale > 1:  # libjpeg's scaled IDCT is a box-like average of the full decode, not a subsample
+        ref = box_average(full.pixels, scale)
+        got = rad.pixels[: ref.shape[0], : ref.shape[1]]
+        assert np.abs(got - ref).mean() < 1.5 / 255 and np.abs(got - ref).max() < 12 / 255
+    else:
+        np.testing.assert_array_equal(rad.pixels, full.pixels)
+
+
+def test_jpeg_reduced_decode_keeps_the_full_size_checks():
+    data = encode(".jpg", cv2.resize(gray8(), (800, 800)))
+    with pytest.raises(InvalidImageError):  # 640,000 declared pixels, 10,000 decoded at 1/8: still refused
+        read_image(data, max_pixels=600_000, decode_at_least=(64, 64))
+    rad = read_image(data, min_side=128, decode_at_least=(64, 64))  # decodes 100 x 100 < min_side: accepted,
+    assert rad.pixels.shape == (100, 100) and rad.info["width"] == 800  # the declared 800 is what is checked
+    with pytest.raises(InvalidImageError):
+        read_image(encode(".jpg", gray8(100, 100)), min_side=128, decode_at_least=(16, 16))
+
+
+@pytest.mark.parametrize("bad", [(0, 5), (5,), "224", (2.5, 3), (True, 4)])
+def test_decode_at_least_is_validated(bad):
+    with pytest.raises(InvalidArgumentError):
+        read_image(encode(".jpg", gray8()), decode_at_least=bad)
+
+
+def test_png_and_arrays_ignore_decode_at_least():
+    img = cv2.resize(gray8(), (800, 600))
+    assert read_image(encode(".png", img), decode_at_least=(16, 16)).pixels.shape == (600, 800)
+    assert read_image(img, decode_at_least=(16, 16)).pixels.shape == (600, 800)
+
+
+@pytest.mark.parametrize("kind", ["baseline", "progressive", "restart"])
+@pytest.mark.parametrize("fraction", [0.5, 0.9])
+def test_reduced_decode_still_refuses_a_jpeg_cut_short(kind, fraction):
+    params = {"baseline": [], "progressive": [cv2.IMWRITE_JPEG_PROGRESSIVE, 1],
+              "restart": [cv2.IMWRITE_JPEG_RST_INTERVAL, 2]}[kind]
+    data = encode(".jpg", gray8(640, 560), params)
+    assert read_image(data, decode_at_least=(150, 130)).info["decode_scale"] == 4
+    with pytest.raises(CorruptImageError):
+        read_image(data[: int(len(data) * fraction)] + b"\xff\xd9", decode_at_least=(150, 130))
+
+
+def test_classifier_reduces_only_when_the_pixels_are_not_kept(tmp_path):
+    from cxr_edge import Classifier
+    from cxr_edge.imaging import DECODE_MARGIN, decode_floor
+
+    clf = Classifier(threads=1)
+    h, w = clf.manifest.preprocessing.input_size
+    assert decode_floor((h, w)) == (h * DECODE_MARGIN, w * DECODE_MARGIN)  # from the manifest's input size
+    side = 2 * DECODE_MARGIN * max(h, w)  # large enough for exactly 1/2
+    data = encode(".jpg", cv2.resize(gray8(), (side, side), interpolation=cv2.INTER_CUBIC))
+    reduced, kept = clf.predict(data, keep_image=False), clf.predict(data, keep_image=True)
+    assert reduced.image_info["decode_scale"] == 2 and "decode_scale" not in kept.image_info
+    assert reduced.image_shape == kept.image_shape == (side, side)  # CAMs keep the declared grid
+    assert reduced.to_dict()["image"]["width"] == side and reduced.cam(0).shape == (side, side)
+    (batch,) = clf.predict_batch([data], keep_image=False)
+    assert batch.image_info["decode_scale"] == 2
+
+
+def test_reduced_jpeg_decode_barely_moves_probabilities_on_pool_images():
+    """20 pool radiographs (1024 px, enlarged to a typical 2048 px CR size), JPEG q95: the default
+    model's probabilities with the reduced decode are within 0.02 of the full decode (measured max
+    0.010), and the scope verdict is the same."""
+    from cxr_edge import Classifier
+
+    folder = need_shared("data", "nih-cxr14-sample", "fullres")
+    files = sorted(folder.glob("*.png"))[:20]
+    assert len(files) >= 10
+    clf = Classifier(threads=1)
+    worst = 0.0
+    for path in files:
+        img = cv2.resize(cv2.imread(str(path), cv2.IMREAD_GRAYSCALE), (2048, 2048), interpolation=cv2.INTER_LANCZOS4)
+        data = encode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        full, red = clf.predict(data, keep_image=True), clf.predict(data, keep_image=False)
+        assert red.image_info["decode_scale"] == 2 and red.to_dict()["image"]["height"] == 2048
+        worst = max(worst, max(abs(full.probabilities[k] - red.probabilities[k]) for k in clf.labels))
+        assert full.in_scope == red.in_scope
+    assert 0.0 < worst <= 0.02  # > 0: the reduced path really ran
+
+
+# --------------------------------------------------------------------------- JPEG: 12-bit and lossless
+
+def _pydicom_test_file(name: str):
+    import pydicom
+
+    path = Path(pydicom.__file__).parent / "data" / "test_files" / name
+    if not path.exists():
+        pytest.skip(f"pydicom's test file {name} is not installed")
+    return path
+
+
+def _codestream(dicom_path) -> bytes:
+    import pydicom
+    from pydicom.encaps import generate_fragmented_frames
+
+    ds = pydicom.dcmread(dicom_path)
+    frag = b"".join(next(generate_fragmented_frames(ds.PixelData)))
+    return frag[: frag.rfind(b"\xff\xd9") + 2]
+
+
+def jpeg_12bit() -> bytes:
+    """pydicom's JPEG-lossy.dcm codestream (SOF1, 12-bit, 1024 x 256); its SOS says Ss=Se=0, which
+    sequential JPEG forbids, so it is patched to the 0..63 every sequential decoder assumes."""
+    data = bytearray(_codestream(_pydicom_test_file("JPEG-lossy.dcm")))
+    sos = data.find(b"\xff\xda")
+    ns = data[sos + 4]
+    data[sos + 5 + 2 * ns: sos + 8 + 2 * ns] = bytes([0, 63, 0])
+    return bytes(data)
+
+
+def jpeg_lossless() -> bytes:
+    """The JPEG lossless (SOF3, 10-bit) codestream of the shared dental panoramic DICOM."""
+    return _codestream(need_shared("data", "dicom", "dental-panoramic-cr.dcm"))
+
+
+@pytest.mark.parametrize("make, precision, sof", [(jpeg_12bit, 12, 0xC1), (jpeg_lossless, 10, 0xC3)])
+def test_12bit_and_lossless_jpegs_decode_silently_through_pylibjpeg(make, precision, sof, capfd):
+    from libjpeg import decode
+
+    data = make()
+    layout = imaging._jpeg_layout(data)
+    assert (layout.precision, layout.sof) == (precision, sof)
+    rad = read_image(data, min_side=64, decode_at_least=(16, 16))  # no DCT scaling for these frames
+    ref = decode(data).astype(np.float32) / ((1 << precision) - 1)
+    assert rad.bit_depth == precision and rad.bit_depth_source == "SOF" and "decode_scale" not in rad.info
+    np.testing.assert_allclose(rad.pixels, ref, atol=1e-6)
+    for cut in (0.5, 0.9):  # cut short with an EOI appended: refused, and nothing on stderr
+        with pytest.raises(CorruptImageError):
+            read_image(data[: int(len(data) * cut)] + b"\xff\xd9", min_side=64)
+    damaged = bytearray(data)
+    sos = damaged.find(b"\xff\xda")
+    damaged[sos + 6] = 0x33  # the scan names Huffman tables 3/3, which the file never defines
+    with pytest.raises(CorruptImageError):
+        read_image(bytes(damaged), min_side=64)
+    out, err = capfd.readouterr()  # file-descriptor level: a C library's fprintf(stderr) shows up here
+    assert out == "" and err == ""
+
+
+def test_high_precision_colour_jpeg_is_refused_clearly():
+    layout = imaging._jpeg_layout(jpeg_12bit())
+    from dataclasses import replace
+
+    with pytest.raises(UnsupportedFormatError, match="only grayscale"):
+        imaging._decode_jpeg(b"", replace(layout, components=3))
+
+
+def test_predict_json_on_12bit_and_damaged_jpegs_keeps_stderr_pure_json(tmp_path):
+    """Every stderr line of ``predict --json`` is a JSON object, including for the 12-bit frames that
+    OpenCV's libjpeg used to print raw "Invalid SOS parameters" lines for."""
+    import json
+    import subprocess
+    import sys
+
+    good = jpeg_12bit()
+    damaged = bytearray(good)
+    sos = damaged.find(b"\xff\xda")
+    damaged[sos + 5 + 2 * damaged[sos + 4]: sos + 7 + 2 * damaged[sos + 4]] = bytes([0, 0])  # the original SOS
+    (tmp_path / "twelve.jpg").write_bytes(good)
+    (tmp_path / "badsos.jpg").write_bytes(bytes(damaged))
+    (tmp_path / "cut.jpg").write_bytes(good[: len(good) // 2] + b"\xff\xd9")
+    proc = subprocess.run([sys.executable, "-m", "cxr_edge.cli", "predict", str(tmp_path), "--json", "--threads", "1"],
+                          capture_output=True, text=True, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # raises on any raw line
+    errors = {r["source"].rsplit("/", 1)[-1]: r["error"]["type"] for r in records if r.get("error")}
+    assert errors == {"badsos.jpg": "CorruptImageError", "cut.jpg": "CorruptImageError"}
+    (ok,) = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert ok["image"]["bit_depth"] == 12 and ok["image"]["height"] == 1024
