@@ -295,9 +295,8 @@ def test_sigint_in_a_real_process_is_exit_130(tiny_bundle, tmp_path):
 
     img = str(_png(tmp_path / "a.png"))
     child = ("import sys, time\nfrom cxr_edge.classifier import Classifier\n"
-             "real = Classifier.predict_batch\n"
              "def slow(self, *a, **k):\n    print('ready', file=sys.stderr, flush=True)\n    time.sleep(60)\n"
-             "Classifier.predict_batch = slow\n"
+             "Classifier._results = slow\n"  # the inference stage, while the decode pool may be running
              "from cxr_edge.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     proc = subprocess.Popen([sys.executable, "-c", child, "predict", img, "--model", str(tiny_bundle)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -367,10 +366,11 @@ def test_progress_bar_never_shares_a_line_with_results(tiny_bundle, tmp_path, mo
     assert main(["predict", str(folder), "--model", str(tiny_bundle)]) == EXIT_OK
     text = term.getvalue()
     assert "[" in text and "7/7" in text  # the bar was shown
-    for line in text.split("\n"):
-        if "img" in line and ".png" in line:
-            before = line[:line.index(str(folder))] if str(folder) in line else ""
-            assert before == "" or before.endswith("\r\x1b[K"), repr(line)
+    results = [line for line in text.split("\n") if str(folder) in line and ".png" in line]
+    assert len(results) == 7  # one result line per image: the check below runs on every one
+    for line in results:
+        before = line[:line.index(str(folder))]
+        assert before == "" or before.endswith("\r\x1b[K"), repr(line)
 
 
 # --------------------------------------------------------------------------- input scope gate
