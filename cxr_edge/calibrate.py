@@ -157,11 +157,42 @@ def report_table(labels: Sequence[str], old: Sequence[float | None], new: Sequen
     return "\n".join(lines)
 
 
+def write_verified_bundle(model_bytes: bytes, manifest, out: str | os.PathLike, sign_key=None):
+    """Write ``manifest`` into ``model_bytes`` (graph bytes unchanged; :func:`~cxr_edge.bundle.write_bundle`
+    replaces the manifest entry and fills in the digests) at ``out``, atomically, after proving the new file
+    loads (checksums, manifest, graph wiring, head check). Shared by ``calibrate`` and ``export.scope_fit``.
+
+    A signature of ``model_bytes`` never carries over (it signed the old manifest); ``sign_key`` (an
+    ed25519 private key) signs the new bundle, checked against its public half. Returns the loaded Bundle."""
+    from .bundle import load_bundle, sign_bundle, write_bundle
+    from .signature import public_key_pem
+
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_bundle(model_bytes, manifest, tmp)
+        if sign_key is not None:
+            tmp.write_bytes(sign_bundle(tmp.read_bytes(), sign_key))
+        written = load_bundle(tmp, threads=1, public_key=None if sign_key is None else public_key_pem(sign_key),
+                              require_signature=sign_key is not None)
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise OutputError(f"could not write --out {str(out)!r} ({exc.strerror or type(exc).__name__})") from None
+    finally:
+        if tmp.exists():
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+    return written
+
+
 def calibrate_main(args) -> int:
     """Entry point of ``cxr-edge calibrate`` (called by :mod:`cxr_edge.cli`)."""
     from . import __version__
-    from .bundle import load_bundle, write_bundle
-    from .cli_support import EXIT_INPUT_FAILED, EXIT_OK, Reporter, UsageError, walk_inputs
+    from .cli_support import EXIT_INPUT_FAILED, EXIT_OK, Reporter, UsageError, classifier_options, walk_inputs
+    from .signature import load_private_key
     from .engine import Engine, dumps, error_object, skipped_object
     from .operating_points import bootstrap_operating_point, choose_thresholds, parse_rule
 
@@ -175,7 +206,8 @@ def calibrate_main(args) -> int:
         raise UsageError("--out must name a .onnx file")
     if out.exists() and not args.force:
         raise UsageError(f"--out {str(out)!r} exists; pass --force to overwrite it")
-    engine = Engine(args.model, threads=args.threads)
+    sign_key = load_private_key(args.sign_key) if getattr(args, "sign_key", None) else None  # fail before the run
+    engine = Engine(args.model, threads=args.threads, **classifier_options(args))
     src_path = Path(engine.classifier.bundle.path)
     if out.exists() and out.resolve() == src_path.resolve():
         raise UsageError("--out must not be the bundle being recalibrated")
@@ -257,26 +289,19 @@ def calibrate_main(args) -> int:
     provenance["recalibration"] = recal
     new_manifest = dataclasses.replace(manifest, thresholds=tuple(new), provenance=provenance,
                                        model_id=args.model_id or manifest.model_id)
-    model_bytes = src_path.read_bytes()  # the manifest entry is replaced by write_bundle; graph bytes unchanged
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_bundle(model_bytes, new_manifest, tmp)
-        load_bundle(tmp, threads=1)  # prove it loads: checksum, manifest, graph wiring, head check
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise OutputError(f"could not write --out {str(out)!r} ({exc.strerror or type(exc).__name__})") from None
-    finally:
-        if tmp.exists():
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
+    written = write_verified_bundle(src_path.read_bytes(), new_manifest, out, sign_key=sign_key)
+    source_signature = engine.classifier.signature
+    dropped = source_signature.signed and sign_key is None
+    if dropped:
+        print(f"cxr-edge calibrate: note: the source bundle was signed (key {source_signature.key_fingerprint[:16]}...); "
+              "that signature covered the old thresholds and was dropped, so the new bundle is unsigned: sign it with "
+              f"python -m export.sign {out} --key PRIVATE.pem (or rerun with --sign-key)", file=sys.stderr)
     summary = {"schema_version": SCHEMA_VERSION, "ok": True, "op": "calibrate", "out": str(out), "model_id": new_manifest.model_id,
                "rule": args.rule, "images": int(len(P)), "patients": int(len(set(pids))), "failed": failed,
                "skipped": skipped, "label_rows_without_image": unmatched_rows,
                "thresholds": dict(zip(labels, new)), "previous_thresholds": dict(zip(labels, manifest.thresholds)),
-               "per_label": details["per_label"], "caveat": recal["caveat"]}
+               "per_label": details["per_label"], "caveat": recal["caveat"],
+               "signature": written.signature.to_dict(), "source_signature_dropped": dropped}
     if args.json:
         print(dumps(summary), flush=True)
     else:
@@ -284,6 +309,7 @@ def calibrate_main(args) -> int:
               f"undetermined if < {args.min_positive_patients} positive patients or AUC 95% CI includes 0.5")
         print(report_table(labels, manifest.thresholds, new, details["per_label"]))
         print(f"(95% patient-bootstrap intervals, {args.n_boot} resamples; {recal['caveat']})")
-        print(f"wrote {out} (model_id {new_manifest.model_id}); {failed} image(s) failed, {skipped} skipped, "
+        signed = f"; signed, key {written.signature.key_fingerprint[:16]}..." if written.signature.signed else "; unsigned"
+        print(f"wrote {out} (model_id {new_manifest.model_id}{signed}); {failed} image(s) failed, {skipped} skipped, "
               f"{unmatched_rows} label row(s) without an image; {manifest.notice}", file=sys.stderr)
     return EXIT_INPUT_FAILED if failed else EXIT_OK
