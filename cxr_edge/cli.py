@@ -138,7 +138,8 @@ def cmd_predict(args) -> int:
         _summary(args, engine, 0, 0, failed + 1, skipped, 0)
         return EXIT_INPUT_FAILED
     classified = 0
-    for obj in engine.run(sources, batch_size=args.batch_size, cam_dir=args.cam_dir, cam_how=cam_how):
+    for obj in engine.run(sources, batch_size=args.batch_size, cam_dir=args.cam_dir, cam_how=cam_how,
+                          prefetch=args.prefetch):
         progress.step()
         if obj["ok"]:
             classified += 1
@@ -320,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="labels, thresholds, preprocessing, provenance, checksum")
     common(p)
     p.add_argument("--card", action="store_true", help="print only the model card")
+    p.add_argument("--prefetch", type=int, default=2, metavar="N",
+                   help="decode up to N inputs ahead while the model runs (default 2; 0: one at a time)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("serve", help="keep the bundle loaded and answer JSON-line requests (socket and/or stdio)")
@@ -346,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rule", default="breakeven",
                    help="breakeven (default) | f1 | youden | specificity=0.9 | sensitivity=0.9")
     p.add_argument("--min-positive-patients", type=int, default=10,
+    p.add_argument("--prefetch", type=int, default=1, metavar="N",
+                   help="decode up to N accepted requests ahead of the inference workers (default 1; 0: each "
+                        "worker decodes its own)")
                    help="fewer distinct positive patients -> the label is undetermined (default 10)")
     p.add_argument("--n-boot", type=int, default=1000, help="patient-bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0)
@@ -419,6 +425,8 @@ def _main(argv: Sequence[str] | None) -> int:
     except OutputError as exc:
         _report_error(args, "<output>", exc)
         return EXIT_OUTPUT
+        if getattr(args, "prefetch", 0) < 0:
+            raise UsageError("--prefetch must be >= 0")
     except CxrEdgeError as exc:
         _report_error(args, "<run>", exc)
         return EXIT_INPUT_FAILED

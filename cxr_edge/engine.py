@@ -12,11 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from .classifier import SCHEMA_VERSION, Classifier, Prediction, label_index
-from .errors import CxrEdgeError, InternalError, OutputError
+from .classifier import SCHEMA_VERSION, Classifier, Prediction, describe_source, label_index
+from .errors import CxrEdgeError, InternalError, InvalidArgumentError, OutputError
+from .radiograph import Radiograph
 
 #: Python keyword spellings in library messages -> the command-line flag that does the same thing
 _FLAG_SPELLINGS = (
@@ -91,6 +95,22 @@ def cam_file_name(source: Any, label: str) -> str:
 
 
 CAM_CHOICES = ("positive", "top", "all")
+
+def decode_workers(prefetch: int) -> int:
+    """Decoder threads for a prefetch depth: one core is left to inference (2 cores: one decoder)."""
+    return max(1, min(prefetch, (os.cpu_count() or 2) - 1))
+
+
+@dataclass
+class Decoded:
+    """One input after the decode stage: its radiograph, or the error that refused it."""
+
+    source: Any  # what the result names (the path, or the name given for in-memory bytes)
+    image: Radiograph | None
+    decode_ms: float = 0.0
+    out_of_scope: bool = False  # the DICOM anatomy override let it through (Classifier.read_scoped)
+    error: BaseException | None = None
+
 
 
 class Engine:
@@ -173,40 +193,112 @@ class Engine:
             return error_object(source, exc)
         return self.result_object(res, source, cams, empty)
 
-    def predict_object(self, source: Any, *, name: Any = None, cam_dir: str | os.PathLike | None = None,
-                       cam_how: str = "positive") -> dict[str, Any]:
-        """One input -> its success or error object; never raises for a bad input."""
+    # ------------------------------------------------------------------ the two stages
+    def decode(self, source: Any, *, name: Any = None, keep_image: bool = False) -> Decoded:
+        """The decode stage of one input; never raises for a bad input (the error is kept).
+
+        Thread-safe, and most of its time is spent in code that releases the GIL (zlib, libpng,
+        libjpeg, numpy), so a pool of decoders overlaps with inference (:meth:`decoded`).
+        ``keep_image`` False lets a large JPEG decode at reduced size (the pixels only feed the model).
+        """
         shown = source if name is None else name
         try:
-            pred = self.classifier.predict(source, keep_image=bool(cam_dir))
-        except CxrEdgeError as exc:
-            return error_object(shown, exc)
+            image, ms, out_of_scope = self.classifier._read_timed(source, reduce=not keep_image)
         except (KeyboardInterrupt, SystemExit, MemoryError):
             raise
-        except Exception as exc:  # a bug: report it for this input, keep serving the others
-            return error_object(shown, exc)
-        return self._finish(shown, pred, cam_dir, cam_how)
+        except Exception as exc:  # typed refusals, and bugs: reported for this input only
+            return Decoded(shown, None, error=exc)
+        return Decoded(shown, image, ms, out_of_scope)
 
-    def run(self, sources: Sequence[Any], *, batch_size: int = 1, cam_dir: str | os.PathLike | None = None,
-            cam_how: str = "positive") -> Iterator[dict[str, Any]]:
-        """Objects for ``sources`` in order, the model run on real batches of ``batch_size``.
+    def finish(self, items: Sequence[Decoded], *, cam_dir: str | os.PathLike | None = None,
+               cam_how: str = "positive") -> list[dict[str, Any]]:
+        """The inference stage: ``items`` through the model as one batch, then overlays and JSON, in order.
 
         A batch whose inference fails (e.g. NaN logits) is retried one image at a time, so an error
         always belongs to the one input that caused it.
         """
-        for start in range(0, len(sources), batch_size):
-            chunk = list(sources[start:start + batch_size])
+        keep = bool(cam_dir)
+        out: list[dict[str, Any] | None] = [None] * len(items)
+        ready = []
+        for i, item in enumerate(items):
+            if item.error is not None:
+                out[i] = error_object(item.source, item.error)
+            else:
+                ready.append(i)
+        groups = [ready] if ready else []
+        while groups:
+            group = groups.pop()
             try:
-                results: Iterable[Any] = self.classifier.predict_batch(
-                    chunk, batch_size=batch_size, keep_image=bool(cam_dir), errors="collect")
+                results = self.classifier._results(
+                    [describe_source(items[i].source) for i in group], [items[i].image for i in group],
+                    [items[i].decode_ms for i in group], keep, [items[i].out_of_scope for i in group])
             except (KeyboardInterrupt, SystemExit, MemoryError):
                 raise
-            except Exception:
-                for source in chunk:
-                    yield self.predict_object(source, cam_dir=cam_dir, cam_how=cam_how)
+            except Exception as exc:  # InferenceError, or a bug
+                if len(group) > 1:
+                    groups.extend([i] for i in reversed(group))
+                else:
+                    out[group[0]] = error_object(items[group[0]].source, exc)
                 continue
-            for source, res in zip(chunk, results):
-                yield self._finish(source, res, cam_dir, cam_how)
+            for i, res in zip(group, results):
+                out[i] = self._finish(items[i].source, res, cam_dir, cam_how)
+        return out  # type: ignore[return-value]
+
+    def decoded(self, sources: Iterable[Any], *, keep_image: bool = False, prefetch: int = 0,
+                workers: int | None = None) -> Iterator[Decoded]:
+        """:meth:`decode` of each source, in order; ``prefetch`` > 0 decodes up to that many ahead.
+
+        With prefetch, ``workers`` threads (default :func:`decode_workers`) decode while the caller
+        runs the model on what was yielded. At most ``prefetch`` inputs are submitted and not yet
+        yielded at any moment, so at most ``prefetch`` decoded images wait in memory (plus what the
+        caller holds). Closing the iterator early cancels what has not started.
+        """
+        if prefetch < 0 or isinstance(prefetch, bool) or not isinstance(prefetch, int):
+            raise InvalidArgumentError(f"prefetch must be an integer >= 0, got {prefetch!r}")
+        if prefetch == 0:
+            for source in sources:
+                yield self.decode(source, keep_image=keep_image)
+            return
+        it = iter(sources)
+        pool = ThreadPoolExecutor(max_workers=workers or decode_workers(prefetch), thread_name_prefix="cxr-decode")
+        pending: deque = deque()
+        try:
+            for source in it:
+                pending.append(pool.submit(self.decode, source, keep_image=keep_image))
+                if len(pending) == prefetch:
+                    break
+            while pending:
+                item = pending.popleft().result()
+                for source in it:  # refill before handing the item over: decoding goes on meanwhile
+                    pending.append(pool.submit(self.decode, source, keep_image=keep_image))
+                    break
+                yield item
+        finally:
+            for future in pending:
+                future.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def predict_object(self, source: Any, *, name: Any = None, cam_dir: str | os.PathLike | None = None,
+                       cam_how: str = "positive") -> dict[str, Any]:
+        """One input -> its success or error object; never raises for a bad input."""
+        return self.finish([self.decode(source, name=name, keep_image=bool(cam_dir))], cam_dir=cam_dir,
+                           cam_how=cam_how)[0]
+
+    def run(self, sources: Sequence[Any], *, batch_size: int = 1, cam_dir: str | os.PathLike | None = None,
+            cam_how: str = "positive", prefetch: int = 0) -> Iterator[dict[str, Any]]:
+        """Objects for ``sources`` in order, the model run on real batches of ``batch_size``.
+
+        ``prefetch`` > 0 overlaps decoding with inference (:meth:`decoded`): the objects, their order
+        and the per-input errors are the same as without it; only the wall time changes.
+        """
+        batch: list[Decoded] = []
+        for item in self.decoded(sources, keep_image=bool(cam_dir), prefetch=prefetch):
+            batch.append(item)
+            if len(batch) == batch_size:
+                yield from self.finish(batch, cam_dir=cam_dir, cam_how=cam_how)
+                batch = []
+        if batch:
+            yield from self.finish(batch, cam_dir=cam_dir, cam_how=cam_how)
 
     def info_object(self) -> dict[str, Any]:
         """The manifest summary (``info --json`` without the card)."""

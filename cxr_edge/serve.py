@@ -19,6 +19,11 @@ accepted at a time, further ones get ``{"ok": false, "error": {"type": "BusyErro
 immediately. A request line over ``--max-request-bytes`` gets ``request_too_large`` (the rest of
 that line is discarded, the connection stays usable).
 
+Decoding overlaps inference: with ``--prefetch N`` (default 1) decoder threads read and decode
+accepted requests while the workers run the model, and at most N decoded requests wait for a
+worker (memory stays bounded); ``--prefetch 0`` has each worker decode its own request. It only
+helps when requests overlap (pipelined on a connection, or several clients); replies are the same.
+
 Shutdown: SIGTERM or SIGINT (or EOF on stdin with ``--stdio``) stops accepting, answers every
 request already accepted, replies ``shutting_down`` to anything read afterwards, removes the socket
 file and exits 0. Logs (stderr) carry request counters, operations, outcome codes and timings only:
@@ -41,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .classifier import SCHEMA_VERSION
-from .engine import Engine, dumps, error_object
+from .engine import Engine, decode_workers, dumps, error_object
 from .errors import (BusyError, InvalidRequestError, OutputError, RequestTooLargeError, ShuttingDownError)
 
 READ_CHUNK = 1 << 16
@@ -146,9 +151,13 @@ class Server:
     """The request loop around one :class:`~cxr_edge.engine.Engine` (see the module docstring)."""
 
     def __init__(self, engine: Engine, *, workers: int = 1, queue_size: int = 8, max_request_bytes: int = 64 << 20,
-                 log: Callable[[str], None] | None = None, delay_s: float = 0.0) -> None:
+                 log: Callable[[str], None] | None = None, delay_s: float = 0.0, prefetch: int = 0) -> None:
         self.engine = engine
         self.workers = workers
+        #: > 0: accepted requests are decoded by decoder threads up to ``prefetch`` ahead of the inference
+        #: workers (a second stage with a bounded queue); 0: each worker decodes its own request
+        self.prefetch = prefetch
+        self._ready: "queue.Queue[tuple[_Job, Any] | None]" = queue.Queue(maxsize=max(prefetch, 1))
         self.queue_size = queue_size
         self.max_request_bytes = max_request_bytes
         self.delay_s = delay_s
@@ -163,6 +172,7 @@ class Server:
         self._in_flight = 0
         self._started = time.monotonic()
         self._threads: list[threading.Thread] = []
+        self._decoders: list[threading.Thread] = []
         self._channels: list[tuple[_Channel, socket.socket | None]] = []
         self._listener: socket.socket | None = None
         self._socket_path: str | None = None
@@ -175,7 +185,8 @@ class Server:
 
     def health(self, rid: Any) -> dict[str, Any]:
         with self._lock:
-            waiting, in_flight, served, stopping = self._queue.qsize(), self._in_flight, self._served, self._stopping
+            waiting = self._queue.qsize() + self._ready.qsize()
+            in_flight, served, stopping = self._in_flight, self._served, self._stopping
         return {"id": rid, "schema_version": SCHEMA_VERSION, "ok": True, "op": "health",
                 "status": "stopping" if stopping else "ok", "model_id": self.engine.model_id,
                 "uptime_s": round(time.monotonic() - self._started, 3), "workers": self.workers,
@@ -239,16 +250,34 @@ class Server:
         outcome = "ok" if obj.get("ok") else obj.get("error", {}).get("code", "error")
         self._log(f"#{seq} {op} {outcome}")
 
-    def _work(self) -> None:
+    def _decode_stage(self) -> None:
+        """Decoder thread (``prefetch`` > 0): accepted jobs -> decoded items on the bounded ready queue."""
         while True:
             job = self._queue.get()
             if job is None:
                 self._queue.task_done()
                 return
+            try:
+                decoded: Any = self._decode(job)
+            except Exception as exc:  # never lose a job: the worker answers it with a typed internal error
+                decoded = exc
+            self._ready.put((job, decoded))  # blocks while `prefetch` items wait: memory stays bounded
+            self._queue.task_done()
+
+    def _work(self) -> None:
+        source = self._ready if self.prefetch else self._queue
+        while True:
+            item = source.get()
+            if item is None:
+                source.task_done()
+                return
+            job, decoded = item if self.prefetch else (item, None)
             with self._lock:
                 self._in_flight += 1
             try:
-                obj = self._predict(job)
+                if isinstance(decoded, BaseException):
+                    raise decoded
+                obj = self._predict(job, decoded)
                 job.channel.reply(obj)
                 outcome = "ok" if obj.get("ok") else obj["error"]["code"]
                 ms = (time.perf_counter() - job.received) * 1e3
@@ -262,21 +291,28 @@ class Server:
                     self._served += 1
                 self._slots.release()
                 job.channel.done()
-                self._queue.task_done()
+                source.task_done()
 
-    def _predict(self, job: _Job) -> dict[str, Any]:
-        if self.delay_s:
-            time.sleep(self.delay_s)
+    def _decode(self, job: _Job) -> Any:
+        """The decode stage of a job: an :class:`~cxr_edge.engine.Decoded`, or its error reply (bad base64)."""
         req = job.request
         if "path" in req:
-            obj = self.engine.predict_object(req["path"])
-        else:
-            try:
-                data = base64.b64decode(req["image_b64"], validate=True)
-            except (binascii.Error, ValueError):
-                return self._error(job.rid, InvalidRequestError("'image_b64' is not valid base64"), "<image_b64>")
-            obj = self.engine.predict_object(data, name="<image_b64>")
-        return {"id": job.rid, **obj}
+            return self.engine.decode(req["path"])
+        try:
+            data = base64.b64decode(req["image_b64"], validate=True)
+        except (binascii.Error, ValueError):
+            return self._error(job.rid, InvalidRequestError("'image_b64' is not valid base64"), "<image_b64>")
+        return self.engine.decode(data, name="<image_b64>")
+
+    def _predict(self, job: _Job, decoded: Any = None) -> dict[str, Any]:
+        """The reply of a job: decoded here unless the decode stage did it already (``decoded``)."""
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if decoded is None:
+            decoded = self._decode(job)
+        if isinstance(decoded, dict):  # an error reply from the decode stage
+            return decoded
+        return {"id": job.rid, **self.engine.finish([decoded])[0]}
 
     # ------------------------------------------------------------------ transports
     def _read_channel(self, recv: Callable[[], bytes], channel: _Channel) -> None:
@@ -375,6 +411,8 @@ class Server:
         """Serve until :attr:`stop_event` is set, then drain and clean up (see the module docstring)."""
         for _ in range(self.workers):
             self._threads.append(self._spawn(self._work))
+        self._decoders = [self._spawn(self._decode_stage) for _ in range(decode_workers(self.prefetch))] \
+            if self.prefetch else []
         if self._listener is not None:
             self._spawn(self._accept)
         if stdio:
@@ -398,10 +436,15 @@ class Server:
                     conn.shutdown(socket.SHUT_RD)
                 except OSError:
                     pass
-        self._queue.join()  # every accepted request is answered
+        self._queue.join()  # every accepted request is decoded (prefetch) or answered
+        if self.prefetch:
+            self._ready.join()  # ... and answered
+            for _ in self._decoders:
+                self._queue.put(None)
+        work_queue = self._ready if self.prefetch else self._queue
         for _ in self._threads:
-            self._queue.put(None)
-        for t in self._threads:
+            work_queue.put(None)
+        for t in [*self._decoders, *self._threads]:
             t.join(timeout=30)
         for channel, _ in channels:
             channel.close()
@@ -427,6 +470,8 @@ def serve_main(args) -> int:
         raise UsageError("--queue-size must be >= 0")
     if args.max_request_bytes < 1024:
         raise UsageError("--max-request-bytes must be >= 1024")
+    if args.prefetch < 0:
+        raise UsageError("--prefetch must be >= 0")
     quiet = args.quiet
 
     def log(message: str) -> None:
@@ -445,7 +490,8 @@ def serve_main(args) -> int:
             "including images that are not frontal chest radiographs", file=sys.stderr, flush=True)
     engine = Engine(args.model, threads=args.threads, allow_any_body_part=args.allow_any_body_part, scope=mode)
     server = Server(engine, workers=args.workers, queue_size=args.queue_size,
-                    max_request_bytes=args.max_request_bytes, log=log, delay_s=args.test_delay_ms / 1e3)
+                    max_request_bytes=args.max_request_bytes, log=log, delay_s=args.test_delay_ms / 1e3,
+                    prefetch=args.prefetch)
     if args.socket:
         server.listen(args.socket)
 

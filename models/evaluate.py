@@ -374,9 +374,10 @@ def format_table(metrics: dict, title: str = "") -> str:
         auc = "   n/a" if m["auc"] is None else f"{m['auc']:.3f}"
         ci = "" if m["ci_low"] is None else f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
         lines.append(f"{name:<20}{auc:>7}  {ci:<17}{m['n_pos']:>5}")
-    mean = metrics["mean_auc"]
-    lines.append(f"{'mean AUC':<20}{mean:>7.3f}  [{metrics['mean_ci_low']:.3f}, {metrics['mean_ci_high']:.3f}]"
-                 f"  ({metrics['n_images']} images, {metrics['n_patients']} patients"
+    mean, lo, hi = metrics["mean_auc"], metrics["mean_ci_low"], metrics["mean_ci_high"]
+    lines.append(f"{'mean AUC':<20}" + ("    n/a" if mean is None else f"{mean:>7.3f}")
+                 + ("" if lo is None else f"  [{lo:.3f}, {hi:.3f}]")
+                 + f"  ({metrics['n_images']} images, {metrics['n_patients']} patients"
                  + (f"; skipped {metrics['skipped_labels']}" if metrics["skipped_labels"] else "") + ")")
     if metrics.get("degenerate_labels"):
         lines.append(f"WARNING degenerate predictions (AUC from rounding/ties, not the model): "

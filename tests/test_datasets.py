@@ -5,6 +5,7 @@ import ast
 import csv
 import gzip
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ import pytest
 from conftest import NIH_LABELS, need_shared
 from cxr_edge.errors import InvalidArgumentError
 from models.datasets import (LabelFileError, LabelTable, official_split, parse_label_list, patient_split,
-                             read_bboxes, read_chestxray14, read_chexpert, read_nih_sample, read_padchest)
+                             read_bboxes, read_chestxray14, read_chexpert, read_csv_labels, read_nih_sample,
+                             read_padchest)
 from models.labelsets import CHEXPERT_LABELS, COMMON_LABELS, COMMON_MAPS
 
 PADCHEST_FILE = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz"
@@ -199,6 +201,91 @@ def test_padchest_synthetic(tmp_path):
     assert frontal.image_ids == ("img0.png", "img4.png", "img7.png") and frontal.skipped["not_frontal"] == 2
     with pytest.raises(InvalidArgumentError):
         read_padchest(path, min_images=0)
+
+
+# ----------------------------------------------------------------------------------------- generic CSV
+CSV_HEADER = ["image", "patient_id", "Opacity", "view", "Device"]
+
+
+def csv_rows():
+    return [["a/1.png", "p1", "1", "PA", ""], ["a/2.png", "p1", "0", "lateral", "1"],
+            ["b/3.png", "p2", "-1", "", "0"], ["b/4.png", "p3", "1.0", "ap", "-1.0"]]
+
+
+@pytest.mark.parametrize("policy,uncertain", [("U-Ones", 1.0), ("U-Zeros", 0.0), ("U-Ignore", np.nan)])
+def test_generic_csv_values_policy_and_column_order(tmp_path, policy, uncertain):
+    table = read_csv_labels(write_csv(tmp_path / "l.csv", CSV_HEADER, csv_rows()), policy=policy)
+    assert table.dataset == "csv" and table.label_names == ("Opacity", "Device")  # file order, view excluded
+    expected = np.array([[1, np.nan], [0, 1], [uncertain, 0], [1, uncertain]], dtype=np.float32)
+    np.testing.assert_array_equal(table.targets, expected)  # blank = unknown (NaN), -1 by the policy
+    assert table.patient_ids == ("p1", "p1", "p2", "p3") and table.image_ids[0] == "a/1.png"
+    assert table.extra["frontal"].tolist() == [True, False, True, True]  # blank view kept, case-insensitive
+    picked = read_csv_labels(tmp_path / "l.csv", label_columns=["Device", "Opacity"], frontal_only=True)
+    assert picked.label_names == ("Device", "Opacity") and picked.skipped == {"not_frontal": 1}
+    assert picked.image_ids == ("a/1.png", "b/3.png", "b/4.png")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h, r: (["file", *h[1:]], r), "no 'image' column"),
+    (lambda h, r: ([h[0], "pid", *h[2:]], r), "no 'patient_id' column"),
+    (lambda h, r: (h[:2] + ["view"], [x[:2] + [x[3]] for x in r]), "no label columns"),
+    (lambda h, r: (h, [r[0], [r[1][0], *r[1][1:2], "yes", *r[1][3:]]]), "column 'Opacity' has 1 value"),
+    (lambda h, r: (h, [r[0], [r[0][0], *r[1][1:]]]), "row 3: the image of row 2 again"),
+    (lambda h, r: (h, [["", *r[0][1:]]]), "row 2: empty 'image'"),
+    (lambda h, r: (h, []), "no data rows"),
+    (lambda h, r: (h[:4] + ["Opacity"], r), "duplicate column"),
+])
+def test_generic_csv_refusals(tmp_path, edit, message):
+    header, rows = edit(list(CSV_HEADER), csv_rows())
+    with pytest.raises(LabelFileError, match=message):
+        read_csv_labels(write_csv(tmp_path / "l.csv", header, rows))
+
+
+def test_generic_csv_label_column_choice_errors(tmp_path):
+    path = write_csv(tmp_path / "l.csv", CSV_HEADER, csv_rows())
+    with pytest.raises(LabelFileError, match="not in the header"):
+        read_csv_labels(path, label_columns=["Opacity", "Edema"])
+    with pytest.raises(LabelFileError, match="cannot be label columns"):
+        read_csv_labels(path, label_columns=["view"])
+    with pytest.raises(LabelFileError, match="label file not found"):
+        read_csv_labels(tmp_path / "none.csv")
+
+
+def test_load_dataset_resolves_images_per_layout_and_refuses_missing_ones(tmp_path):
+    from models.datasets import load_dataset
+
+    for rel in ("a/1.png", "a/2.png", "b/3.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    path = write_csv(tmp_path / "l.csv", CSV_HEADER, csv_rows())
+    with pytest.raises(LabelFileError, match="1 of 3 images listed in l.csv are not under .*first: b/4.png"):
+        load_dataset("csv", path, tmp_path)  # a/2.png is lateral: dropped before the check
+    table = load_dataset("csv", path, tmp_path, skip_missing_images=True, frontal_only=False)
+    assert table.image_ids == ("a/1.png", "a/2.png", "b/3.png") and table.skipped["missing_image"] == 1
+    assert [Path(p) for p in table.extra["path"]] == [tmp_path / "a/1.png", tmp_path / "a/2.png", tmp_path / "b/3.png"]
+    with pytest.raises(LabelFileError, match="needs label columns named like the common labels"):
+        load_dataset("csv", path, tmp_path, label_set="common", skip_missing_images=True)
+    with pytest.raises(LabelFileError, match="image folder not found"):
+        load_dataset("csv", path, tmp_path / "nope")
+    with pytest.raises(InvalidArgumentError, match="unknown dataset"):
+        load_dataset("mimic", path, tmp_path)
+
+    nih = write_csv(tmp_path / "d.csv", NIH_HEADER, nih_rows())  # ChestX-ray14: any depth below the folder
+    for k, name in enumerate(("00000001_000.png", "00000001_001.png", "00000002_000.png", "00000003_000.png")):
+        (tmp_path / "cxr" / f"images_00{k % 2 + 1}" / "images").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "cxr" / f"images_00{k % 2 + 1}" / "images" / name).write_bytes(b"")
+    cxr = load_dataset("chestxray14", nih, tmp_path / "cxr", label_set="common")
+    assert cxr.label_names == COMMON_LABELS
+    assert Path(cxr.extra["path"][1]) == tmp_path / "cxr" / "images_002" / "images" / "00000001_001.png"
+
+    pad = write_csv(tmp_path / "p.csv", PADCHEST_HEADER, padchest_rows())  # <ImageDir>/<ImageID> or flat
+    for i in range(9):
+        target = tmp_path / "pc" / (str(i % 2) if i % 3 else "") / f"img{i}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"")
+    pc = load_dataset("padchest", pad, tmp_path / "pc", frontal_only=False)
+    assert [Path(p).relative_to(tmp_path / "pc").as_posix() for p in pc.extra["path"]] == [
+        "img0.png", "1/img1.png", "0/img4.png", "1/img7.png", "0/img8.png"]
 
 
 # ----------------------------------------------------------------------------------------- table, split, map

@@ -265,3 +265,97 @@ def test_stdio_replies_carry_the_scope_verdict(scoped_bundle, tmp_path, flags):
         assert replies[2]["ok"] and replies[2]["in_scope"] is False
         assert set(replies[2]["decisions"].values()) == {"undetermined"}
         assert "near-constant" in replies[2]["scope"]["reasons"][0]
+
+
+# --------------------------------------------------------------------------- prefetch (in-process)
+
+class _Collect:
+    def __init__(self) -> None:
+        self.lines: list[dict] = []
+        self.lock = threading.Lock()
+
+    def send(self, data: bytes) -> None:
+        with self.lock:
+            self.lines.extend(json.loads(line) for line in data.decode().splitlines())
+
+
+def _serve_in_thread(engine, **kw):
+    from cxr_edge.serve import Server as InProcess
+
+    server = InProcess(engine, **kw)
+    thread = threading.Thread(target=server.run, kwargs={"stdio": False}, daemon=True)
+    thread.start()
+    return server, thread
+
+
+def _requests(images, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n cut")
+    reqs = [{"id": i, "path": str(p)} for i, p in enumerate(images)]
+    reqs += [{"id": "bad", "path": str(bad)}, {"id": "missing", "path": str(tmp_path / "nope.png")},
+             {"id": "b64", "image_b64": base64.b64encode(images[0].read_bytes()).decode()},
+             {"id": "notb64", "image_b64": "***"}]
+    return reqs
+
+
+@pytest.mark.parametrize("prefetch, workers", [(1, 1), (3, 2)])
+def test_serve_prefetch_gives_the_same_replies_and_every_error(tiny_bundle, images, tmp_path, prefetch, workers):
+    from cxr_edge.engine import Engine
+    from cxr_edge.serve import _Channel
+
+    engine = Engine(tiny_bundle, threads=1)
+    reqs = _requests(images, tmp_path)
+    replies = {}
+    for depth in (0, prefetch):
+        out = _Collect()
+        server, thread = _serve_in_thread(engine, workers=workers, queue_size=len(reqs), prefetch=depth)
+        channel = _Channel(out.send)
+        for r in reqs:
+            server.handle_line(json.dumps(r).encode(), channel)
+        server.stop_event.set()
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+        replies[depth] = {r["id"]: {k: v for k, v in r.items() if k != "timings_ms"} for r in out.lines}
+    assert set(replies[prefetch]) == {r["id"] for r in reqs}  # every request answered exactly once
+    assert replies[prefetch] == replies[0]
+    codes = {k: v["error"]["code"] for k, v in replies[prefetch].items() if not v["ok"]}
+    assert set(codes) == {"bad", "missing", "notb64"} and codes["notb64"] == "invalid_request"
+
+
+def test_serve_prefetch_bounds_the_decoded_requests_waiting(tiny_bundle, images, tmp_path, monkeypatch):
+    """A slow model and 24 queued requests: decoders run at most the ready queue plus one each ahead."""
+    from cxr_edge.engine import Engine, decode_workers
+    from cxr_edge.serve import _Channel
+
+    engine = Engine(tiny_bundle, threads=1)
+    lock = threading.Lock()
+    state = {"decoded": 0, "answered": 0, "worst": 0}
+    real_decode, real_finish = engine.decode, engine.finish
+
+    def decode(source, **kw):
+        with lock:
+            state["decoded"] += 1
+            state["worst"] = max(state["worst"], state["decoded"] - state["answered"])
+        return real_decode(source, **kw)
+
+    def finish(items, **kw):
+        time.sleep(0.02)
+        try:
+            return real_finish(items, **kw)
+        finally:
+            with lock:
+                state["answered"] += 1
+
+    monkeypatch.setattr(engine, "decode", decode)
+    monkeypatch.setattr(engine, "finish", finish)
+    prefetch, workers = 2, 1
+    server, thread = _serve_in_thread(engine, workers=workers, queue_size=32, prefetch=prefetch)
+    out = _Collect()
+    channel = _Channel(out.send)
+    for i in range(24):
+        server.handle_line(json.dumps({"id": i, "path": str(images[i % len(images)])}).encode(), channel)
+    time.sleep(0.2)
+    server.stop_event.set()
+    thread.join(timeout=60)
+    assert sorted(r["id"] for r in out.lines) == list(range(24)) and all(r["ok"] for r in out.lines)
+    assert state["worst"] <= prefetch + decode_workers(prefetch) + workers

@@ -1,0 +1,174 @@
+"""Engine: the decode and inference stages, and prefetch (decoding ahead while the model runs)."""
+from __future__ import annotations
+
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from cxr_edge.engine import Decoded, Engine, decode_workers
+from cxr_edge.errors import InferenceError, InvalidArgumentError
+from tests.conftest import encode
+
+
+def _without_timings(obj: dict) -> dict:
+    return {k: v for k, v in obj.items() if k != "timings_ms"}
+
+
+@pytest.fixture
+def mixed_folder(tmp_path):
+    """Good PNGs and JPEGs of different sizes, a truncated PNG, a cut JPEG, a tiny image, a missing path."""
+    rng = np.random.default_rng(7)
+    paths = []
+    for i in range(9):
+        img = (rng.random((160 + 8 * i, 150 + 4 * i)) * 255).astype(np.uint8)
+        path = tmp_path / f"{i:02d}.{'png' if i % 2 else 'jpg'}"
+        path.write_bytes(encode(path.suffix, img))
+        paths.append(path)
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    cut = encode(".jpg", (rng.random((200, 200)) * 255).astype(np.uint8))
+    (tmp_path / "cut.jpg").write_bytes(cut[: len(cut) // 2] + b"\xff\xd9")
+    (tmp_path / "small.png").write_bytes(encode(".png", np.zeros((20, 20), np.uint8)))
+    order = paths[:3] + [tmp_path / "bad.png"] + paths[3:6] + [tmp_path / "cut.jpg", tmp_path / "missing.png"] \
+        + paths[6:] + [tmp_path / "small.png"]
+    return [str(p) for p in order]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+@pytest.mark.parametrize("prefetch", [1, 2, 5])
+def test_prefetch_gives_the_same_objects_in_the_same_order_with_every_error(tiny_bundle, mixed_folder, batch_size,
+                                                                            prefetch):
+    engine = Engine(tiny_bundle, threads=1)
+    serial = list(engine.run(mixed_folder, batch_size=batch_size, prefetch=0))
+    ahead = list(engine.run(mixed_folder, batch_size=batch_size, prefetch=prefetch))
+    assert [o["source"] for o in ahead] == [o["source"] for o in serial] == mixed_folder  # every file, in order
+    assert [_without_timings(o) for o in ahead] == [_without_timings(o) for o in serial]
+    errors = {o["source"].rsplit("/", 1)[-1]: o["error"]["type"] for o in ahead if not o["ok"]}
+    assert errors == {"bad.png": "CorruptImageError", "cut.jpg": "CorruptImageError", "missing.png": "ImageError",
+                      "small.png": "InvalidImageError"}
+    assert sum(o["ok"] for o in ahead) == 9
+
+
+def test_prefetch_decodes_on_other_threads_while_the_consumer_works(tiny_bundle, mixed_folder, monkeypatch):
+    engine = Engine(tiny_bundle, threads=1)
+    threads = set()
+    real = Engine.decode
+
+    def spy(self, source, **kw):
+        threads.add(threading.current_thread().name)
+        return real(self, source, **kw)
+
+    monkeypatch.setattr(Engine, "decode", spy)
+    list(engine.run(mixed_folder, prefetch=2))
+    assert threads and all(name.startswith("cxr-decode") for name in threads)
+    threads.clear()
+    list(engine.run(mixed_folder, prefetch=0))
+    assert threads == {threading.current_thread().name}
+
+
+@pytest.mark.parametrize("prefetch, workers, batch_size", [(1, 1, 1), (3, 2, 1), (4, 4, 2), (2, 2, 3)])
+def test_prefetch_keeps_the_in_flight_count_bounded(tiny_bundle, mixed_folder, monkeypatch, prefetch, workers,
+                                                    batch_size):
+    """Decodes started never run more than ``prefetch`` (+ the batch being filled) ahead of the results
+    handed out, and never more than ``workers`` at once, however slow the consumer is."""
+    engine = Engine(tiny_bundle, threads=1)
+    lock = threading.Lock()
+    state = {"started": 0, "running": 0, "max_running": 0}
+    real = Engine.decode
+
+    def counted(self, source, **kw):
+        with lock:
+            state["started"] += 1
+            state["running"] += 1
+            state["max_running"] = max(state["max_running"], state["running"])
+        time.sleep(0.002)
+        try:
+            return real(self, source, **kw)
+        finally:
+            with lock:
+                state["running"] -= 1
+
+    monkeypatch.setattr(Engine, "decode", counted)
+    items = engine.decoded(mixed_folder, prefetch=prefetch, workers=workers)
+    for consumed, _ in enumerate(items, start=1):
+        time.sleep(0.01)  # a slow model: decoders would run far ahead if nothing bounded them
+        with lock:
+            assert state["started"] <= consumed + prefetch
+    assert state["max_running"] <= workers
+    state.update(started=0)
+    seen = 0
+    for obj in engine.run(mixed_folder, batch_size=batch_size, prefetch=prefetch):
+        seen += 1
+        time.sleep(0.005)
+        with lock:
+            assert state["started"] <= seen + batch_size + prefetch
+    assert seen == len(mixed_folder)
+
+
+def test_closing_the_iterator_early_stops_decoding(tiny_bundle, mixed_folder, monkeypatch):
+    engine = Engine(tiny_bundle, threads=1)
+    calls = []
+    real = Engine.decode
+    monkeypatch.setattr(Engine, "decode", lambda self, s, **kw: (calls.append(s), real(self, s, **kw))[1])
+    it = engine.run(mixed_folder, prefetch=3)
+    next(it)
+    it.close()  # like a broken pipe: the consumer stops
+    time.sleep(0.05)
+    assert len(calls) <= 1 + 3 + 1 < len(mixed_folder)
+
+
+def test_a_failing_batch_is_retried_per_image_so_the_error_names_its_input(tiny_bundle, mixed_folder, monkeypatch):
+    engine = Engine(tiny_bundle, threads=1)
+    real = engine.classifier._results
+    poison = mixed_folder[1]
+
+    def results(names, *a, **k):
+        if poison in names:  # like NaN logits: the whole batch's run fails
+            raise InferenceError("simulated NaN logits")
+        return real(names, *a, **k)
+
+    monkeypatch.setattr(engine.classifier, "_results", results)
+    objs = list(engine.run(mixed_folder, batch_size=3, prefetch=2))
+    assert [o["source"] for o in objs] == mixed_folder
+    failed = [o["source"] for o in objs if not o["ok"] and o["error"]["type"] == "InferenceError"]
+    assert failed == [poison]
+    assert objs[0]["ok"] and objs[2]["ok"]  # its batch mates were answered
+
+
+def test_decode_never_raises_for_a_bad_input(tiny_bundle, tmp_path):
+    engine = Engine(tiny_bundle, threads=1)
+    item = engine.decode(str(tmp_path / "missing.png"))
+    assert isinstance(item, Decoded) and item.image is None and type(item.error).__name__ == "ImageError"
+    (obj,) = engine.finish([item])
+    assert obj["ok"] is False and obj["error"]["code"]
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_prefetch_is_validated(tiny_bundle, bad):
+    with pytest.raises(InvalidArgumentError):
+        list(Engine(tiny_bundle, threads=1).decoded(["x"], prefetch=bad))
+
+
+def test_decode_workers_leave_a_core_to_inference(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert decode_workers(2) == 1 and decode_workers(8) == 1
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert decode_workers(2) == 2 and decode_workers(64) == 15
+    monkeypatch.setattr("os.cpu_count", lambda: None)
+    assert decode_workers(3) == 1
+
+
+def test_folder_run_with_large_jpegs_reduces_only_without_overlays(tmp_path, tiny_bundle_factory):
+    """Overlays need the full-size pixels: with a cam dir the JPEG is decoded at full size."""
+    bundle = tiny_bundle_factory()  # 64 px input: a 1024 px JPEG is >= 4 x 64 at 1/4
+    img = cv2.resize((np.random.default_rng(3).random((64, 64)) * 255).astype(np.uint8), (1024, 1024))
+    path = tmp_path / "big.jpg"
+    path.write_bytes(encode(".jpg", img))
+    engine = Engine(bundle, threads=1)
+    (plain,) = engine.run([str(path)], prefetch=1)
+    assert plain["image"]["width"] == 1024 and plain["image"]["decode_scale"] == 4
+    (tmp_path / "cams").mkdir()
+    (cams,) = engine.run([str(path)], prefetch=1, cam_dir=str(tmp_path / "cams"), cam_how="all")
+    assert cams["ok"] and "decode_scale" not in cams["image"]
