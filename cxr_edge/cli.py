@@ -304,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cam-label", default=None,
                    help="which labels get overlays: positive (default)|top|all|LABEL; needs --cam-dir")
     p.add_argument("--batch-size", type=int, default=1, help="images per model run (default 1: lowest memory)")
+    p.add_argument("--prefetch", type=int, default=2, metavar="N",
+                   help="decode up to N inputs ahead while the model runs (default 2; 0: one at a time)")
     p.add_argument("--allow-any-body-part", action="store_true",
                    help="accept DICOMs whose anatomy is not (confirmed) chest; such results carry out_of_scope=true")
     add_scope_arguments(p)
@@ -321,8 +323,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="labels, thresholds, preprocessing, provenance, checksum")
     common(p)
     p.add_argument("--card", action="store_true", help="print only the model card")
-    p.add_argument("--prefetch", type=int, default=2, metavar="N",
-                   help="decode up to N inputs ahead while the model runs (default 2; 0: one at a time)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("serve", help="keep the bundle loaded and answer JSON-line requests (socket and/or stdio)")
@@ -330,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", default=None, metavar="PATH", help="listen on this Unix domain socket")
     p.add_argument("--stdio", action="store_true", help="read requests on stdin, reply on stdout")
     p.add_argument("--workers", type=int, default=1, help="inference threads sharing the session (default 1)")
+    p.add_argument("--prefetch", type=int, default=1, metavar="N",
+                   help="decode up to N accepted requests ahead of the inference workers (default 1; 0: each "
+                        "worker decodes its own)")
     p.add_argument("--queue-size", type=int, default=8,
                    help="requests that may wait for a worker; more get a 'busy' reply (default 8; 0 = none wait)")
     p.add_argument("--max-request-bytes", type=int, default=64 << 20,
@@ -349,9 +352,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rule", default="breakeven",
                    help="breakeven (default) | f1 | youden | specificity=0.9 | sensitivity=0.9")
     p.add_argument("--min-positive-patients", type=int, default=10,
-    p.add_argument("--prefetch", type=int, default=1, metavar="N",
-                   help="decode up to N accepted requests ahead of the inference workers (default 1; 0: each "
-                        "worker decodes its own)")
                    help="fewer distinct positive patients -> the label is undetermined (default 10)")
     p.add_argument("--n-boot", type=int, default=1000, help="patient-bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0)
@@ -403,6 +403,8 @@ def _main(argv: Sequence[str] | None) -> int:
             raise UsageError("--threads must be >= 1")
         if getattr(args, "batch_size", 1) < 1:
             raise UsageError("--batch-size must be >= 1")
+        if getattr(args, "prefetch", 0) < 0:
+            raise UsageError("--prefetch must be >= 0")
     except UsageError as exc:
         parser.print_usage(sys.stderr)
         print(f"cxr-edge: error: {exc}", file=sys.stderr)
@@ -425,8 +427,6 @@ def _main(argv: Sequence[str] | None) -> int:
     except OutputError as exc:
         _report_error(args, "<output>", exc)
         return EXIT_OUTPUT
-        if getattr(args, "prefetch", 0) < 0:
-            raise UsageError("--prefetch must be >= 0")
     except CxrEdgeError as exc:
         _report_error(args, "<run>", exc)
         return EXIT_INPUT_FAILED
