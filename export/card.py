@@ -47,6 +47,60 @@ def _pg_row(name: str, d: dict[str, Any] | None) -> str:
     return f"| {name} | {d['hit_rate']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}] | {g} |"
 
 
+def _scope_section(add, sc, se: dict[str, Any] | None) -> None:
+    """The card's scope-gate section: how each threshold was chosen, and both rates from scope_eval.json."""
+    from cxr_edge.scope import PIXEL_RULES
+
+    st = sc.statistics or {}
+    bound = st.get("false_flag_bound")
+    add("## Input scope gate\n")
+    add("Two stages, no second network (`docs/scope.md`); an out-of-scope image gets no decisions.\n")
+    add(f"- **Feature density** (`{sc.method}`, k = {sc.k}, transform `{sc.transform}`) of the pooled final features "
+        f"of the {st.get('fit_images')} images of the {st.get('fit_set', 'training images')}. Threshold "
+        f"**{sc.threshold:.3f}**, rule: {sc.threshold_rule}."
+        + (f" Budget alpha = {st['alpha']:g}; false-flag bound {bound:.2%}." if bound is not None and "alpha" in st
+           else ""))
+    refit = st.get("refit")
+    if refit:
+        why = f": {refit['excluded_why']}" if refit.get("excluded_why") else ""
+        prev = refit.get("previous_threshold")
+        add(f"- Refitted without the training run by `{refit.get('tool')}` on {refit.get('date_utc', '')[:10]}, "
+            "features from the bundle's own graph" + (f", previous threshold {prev:.3f}" if prev is not None else "")
+            + f"; {refit.get('excluded_images', 0)} image(s) excluded{why}.")
+    rules = (se or {}).get("pixel_rules") or PIXEL_RULES
+    add(f"- **Pixel rules** before the model: near-constant (std < {rules['min_std']:g} or 1-99% range < "
+        f"{rules['min_range']:g}), aspect ratio > {rules['max_aspect']:g}, inverted (score < -{rules['inversion_margin']:g}), "
+        f"upside down / rotated (flip margin > {rules['orientation_margin']:g}), no chest layout (template correlation "
+        f"< {rules['min_layout']:g}), colour (> {rules['colour_fraction']:.0%} chroma pixels). The inversion, orientation "
+        "and layout limits are split-conformal at 0.1% per rule on the in-scope non-evaluation images (bound 1/(n+1) "
+        "each); the others are a priori.\n")
+    if not se:
+        return
+    rows = se.get("rows", se if isinstance(se, list) else [])
+    for r in (r for r in rows if r.get("role") == "positive"):
+        n, fl = int(r["n"]), float(r["flagged"])
+        k = round(fl * n)
+        line = (f"**In-scope rate** on the evaluation split ({r['kind']}): **{1 - fl:.2%}** ({n - k} of {n}); flagged "
+                f"{fl:.2%} (target <= 2%: {'met' if fl <= 0.02 else 'not met'})")
+        w = r.get("without_stored_inverted")
+        if w and w.get("excluded"):
+            line += (f"; secondary, without the {len(w['excluded'])} image(s) stored inverted in the release: "
+                     f"{round(w['flagged'] * w['n'])} of {w['n']} = {w['flagged']:.1%} flagged")
+        add(line + ". The earlier evaluation and why it differs: `docs/scope.md`, section 3.\n")
+    held = [r for r in rows if r.get("role") == "held-out"]
+    if held:
+        worst = min(held, key=lambda r: float(r["flagged"]))
+        add(f"**Out-of-scope rate** on held-out kinds (never tuned on): lowest {float(worst['flagged']):.1%} "
+            f"({worst['kind']}, n = {worst['n']}); target >= 90% per kind: "
+            f"{'met' if all(float(r['flagged']) >= 0.9 for r in held) else 'not met'}.\n")
+    add("`python scripts/scope_eval.py --bundle cxr_edge/data/default.onnx --json ...`:\n")
+    add("| kind | role | images | flagged |\n|---|---|---|---|")
+    for r in rows:
+        add(f"| {r.get('kind')} | {r.get('role')} | {r.get('n')} | {100 * float(r.get('flagged', 0)):.1f}% (pixel rules "
+            f"{100 * float(r.get('by_pixels', 0)):.1f}%, features {100 * float(r.get('by_features', 0)):.1f}%) |")
+    add("")
+
+
 def build_card(a: argparse.Namespace) -> tuple[str, str]:
     runs = Path(a.runs)
     bundle = load_bundle(a.bundle, threads=1)
@@ -228,20 +282,7 @@ def build_card(a: argparse.Namespace) -> tuple[str, str]:
         add("")
 
     if m.scope is not None:
-        sc = m.scope
-        add("## Input scope gate\n")
-        add(f"Fitted at export on the pooled final features of the {td.get('train', {}).get('images')} training images "
-            f"(method `{sc.method}`; see `docs/scope.md`); threshold {sc.threshold:.3f}, rule: {sc.threshold_rule}. "
-            "Cheap pixel rules run first (near-constant, aspect ratio, inverted, orientation, colour, chest layout). "
-            "An out-of-scope image gets no decisions.\n")
-        se = _load(a.scope_eval)
-        if se:
-            rows = se.get("rows", se if isinstance(se, list) else [])
-            add(f"`python scripts/scope_eval.py --bundle cxr_edge/data/default.onnx --json ...`:\n")
-            add("| kind | role | images | flagged |\n|---|---|---|---|")
-            for r in rows:
-                add(f"| {r.get('kind')} | {r.get('role')} | {r.get('n')} | {100 * float(r.get('flagged', 0)):.1f}% (pixel rules {100 * float(r.get('by_pixels', 0)):.1f}%, features {100 * float(r.get('by_features', 0)):.1f}%) |")
-        add("")
+        _scope_section(add, m.scope, _load(a.scope_eval))
 
     bench = _load(a.bench)
     if bench:
