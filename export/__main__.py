@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--ingraph", help="also write a bytes-in bundle with in-graph decoding/preprocessing")
     out.add_argument("--ingraph-images", type=int, default=50, help="real files to compare the in-graph path on")
     out.add_argument("--sign-key", metavar="PRIVATE.pem",
-                     help="sign the written bundle with this private key (export.sign.sign_bundle_file)")
+                     help="sign the written bundle with this ed25519 private key (python -m export.sign keygen); "
+                          "devices check it with --public-key")
     q = p.add_argument_group("quantization and gate")
     q.add_argument("--calib-images", type=int, default=200, help="number of calibration images (seeded subset)")
     q.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET)
@@ -144,20 +145,33 @@ _EXIT_CODES: tuple[tuple[type[Exception], int, str], ...] = (
 
 
 def _run(args: argparse.Namespace, report_path: str) -> dict:
-    from .build_bundle import check_outputs, export_bundle
+    from .build_bundle import check_outputs, export_bundle, write_report
 
     config = config_from_args(args)
     check_outputs(args.out, args.ingraph, overwrite=config.overwrite)  # before the model is loaded
-    sign = None
-    if args.sign_key:  # checked before the export, used after it
-        if not Path(args.sign_key).is_file():
-            raise InvalidArgumentError(f"--sign-key {args.sign_key}: no such file")
-        from .sign import sign_bundle_file as sign  # lazily: only signing needs it
+    sign = _signer(args.sign_key) if args.sign_key else None
     report = export_bundle(_source(args), args.out, config, ingraph_out=args.ingraph, report_path=report_path)
     if sign is not None:
-        sign(report["bundle"]["path"], args.sign_key)
-        report["bundle"]["signed"] = True
+        status = sign(report["bundle"]["path"], args.sign_key)
+        report["bundle"]["signature"] = {"algorithm": "ed25519", "key_fingerprint": status.key_fingerprint}
+        size = Path(report["bundle"]["path"]).stat().st_size
+        report["bundle"]["size_bytes"] = report["files"]["bundle_bytes"] = size
+        write_report(report, report_path)
     return report
+
+
+def _signer(key_path: str):
+    """``export.sign.sign_bundle_file``, after checking the key loads (a bad key or a missing ``cryptography``
+    fails in a second, before the export, not after it). Imported lazily: only signing needs it."""
+    from cxr_edge.signature import load_private_key
+
+    from .sign import sign_bundle_file
+
+    try:
+        load_private_key(key_path)
+    except CxrEdgeError as exc:
+        raise InvalidArgumentError(f"--sign-key {key_path}: {exc}") from None
+    return sign_bundle_file
 
 
 def main(argv: Sequence[str] | None = None) -> int:

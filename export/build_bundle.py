@@ -134,7 +134,8 @@ class Candidate:
     threshold_details: dict[str, Any]
 
 
-def _write_report(report: dict[str, Any], path: str | os.PathLike | None) -> None:
+def write_report(report: dict[str, Any], path: str | os.PathLike | None) -> None:
+    """The report as JSON at ``path`` (nothing when ``path`` is None)."""
     if path:
         Path(path).write_text(json.dumps(report, indent=2, allow_nan=False, default=_json_default) + "\n")
 
@@ -455,7 +456,7 @@ def export_bundle(source: ExportSource, out: str | os.PathLike, config: ExportCo
             candidate = quantise_and_gate(source, config, graph, report, provenance, cache)
         except QuantizationGateError:
             report["result"] = "refused: INT8 gate failed"
-            _write_report(report, report_path)
+            write_report(report, report_path)
             raise
     if candidate is None:  # fp32 asked for, or the INT8 fallback
         candidate = Candidate(graph.fp32, "fp32", *fit_thresholds(graph.fp32, source, config, cache))
@@ -466,5 +467,5 @@ def export_bundle(source: ExportSource, out: str | os.PathLike, config: ExportCo
         write_ingraph_bundle(ingraph_out, source, config, graph, candidate, base_id, provenance, scope, sha, report)
     report["result"] = f"wrote {candidate.precision} bundle"
     report["seconds"] = round(time.perf_counter() - t0, 1)
-    _write_report(report, report_path)
+    write_report(report, report_path)
     return report

@@ -395,3 +395,39 @@ def test_cli_refuses_an_existing_out_and_a_missing_sign_key_before_loading_anyth
     assert "--sign-key" in capsys.readouterr().err and out.read_bytes() == b"an earlier bundle"
     assert main(missing + ["--overwrite", "--format", "fp32", "--calib-images", "0"]) == 2
     assert "calib_images" in capsys.readouterr().err
+
+
+def test_cli_sign_key_signs_the_written_bundle(tmp_path, monkeypatch, capsys):
+    """--sign-key: the key is checked before the export, the bundle is signed after it (export.sign)."""
+    sign = pytest.importorskip("export.sign")
+    pytest.importorskip("cryptography")
+    import export.__main__ as cli
+    import export.build_bundle as bb
+    from conftest import build_tiny_onnx, make_manifest
+    from cxr_edge.bundle import verify_bundle_bytes
+
+    calls = []
+
+    def fake_export(source, out, config, *, ingraph_out=None, report_path=None):  # the pipeline is tested above
+        calls.append(config)
+        model, w, b = build_tiny_onnx()
+        write_bundle(model, make_manifest(w, b), out)
+        report = {"result": "wrote fp32 bundle", "files": {}, "bundle": {"path": str(out), "precision": "fp32"}}
+        bb.write_report(report, report_path)
+        return report
+
+    monkeypatch.setattr(bb, "export_bundle", fake_export)
+    monkeypatch.setattr(cli, "_source", lambda args: "source")
+    private, public, fingerprint = sign.keygen(tmp_path / "keys")
+    out = tmp_path / "b.onnx"
+    argv = ["--checkpoint", "c.pt", "--out", str(out), "--format", "fp32"]
+    not_a_key = tmp_path / "nokey.pem"
+    not_a_key.write_text("not a key")
+    assert cli.main(argv + ["--sign-key", str(not_a_key)]) == 2
+    assert "--sign-key" in capsys.readouterr().err and not calls and not out.exists()  # refused before exporting
+    assert cli.main(argv + ["--sign-key", str(private)]) == 0
+    _, status = verify_bundle_bytes(out.read_bytes(), public, require_signature=True)
+    assert status.verified and status.key_fingerprint == fingerprint
+    report = json.loads((tmp_path / "b.report.json").read_text())
+    assert report["bundle"]["signature"]["key_fingerprint"] == fingerprint
+    assert report["bundle"]["size_bytes"] == out.stat().st_size
