@@ -606,16 +606,23 @@ def load_dataset(dataset: str, labels_csv: PathLike, image_root: PathLike, *, po
     root = Path(image_root)
     if not root.is_dir():
         raise LabelFileError(f"image folder not found: {root}")
-    if dataset == "nih-sample":
-        table = read_nih_sample(labels_csv)
-    elif dataset == "chestxray14":
-        table = read_chestxray14(labels_csv)
-    elif dataset == "chexpert":
-        table = read_chexpert(labels_csv, policy=policy, frontal_only=frontal_only)
-    elif dataset == "padchest":
-        table = read_padchest(labels_csv, min_images=padchest_min_images, frontal_only=frontal_only)
-    else:
-        table = read_csv_labels(labels_csv, label_columns=label_columns, policy=policy, frontal_only=frontal_only)
+    try:
+        if dataset == "nih-sample":
+            table = read_nih_sample(labels_csv)
+        elif dataset == "chestxray14":
+            table = read_chestxray14(labels_csv)
+        elif dataset == "chexpert":
+            table = read_chexpert(labels_csv, policy=policy, frontal_only=frontal_only)
+        elif dataset == "padchest":
+            table = read_padchest(labels_csv, min_images=padchest_min_images, frontal_only=frontal_only)
+        else:
+            table = read_csv_labels(labels_csv, label_columns=label_columns, policy=policy,
+                                    frontal_only=frontal_only)
+    except LabelFileError as exc:
+        if dataset != "csv" and "missing column" in str(exc):
+            raise LabelFileError(f"{exc} (the {dataset} layout; for your own labels use --dataset csv: image, "
+                                 "patient_id, one column per label)") from None
+        raise
     if frontal_only and dataset in ("nih-sample", "chestxray14"):
         frontal = table.extra["frontal"]
         table = replace(table.subset(frontal), skipped={**table.skipped, "not_frontal": int((~frontal).sum())})

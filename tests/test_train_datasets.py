@@ -252,6 +252,17 @@ def test_bad_label_files_are_one_line_errors_not_tracebacks(tmp_path, capsys, ca
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+def test_own_labels_under_the_default_layout_point_to_dataset_csv(tmp_path, capsys):
+    """The reported case: image, patient_id and own label columns, trained without --dataset."""
+    from models.train import main
+
+    put(tmp_path / "images" / "a.png", np.full((SIDE, SIDE), 100, np.uint8))
+    write_csv(tmp_path / "labels.csv", ["image", "patient_id", "follow_up_needed"], [["a.png", "1", "1"]])
+    assert main(["--data-root", str(tmp_path), "--split", "patient", "--out-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "missing column(s)" in err and "--dataset csv" in err and "Traceback" not in err
+
+
 def test_non_nih_dataset_refuses_the_teacher_split_and_a_missing_data_root():
     from cxr_edge.errors import InvalidArgumentError
 
