@@ -281,7 +281,7 @@ def quantise_and_gate(source: ExportSource, config: ExportConfig, graph: Exporte
     Returns the INT8 candidate when the gate passed; ``None`` when it failed and ``fallback_fp32`` ships fp32
     (the failure goes into the provenance); raises :class:`QuantizationGateError` otherwise. Decision flips are
     counted at the thresholds the INT8 candidate would ship with."""
-    spec, names = source.spec, config.output_names
+    spec = source.spec
     if source.verification is None or source.verification.targets is None:
         raise InvalidArgumentError("INT8 export needs a labelled held-out verification set for the gate")
     if source.calibration_pool is None:
