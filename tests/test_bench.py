@@ -211,6 +211,40 @@ def test_json_schema_of_a_tiny_run(tiny_bundle, tmp_path, capsys):
     assert cold["peak_rss_mib"] > 0 and cold["cold_start_ms"] == phases["first_prediction_ms"]
 
 
+def test_scope_gate_cost_is_reported_for_a_bundle_with_a_gate(scoped_bundle, tmp_path, capsys):
+    from cxr_edge.bundle import read_manifest
+
+    rc, out, _ = _run(["--model", str(scoped_bundle), "--threads", "1", "--batch", "1", "--runs", "3", "--warmup",
+                       "1", "--cold-repeats", "0", "--split-repeats", "2", "--json", "-", "--quiet"], capsys)
+    assert rc == 0
+    (model,) = json.loads(out)["models"]
+    g = model["scope_gate"]
+    assert g["available"] is True and g["image_hw"] == [1024, 1024]
+    assert g["runs"] == {"pixel_rules": 3, "feature_score": 3}
+    for part in ("pixel_rules_ms", "feature_score_ms"):
+        lat = g[part]
+        assert 0 < lat["min"] <= lat["median"] <= lat["max"] < 10_000
+    assert g["total_ms"] == pytest.approx(g["pixel_rules_ms"]["median"] + g["feature_score_ms"]["median"])
+    scope = read_manifest(scoped_bundle.read_bytes()).scope
+    assert g["threshold"] == pytest.approx(scope.threshold) and g["k"] == scope.k
+    assert g["features_shape"][0] == scope.channels
+    assert isinstance(g["image_in_scope"], bool) and g["image_score"] > 0
+    split = model["split"]
+    assert split["stages_ms"]["scope"] > 0 and abs(sum(split["share"].values()) - 1.0) < 1e-6
+    rc, text, _ = _run(["--model", str(scoped_bundle), "--threads", "1", "--batch", "1", "--runs", "2", "--warmup",
+                        "0", "--cold-repeats", "0", "--split-repeats", "0", "--quiet"], capsys)
+    assert rc == 0 and "Scope gate cost per image" in text
+
+
+def test_scope_gate_cost_says_when_a_bundle_has_no_gate(tiny_bundle, capsys):
+    rc, out, _ = _run(["--model", str(tiny_bundle), "--threads", "1", "--batch", "1", "--runs", "2", "--warmup", "0",
+                       "--cold-repeats", "0", "--split-repeats", "1", "--json", "-", "--quiet"], capsys)
+    assert rc == 0
+    (model,) = json.loads(out)["models"]
+    assert model["scope_gate"]["available"] is False and "no scope block" in model["scope_gate"]["reason"]
+    assert model["split"]["stages_ms"]["scope"] is None and "scope" not in model["split"]["share"]
+
+
 def test_int8_pair_gets_a_recommendation(tiny_bundle_factory, capsys):
     from tests.conftest import build_tiny_onnx, make_manifest
     from cxr_edge.bundle import write_bundle
@@ -240,7 +274,7 @@ def test_markdown_tables_render(tiny_bundle, capsys):
         elif current:
             blocks.append(current)
             current = []
-    assert len(blocks) == 3  # latency, cost, split
+    assert len(blocks) == 4  # latency, cost, split, scope gate (a row saying the bundle has none)
     for block in blocks:
         widths = {ln.count("|") for ln in block}
         assert len(widths) == 1 and len(block) >= 3

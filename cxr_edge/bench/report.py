@@ -26,8 +26,13 @@ JSON schema ``cxr-edge-bench/1`` (``--json out.json``); times in milliseconds, s
   ``configs``: list of ``threads``, ``batch``, ``runs``, ``warmup``, ``latency_ms`` (``median``, ``p90``,
   ``p99``, ``mean``, ``min``, ``max``, ``std`` per batch call), ``latency_per_image_ms``,
   ``throughput_ips`` (images/s), ``achieved_gflops``, ``fraction_of_fp32_peak`` (null when unknown),
+  ``scope_gate``: the input scope gate's cost per image: ``available`` (false, with ``reason``, for a bundle
+  without a scope block), ``image_hw``, ``runs``, ``warmup``, ``pixel_rules_ms`` and ``feature_score_ms``
+  (latency summaries as above), ``total_ms`` (sum of the two medians), ``features_shape``, ``k``,
+  ``threshold``, ``image_in_scope``, ``image_score``, ``method``,
   ``split`` (optional): ``image_hw``, ``repeats``, ``threads``, ``stages_ms`` (``decode``, ``preprocess``,
-  ``inference``, ``cam``), ``total_ms``, ``share`` (fractions), ``method``, ``cam_available``,
+  ``inference``, ``scope`` (null without a gate), ``cam``), ``total_ms``, ``share`` (fractions), ``method``,
+  ``cam_available``,
   ``cold_start`` (optional): ``repeats``, ``threads``, ``cold_start_ms``, ``phases_ms_from_process_start``
   (``interpreter_ms``, ``import_ms``, ``session_ms``, ``first_prediction_ms``, cumulative), ``peak_rss_mib``,
   ``median`` (all medians), ``method``; or ``error`` when the fresh process could not run (e.g. under
@@ -121,12 +126,27 @@ def split_rows(result: dict[str, Any]) -> list[list[str]]:
         st, share = s["stages_ms"], s["share"]
         cell = lambda k: "n/a" if st.get(k) is None else f"{_num(st[k])} ({100 * share[k]:.0f}%)"  # noqa: E731
         rows.append([_name(m), m["format"], s["threads"], "x".join(map(str, s["image_hw"])), cell("decode"),
-                     cell("preprocess"), cell("inference"), cell("cam"), _num(s["total_ms"])])
+                     cell("preprocess"), cell("inference"), cell("scope"), cell("cam"), _num(s["total_ms"])])
+    return rows
+
+
+def scope_rows(result: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for m in result["models"]:
+        g = m.get("scope_gate")
+        if not g:
+            continue
+        if not g.get("available"):
+            rows.append([_name(m), m["format"], "-", "no scope block", "-", "-", "-"])
+            continue
+        rows.append([_name(m), m["format"], "x".join(map(str, g["image_hw"])), _num(g["pixel_rules_ms"]["median"], 3),
+                     _num(g["feature_score_ms"]["median"], 3), _num(g["total_ms"], 3),
+                     "yes" if g["image_in_scope"] else "no"])
     return rows
 
 
 def render(result: dict[str, Any], markdown: bool = False) -> str:
-    """The human report: latency, model cost, end-to-end split, recommendations, machine, notes."""
+    """The human report: latency, model cost, end-to-end split, scope gate cost, recommendations, machine, notes."""
     mach = result["machine"]
     h = (lambda t: f"### {t}") if markdown else (lambda t: f"== {t}")
     out = [h("Latency (per InferenceSession.run of one batch)"), table(
@@ -138,8 +158,13 @@ def render(result: dict[str, Any], markdown: bool = False) -> str:
     srows = split_rows(result)
     if srows:
         out += ["", h("End-to-end split, batch 1 (median ms, share)"), table(
-            ["model", "format", "threads", "image", "decode", "preprocess", "inference", "CAM", "total ms"],
-            srows, markdown)]
+            ["model", "format", "threads", "image", "decode", "preprocess", "inference", "scope gate", "CAM",
+             "total ms"], srows, markdown)]
+    grows = scope_rows(result)
+    if grows:
+        out += ["", h("Scope gate cost per image (median ms; pixel rules before the model, feature score after)"),
+                table(["model", "format", "image", "pixel rules", "feature score", "total", "image in scope"], grows,
+                      markdown)]
     bullet = "- " if markdown else "  - "
     if result["recommendations"]:
         out += ["", h("Recommendation (FP32 vs INT8 on this machine)")]

@@ -22,6 +22,7 @@ from .coldstart import cold_start
 from .graphstats import graph_stats
 from .machine import machine_info, peak_gflops
 from .pipeline import stage_split, write_synthetic_png
+from .scopecost import scope_cost
 from .timing import RUN_POLICY, measure
 from .variants import ProviderUnavailableError, Variant, resolve_variants
 
@@ -217,6 +218,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> 
             }
             if variant.note:
                 entry["format_note"] = variant.note
+            log(f"  scope gate cost (threads={top_threads})")
+            entry["scope_gate"] = scope_cost(bundle, image, cfg.runs, cfg.warmup)
             del bundle
             entry["configs"] = _configs(variant, cfg, stats, machine, image, log)
             if cfg.split_repeats:
@@ -244,6 +247,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> 
     notes = [RUN_POLICY if cfg.runs is None else f"runs fixed at {cfg.runs} per configuration",
              "latency = one InferenceSession.run (all graph outputs) on a batch of the preprocessed image; "
              "throughput = batch x runs / total measured time",
+             "scope_gate = the input scope gate per image (pixel rules on the decoded image + feature score on its "
+             "feature maps), each timed alone; also the 'scope' stage of the end-to-end split",
              "fraction_of_fp32_peak = FLOPs per image (2 x MACs, float-equivalent also for INT8) x images/s / "
              "(min(threads, cores) x GHz x FLOPs/cycle); see machine.peak_fp32.assumption"]
     for m in models:
