@@ -1,0 +1,364 @@
+"""Whole-path speed of the runtime as firmware uses it, every figure and ratio from one run.
+
+    python benchmarks/firmware_loop.py [--images 50] [--side 1024] [--threads N] [--model M] [--json out.json]
+
+Makes ``--images`` radiographs from the shared pool (``../shared/data/nih-cxr14-sample/images``,
+area/Lanczos-resized to ``--side`` px, written as PNG into a temporary folder that is removed at the
+end; nothing is written into the repository) and measures:
+
+(a) **firmware shell loop**: one ``cxr-edge serve --socket`` process, then per image one short
+    client process (``socat`` when installed, else ``python3 -c`` with the socket module: what a
+    shell script runs) vs one ``cxr-edge predict IMG --json`` process per image. Throughput and
+    p50/p99 latency per image for both.
+(b) **folder throughput**: ``Engine.run`` over the folder with ``prefetch=2`` (decoding ahead on
+    a thread while the model runs) vs ``prefetch=0`` (one at a time), and ``serve`` with requests
+    pipelined on one connection at ``--prefetch 1`` vs ``0``. Goal: >= 1.5x on 2 cores.
+(c) **end to end vs its parts** on one ``--side`` PNG: ``Engine.predict_object`` vs decode
+    (``Classifier.read``) + model (preprocess + ``session.run``), medians. Goal: e2e <= decode +
+    model + 2 ms. Also a 2048 px JPEG decoded at full and at reduced size (libjpeg DCT scaling).
+(d) **serve per-request overhead**: sequential requests on one persistent connection vs
+    in-process ``Engine.predict_object`` on the same image, medians. Goal: <= 1 ms.
+
+The machine (``lscpu`` model and flags, cores, load average) is printed beside the figures, and
+the run is marked NOT FINAL when a training run (``models.train``) shares the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+POOL = Path(os.environ.get("CXR_EDGE_SHARED", REPO.parent / "shared")) / "data" / "nih-cxr14-sample" / "images"
+
+CLIENT = ("import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
+          "s.sendall(sys.argv[2].encode() + b'\\n'); sys.stdout.write(s.makefile().readline())")
+
+
+# --------------------------------------------------------------------------- helpers
+
+def pct(samples: list[float], q: float) -> float:
+    """Nearest-rank percentile in ms (p99 of 50 samples is the second largest)."""
+    ordered = sorted(samples)
+    k = max(0, min(len(ordered) - 1, int(round(q / 100 * len(ordered) + 0.5)) - 1))
+    return round(ordered[k] * 1e3, 3)
+
+
+def median_ms(samples: list[float]) -> float:
+    return round(statistics.median(samples) * 1e3, 3)
+
+
+def lat(samples: list[float]) -> dict[str, float]:
+    total = sum(samples)
+    return {"n": len(samples), "p50_ms": pct(samples, 50), "p99_ms": pct(samples, 99),
+            "throughput_img_s": round(len(samples) / total, 3) if total else 0.0}
+
+
+def lscpu() -> dict[str, str]:
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    keys = ("Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket", "Flags")
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in keys:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def training_running() -> bool:
+    try:
+        return subprocess.run(["pgrep", "-f", "models.train"], capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+def make_images(folder: Path, n: int, side: int) -> list[str]:
+    import cv2
+
+    pool = sorted(POOL.glob("*.png"))
+    if len(pool) < n:
+        raise SystemExit(f"need {n} pool images in {POOL} (found {len(pool)}); set CXR_EDGE_SHARED")
+    paths = []
+    for i, src in enumerate(pool[:n]):
+        img = cv2.imread(str(src), cv2.IMREAD_GRAYSCALE)
+        interp = cv2.INTER_AREA if side < img.shape[0] else cv2.INTER_LANCZOS4
+        img = cv2.resize(img, (side, side), interpolation=interp)
+        out = folder / f"img{i:03d}.png"
+        cv2.imwrite(str(out), img)
+        paths.append(str(out))
+    return paths
+
+
+def cli_command() -> list[str]:
+    exe = Path(sys.executable).with_name("cxr-edge")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "cxr_edge.cli"]
+
+
+class ServeProcess:
+    def __init__(self, folder: Path, model: str, threads: int | None, *extra: str) -> None:
+        self.path = str(folder / f"s{time.monotonic_ns() % 10**6}.sock")
+        cmd = [*cli_command(), "serve", "--socket", self.path, "--model", model, "--quiet", *extra]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        self.proc = subprocess.Popen(cmd, cwd=REPO)
+        deadline = time.monotonic() + 120
+        while not os.path.exists(self.path):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("cxr-edge serve did not start")
+            time.sleep(0.05)
+
+    def connect(self):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(self.path)
+        return s, s.makefile("rb")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=120)
+
+
+def _req(i, path: str) -> bytes:
+    return (json.dumps({"id": i, "path": path}) + "\n").encode()
+
+
+def _check(reply: dict) -> dict:
+    if not reply.get("ok"):
+        raise RuntimeError(f"serve replied with an error: {reply.get('error')}")
+    return reply
+
+
+# --------------------------------------------------------------------------- the four measurements
+
+def firmware_loop(paths: list[str], model: str, threads: int | None, folder: Path) -> dict:
+    socat = shutil.which("socat")
+    server = ServeProcess(folder, model, threads)
+    try:
+        s, r = server.connect()  # warm up the server (first request pays lazy initialisation)
+        s.sendall(_req("warm", paths[0]))
+        _check(json.loads(r.readline()))
+        s.close()
+        serve_lat = []
+        for i, path in enumerate(paths):
+            req = json.dumps({"id": i, "path": path})
+            if socat:
+                cmd = ["sh", "-c", f"printf '%s\\n' '{req}' | socat -t 60 - UNIX-CONNECT:{server.path}"]
+            else:
+                cmd = ["python3", "-c", CLIENT, server.path, req]
+            t0 = time.perf_counter()
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            serve_lat.append(time.perf_counter() - t0)
+            _check(json.loads(out))
+    finally:
+        server.stop()
+    cli_lat = []
+    for path in paths:
+        cmd = [*cli_command(), "predict", path, "--json", "--model", model] + (["--threads", str(threads)] if threads else [])
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        cli_lat.append(time.perf_counter() - t0)
+        if proc.returncode not in (0, 6):  # 6: flagged out of scope, still a full answer
+            raise RuntimeError(f"cxr-edge predict failed ({proc.returncode}): {proc.stderr[-500:]}")
+    a = {"client": "socat" if socat else "python3 -c (socket)", "serve_loop": lat(serve_lat), "cli_loop": lat(cli_lat)}
+    a["speedup_throughput"] = round(a["serve_loop"]["throughput_img_s"] / a["cli_loop"]["throughput_img_s"], 2)
+    return a
+
+
+def folder_throughput(engine, paths: list[str], model: str, threads: int | None, folder: Path, rounds: int) -> dict:
+    best = {0: float("inf"), 2: float("inf")}
+    for _ in range(rounds):  # alternate, keep the best of each: the least disturbed run
+        for depth in (0, 2):
+            t0 = time.perf_counter()
+            n = sum(1 for _ in engine.run(paths, prefetch=depth))
+            best[depth] = min(best[depth], time.perf_counter() - t0)
+            assert n == len(paths)
+    b = {"in_process": {"one_at_a_time_img_s": round(len(paths) / best[0], 3),
+                        "prefetch2_img_s": round(len(paths) / best[2], 3)}}
+    b["in_process"]["speedup"] = round(best[0] / best[2], 2)
+    piped = {}
+    for depth in (0, 1):
+        server = ServeProcess(folder, model, threads, "--prefetch", str(depth), "--queue-size", str(len(paths)))
+        try:
+            s, r = server.connect()
+            s.sendall(_req("warm", paths[0]))
+            _check(json.loads(r.readline()))
+            t_best = float("inf")
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                s.sendall(b"".join(_req(i, p) for i, p in enumerate(paths)))  # pipelined
+                for _ in paths:
+                    _check(json.loads(r.readline()))
+                t_best = min(t_best, time.perf_counter() - t0)
+            s.close()
+        finally:
+            server.stop()
+        piped[depth] = t_best
+    b["serve_pipelined"] = {"prefetch0_img_s": round(len(paths) / piped[0], 3),
+                            "prefetch1_img_s": round(len(paths) / piped[1], 3),
+                            "speedup": round(piped[0] / piped[1], 2)}
+    return b
+
+
+def end_to_end(engine, png: str, folder: Path, repeats: int) -> dict:
+    import cv2
+
+    from cxr_edge.preprocess import preprocess
+
+    clf = engine.classifier
+    spec = clf.manifest.preprocessing
+    outputs = clf._outputs
+    for _ in range(3):
+        engine.predict_object(png)
+    e2e, dec, model, scope = [], [], [], []
+    for _ in range(repeats):  # interleaved, so a disturbance hits all three alike
+        t0 = time.perf_counter()
+        obj = engine.predict_object(png)
+        t1 = time.perf_counter()
+        scope.append(obj["timings_ms"].get("scope", 0.0) / 1e3)
+        rad = clf.read(png)
+        t2 = time.perf_counter()
+        batch = preprocess([rad.pixels], spec)
+        clf.bundle.session.run(outputs, {spec.input_name: batch})
+        t3 = time.perf_counter()
+        e2e.append(t1 - t0)
+        dec.append(t2 - t1)
+        model.append(t3 - t2)
+    c = {"image": f"{rad.pixels.shape[1]}x{rad.pixels.shape[0]} PNG", "e2e_ms": median_ms(e2e),
+         "decode_ms": median_ms(dec), "model_ms": median_ms(model)}
+    c["e2e_minus_parts_ms"] = round(c["e2e_ms"] - c["decode_ms"] - c["model_ms"], 3)
+    c["of_which_scope_gate_ms"] = median_ms(scope)  # the input scope gate's pixel rules + feature score
+    big = cv2.resize(cv2.imread(png, cv2.IMREAD_GRAYSCALE), (2048, 2048), interpolation=cv2.INTER_LANCZOS4)
+    jpg = folder / "big2048.jpg"
+    cv2.imwrite(str(jpg), big, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    full, reduced = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        clf.read_scoped(str(jpg), reduce=False)
+        t1 = time.perf_counter()
+        rad, _ = clf.read_scoped(str(jpg), reduce=True)
+        reduced.append(time.perf_counter() - t1)
+        full.append(t1 - t0)
+    c["jpeg_2048"] = {"decode_full_ms": median_ms(full), "decode_reduced_ms": median_ms(reduced),
+                      "decode_scale": rad.info.get("decode_scale", 1),
+                      "speedup": round(statistics.median(full) / statistics.median(reduced), 2)}
+    return c
+
+
+def serve_overhead(engine, png: str, model: str, threads: int | None, folder: Path, requests: int) -> dict:
+    for _ in range(3):
+        engine.predict_object(png)
+    server = ServeProcess(folder, model, threads)
+    inproc, served = [], []
+    try:
+        s, r = server.connect()
+        for _ in range(3):
+            s.sendall(_req("warm", png))
+            _check(json.loads(r.readline()))
+        for i in range(requests):  # interleaved with the in-process calls
+            t0 = time.perf_counter()
+            engine.predict_object(png)
+            t1 = time.perf_counter()
+            s.sendall(_req(i, png))
+            _check(json.loads(r.readline()))
+            t2 = time.perf_counter()
+            inproc.append(t1 - t0)
+            served.append(t2 - t1)
+        s.close()
+    finally:
+        server.stop()
+    d = {"in_process_ms": median_ms(inproc), "serve_ms": median_ms(served)}
+    d["overhead_ms"] = round(d["serve_ms"] - d["in_process_ms"], 3)
+    return d
+
+
+# --------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=50, help="images in the folder / firmware loop (default 50)")
+    p.add_argument("--side", type=int, default=1024, help="pixel size of the generated PNGs (default 1024)")
+    p.add_argument("--repeats", type=int, default=30, help="repeats for (c) and requests for (d) (default 30)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds for (b), best kept (default 3)")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: the runtime's)")
+    p.add_argument("--model", default=None, help="bundle (default: the embedded default model)")
+    p.add_argument("--skip-cli-loop", action="store_true", help="skip (a) (it starts one process per image)")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+
+    from cxr_edge.bench.machine import machine_info
+    from cxr_edge.engine import Engine
+
+    busy = training_running()
+    engine = Engine(args.model, threads=args.threads)
+    model = engine.classifier.bundle.path
+    cpu = lscpu()
+    result: dict = {"model_id": engine.model_id, "threads": engine.classifier.bundle.threads,
+                    "images": args.images, "side": args.side,
+                    "machine": {"lscpu_model": cpu.get("Model name"), "cpus": cpu.get("CPU(s)"),
+                                "threads_per_core": cpu.get("Thread(s) per core"),
+                                "isa": machine_info().get("isa"), "lscpu_flags": cpu.get("Flags"),
+                                "load_average_1min_start": round(os.getloadavg()[0], 2)},
+                    "final": not busy}
+    tmp = Path(tempfile.mkdtemp(prefix="cxfw-", dir="/tmp"))
+    try:
+        paths = make_images(tmp, args.images, args.side)
+        if not args.skip_cli_loop:
+            result["a_firmware_loop"] = firmware_loop(paths, model, args.threads, tmp)
+        result["b_folder_throughput"] = folder_throughput(engine, paths, model, args.threads, tmp, args.rounds)
+        result["c_end_to_end"] = end_to_end(engine, paths[0], tmp, args.repeats)
+        result["d_serve_overhead"] = serve_overhead(engine, paths[0], model, args.threads, tmp, args.repeats)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result["machine"]["load_average_1min_end"] = round(os.getloadavg()[0], 2)
+    result["final"] = result["final"] and not training_running()
+    report(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def report(r: dict) -> None:
+    m = r["machine"]
+    print(f"machine: {m['lscpu_model']}, {m['cpus']} CPU(s), {m['threads_per_core']} thread(s)/core; "
+          f"ISA {' '.join(m['isa'] or [])}; load average {m['load_average_1min_start']} -> {m['load_average_1min_end']}")
+    print(f"lscpu flags: {m['lscpu_flags']}")
+    print(f"model {r['model_id']}, onnxruntime threads {r['threads']}, {r['images']} images of {r['side']} px")
+    if not r["final"]:
+        print("NOT FINAL: a training run (models.train) shared the machine during this run")
+    if "a_firmware_loop" in r:
+        a = r["a_firmware_loop"]
+        for name in ("serve_loop", "cli_loop"):
+            x = a[name]
+            label = f"serve + {a['client']} per image" if name == "serve_loop" else "cxr-edge predict --json per image"
+            print(f"(a) {label:<42} {x['throughput_img_s']:7.2f} img/s  p50 {x['p50_ms']:8.1f} ms  p99 {x['p99_ms']:8.1f} ms")
+        print(f"    serve loop / per-call CLI throughput: {a['speedup_throughput']}x")
+    b = r["b_folder_throughput"]
+    bi, bs = b["in_process"], b["serve_pipelined"]
+    print(f"(b) folder, one at a time {bi['one_at_a_time_img_s']:.2f} img/s, prefetch 2 {bi['prefetch2_img_s']:.2f} "
+          f"img/s: {bi['speedup']}x (goal >= 1.5x)")
+    print(f"    serve pipelined, --prefetch 0 {bs['prefetch0_img_s']:.2f} img/s, --prefetch 1 {bs['prefetch1_img_s']:.2f} "
+          f"img/s: {bs['speedup']}x")
+    c = r["c_end_to_end"]
+    print(f"(c) {c['image']}: e2e {c['e2e_ms']:.2f} ms = decode {c['decode_ms']:.2f} + model {c['model_ms']:.2f} "
+          f"{c['e2e_minus_parts_ms']:+.2f} ms (goal <= +2 ms; of which the scope gate {c['of_which_scope_gate_ms']:.2f} ms)")
+    j = c["jpeg_2048"]
+    print(f"    2048 px JPEG decode: full {j['decode_full_ms']:.2f} ms, reduced (1/{j['decode_scale']}) "
+          f"{j['decode_reduced_ms']:.2f} ms: {j['speedup']}x")
+    d = r["d_serve_overhead"]
+    print(f"(d) serve {d['serve_ms']:.2f} ms vs in-process {d['in_process_ms']:.2f} ms: overhead "
+          f"{d['overhead_ms']:+.3f} ms per request (goal <= 1 ms)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
