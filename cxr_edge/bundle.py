@@ -5,7 +5,8 @@ the checksum must cover the weights and graph while the manifest (which holds th
 lives in the same file. The walk splits the top-level ``ModelProto`` fields into
 ``metadata_props`` (field 14) and everything else; the SHA-256 covers everything else, in order.
 Writing a bundle appends one ``metadata_props`` entry the same way, so no ``onnx`` is needed
-to read or write bundles.
+to read or write bundles. Besides the manifest, exactly one other entry has a meaning: an optional
+ed25519 signature of ``bundle_sha256`` (:mod:`cxr_edge.signature`), verified when a public key is given.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import numpy as np
 
 from .errors import BundleError, ChecksumMismatchError, InvalidArgumentError, ManifestError, NoDefaultModelError
 from .manifest import MANIFEST_KEY, Manifest
+from .signature import SIGNATURE_KEY, KeySource, SignatureStatus, check_signature, sign_digest
 
 METADATA_PROPS_FIELD = 14
 DEFAULT_BUNDLE = "default.onnx"
@@ -176,10 +178,21 @@ def _len_field(number: int, payload: bytes) -> bytes:
     return _encode_varint((number << 3) | 2) + _encode_varint(len(payload)) + payload
 
 
+def _assemble(body: bytes, metadata: dict[str, str]) -> bytes:
+    """ONNX bytes: the non-metadata fields as they were, then one metadata_props entry per key."""
+    out = bytearray(body)
+    for key, value in metadata.items():
+        entry = _len_field(1, key.encode("utf-8")) + _len_field(2, value.encode("utf-8"))
+        out += _len_field(METADATA_PROPS_FIELD, entry)
+    return bytes(out)
+
+
 def embed_manifest(model_bytes: bytes, manifest: Manifest) -> bytes:
     """Return ONNX bytes with ``manifest`` (checksum filled in) as a metadata_props entry.
 
-    Other metadata entries are kept; an older manifest entry is replaced.
+    Other metadata entries are kept; an older manifest entry is replaced. A signature entry is
+    dropped: it signed the old digest, and a new manifest is a new digest (sign again, see
+    :func:`sign_bundle`).
     """
     body, metadata = split_model(model_bytes)
     check_no_external_data(body)
@@ -187,12 +200,21 @@ def embed_manifest(model_bytes: bytes, manifest: Manifest) -> bytes:
     manifest = replace(manifest, model_sha256=digest, bundle_sha256="")
     manifest.validate()
     manifest = replace(manifest, bundle_sha256=_manifest_digest(body, manifest.to_json()))
+    metadata.pop(SIGNATURE_KEY, None)
     metadata[MANIFEST_KEY] = manifest.to_json()
-    out = bytearray(body)
-    for key, value in metadata.items():
-        entry = _len_field(1, key.encode("utf-8")) + _len_field(2, value.encode("utf-8"))
-        out += _len_field(METADATA_PROPS_FIELD, entry)
-    return bytes(out)
+    return _assemble(body, metadata)
+
+
+def sign_bundle(model_bytes: bytes, private_key) -> bytes:
+    """Return the bundle with an ed25519 signature (``private_key``: an ``Ed25519PrivateKey``) of its
+    verified digest under :data:`~cxr_edge.signature.SIGNATURE_KEY`; an earlier signature is replaced.
+
+    The bundle is verified first (checksums, no external data): a damaged bundle is never signed.
+    """
+    body, metadata = split_model(model_bytes)
+    manifest = _verified_manifest(body, metadata, verify_checksum=True)
+    metadata[SIGNATURE_KEY] = sign_digest(private_key, manifest.bundle_sha256).to_json()
+    return _assemble(body, metadata)
 
 
 def write_bundle(model_bytes: bytes, manifest: Manifest, path: str | os.PathLike) -> str:
@@ -205,6 +227,19 @@ def write_bundle(model_bytes: bytes, manifest: Manifest, path: str | os.PathLike
 def read_manifest(model_bytes: bytes, verify_checksum: bool = True) -> Manifest:
     """Parse and validate the manifest; refuse when the checksum does not match the model."""
     body, metadata = split_model(model_bytes)
+    return _verified_manifest(body, metadata, verify_checksum)
+
+
+#: the metadata entries of this runtime's namespace it knows; any other ``cxr_edge.*`` entry (a newer format's)
+#: is refused rather than ignored. Entries outside the namespace are never read, so they change nothing.
+KNOWN_METADATA_KEYS = frozenset({MANIFEST_KEY, SIGNATURE_KEY})
+
+
+def _verified_manifest(body: bytes, metadata: dict[str, str], verify_checksum: bool) -> Manifest:
+    unknown = sorted(k for k in metadata if k.startswith("cxr_edge") and k not in KNOWN_METADATA_KEYS)
+    if unknown:
+        raise ManifestError(f"the bundle has metadata entries {unknown} this runtime does not know (a newer format?): "
+                            "upgrade cxr-edge")
     if MANIFEST_KEY not in metadata:
         raise ManifestError(f"this ONNX file has no cxr-edge manifest (metadata key {MANIFEST_KEY!r}); "
                             "export it with the toolchain or embed one with cxr_edge.bundle.write_bundle")
@@ -230,6 +265,14 @@ def read_manifest(model_bytes: bytes, verify_checksum: bool = True) -> Manifest:
     return manifest
 
 
+def verify_bundle_bytes(model_bytes: bytes, public_key: KeySource | None = None,
+                        require_signature: bool = False) -> tuple[Manifest, SignatureStatus]:
+    """Checksums, manifest and signature of a bundle's bytes, without opening an onnxruntime session."""
+    body, metadata = split_model(model_bytes)
+    manifest = _verified_manifest(body, metadata, verify_checksum=True)
+    return manifest, check_signature(metadata, manifest.bundle_sha256, public_key, require_signature)
+
+
 def default_bundle_path() -> Path:
     """Path of the embedded default bundle, or NoDefaultModelError when none ships."""
     ref = resources.files("cxr_edge") / "data" / DEFAULT_BUNDLE
@@ -250,6 +293,8 @@ class Bundle:
     size_bytes: int
     threads: int
     providers: tuple[str, ...]
+    #: signed or not, by which key fingerprint, verified against a given public key or not
+    signature: SignatureStatus = SignatureStatus(signed=False)
 
 
 def session_options(threads: int):
@@ -280,8 +325,14 @@ def resolve_providers(providers: Sequence[str] | None) -> list[str]:
 
 
 def load_bundle(path: str | os.PathLike | None = None, threads: int | None = None,
-                providers: Sequence[str] | None = None, self_check: bool = True) -> Bundle:
-    """Load, verify (checksum, manifest, graph wiring, head weights) and open a bundle."""
+                providers: Sequence[str] | None = None, self_check: bool = True, *,
+                public_key: KeySource | None = None, require_signature: bool = False) -> Bundle:
+    """Load, verify (checksum, manifest, signature, graph wiring, head weights) and open a bundle.
+
+    ``public_key`` (a PEM path or PEM bytes): a signed bundle must verify against it
+    (:class:`~cxr_edge.signature.BundleSignatureError` otherwise). ``require_signature``: an unsigned
+    bundle is refused too, and a key is needed. See :func:`cxr_edge.signature.check_signature`.
+    """
     import onnxruntime as ort
 
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= MAX_THREADS):
@@ -291,7 +342,7 @@ def load_bundle(path: str | os.PathLike | None = None, threads: int | None = Non
         model_bytes = resolved.read_bytes()
     except OSError as exc:
         raise BundleError(f"cannot read model file {str(resolved)!r}: {exc.strerror or exc}") from None
-    manifest = read_manifest(model_bytes)
+    manifest, signature = verify_bundle_bytes(model_bytes, public_key, require_signature)
     n_threads = threads or min(4, os.cpu_count() or 1)
     provider_list = resolve_providers(providers)
     try:
@@ -308,7 +359,7 @@ def load_bundle(path: str | os.PathLike | None = None, threads: int | None = Non
     if self_check and manifest.cam.method == "weights":
         check_head(manifest, session)
     return Bundle(path=str(resolved), manifest=manifest, session=session, size_bytes=len(model_bytes),
-                  threads=n_threads, providers=tuple(provider_list))
+                  threads=n_threads, providers=tuple(provider_list), signature=signature)
 
 
 def _static(dim: object) -> int | None:

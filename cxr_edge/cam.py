@@ -13,7 +13,10 @@ Two scalings:
   labelled in logit-contribution units. A map with no positive evidence is written as such.
 
 Overlays use the perceptually uniform *viridis* colour map, are PNGs encoded from pixels only (no
-text chunks, no source metadata) and are written atomically (a temporary file, then a rename).
+text chunks, no source metadata) and are written atomically (a temporary file, then a rename). They
+are drawn on a bounded grid (long side at most :data:`OVERLAY_MAX_SIDE` px by default, the input
+downscaled with its aspect kept): the map itself comes from a 7 x 7-ish feature grid, and an overlay
+at full detector resolution cost about 60 bytes per input pixel (4 GB for 8000 x 8000).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from typing import Optional
 import cv2
 import numpy as np
 
-from .errors import OutputError
+from .errors import InvalidArgumentError, OutputError
 
 _UMASK = os.umask(0o022)  # read once at import (os.umask can only be read by setting it)
 os.umask(_UMASK)
@@ -34,6 +37,36 @@ COLORMAP = cv2.COLORMAP_VIRIDIS
 COLORMAP_NAME = "viridis"
 SCALE_RULE = ("colour = per-location contribution to this label's logit (ReLU(W.f), logit units); one scale for "
               "every label of this image: the top of the bar is the strongest location of any label")
+
+
+#: default longest side (px) of an overlay's image area; the input is downscaled to it, never enlarged
+OVERLAY_MAX_SIDE = 1024
+#: accepted range of a caller's overlay long side: small enough to stay bounded, large enough to read
+OVERLAY_SIDE_RANGE = (64, 8192)
+
+
+def check_max_side(max_side: int) -> int:
+    """``max_side`` if it is an integer in :data:`OVERLAY_SIDE_RANGE`, else InvalidArgumentError."""
+    lo, hi = OVERLAY_SIDE_RANGE
+    if isinstance(max_side, bool) or not isinstance(max_side, (int, np.integer)) or not lo <= max_side <= hi:
+        raise InvalidArgumentError(f"the overlay's longest side must be an integer in [{lo}, {hi}] px, got {max_side!r}")
+    return int(max_side)
+
+
+def overlay_shape(image_hw: tuple[int, int], max_side: int = OVERLAY_MAX_SIDE) -> tuple[int, int]:
+    """(H, W) of an overlay of an ``image_hw`` input: scaled so the long side is at most ``max_side``."""
+    h, w = int(image_hw[0]), int(image_hw[1])
+    if max(h, w) <= max_side:
+        return h, w
+    s = max_side / max(h, w)
+    return max(1, round(h * s)), max(1, round(w * s))
+
+
+def fit_pixels(pixels: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """``pixels`` on the ``hw`` grid (OpenCV INTER_AREA: the antialiased box filter); as is if it already fits."""
+    if tuple(pixels.shape[:2]) == tuple(hw):
+        return pixels
+    return cv2.resize(pixels, (int(hw[1]), int(hw[0])), interpolation=cv2.INTER_AREA)
 
 
 def activation_map_raw(features: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -111,6 +144,7 @@ class OverlayLegend:
     scale_rule: str = SCALE_RULE
     out_of_scope: bool = False          # the input scope gate flagged the image: no decision
     scope_reason: Optional[str] = None  # why (the gate's reasons, joined)
+    input_shape: Optional[tuple] = None  # (H, W) of the input; the legend says when the overlay shows it smaller
 
 
 def _ascii(text: str) -> str:
@@ -199,8 +233,9 @@ class _Panel:
         return panel
 
 
-def legend_panel(legend: OverlayLegend, width: int) -> np.ndarray:
-    """The RGB legend strip: decision, probability vs threshold, colour bar and its meaning, model, notice."""
+def legend_panel(legend: OverlayLegend, width: int, shown_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """The RGB legend strip: decision, probability vs threshold, colour bar and its meaning, model, the
+    scale of the image when it is shown smaller than the input (``shown_hw``), notice."""
     panel = _Panel(width)
     title, detail, colour = _decision_text(legend)
     panel.text(title, colour, bold=True, size=1.15)
@@ -210,6 +245,9 @@ def legend_panel(legend: OverlayLegend, width: int) -> np.ndarray:
     panel.colour_bar(legend.scale if legend.scale > 0 else 0.0)
     panel.text(f"{COLORMAP_NAME}: {legend.scale_rule}", _GRAY, size=0.85)
     panel.text(f"model {legend.model_id}", _GRAY, size=0.85)
+    if shown_hw is not None and legend.input_shape is not None and tuple(legend.input_shape) != tuple(shown_hw):
+        ih, iw = legend.input_shape
+        panel.text(f"image shown at {shown_hw[1]} x {shown_hw[0]} px (input {iw} x {ih}, downscaled)", _GRAY, size=0.85)
     panel.text(legend.notice, _AMBER, size=0.85)
     return panel.render()
 
@@ -230,8 +268,9 @@ def _stamp_empty(rgb: np.ndarray) -> None:
 
 def render_overlay(pixels: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45,
                    legend: OverlayLegend | None = None) -> np.ndarray:
-    """The overlay as RGB uint8. With a legend: the image's own H x W grid at the top left, the legend
-    panel below it (canvas at least 640 px wide so the text stays legible; padding is dark gray)."""
+    """The overlay as RGB uint8 on the grid of ``pixels`` (callers bound it: :func:`overlay_shape`). With a
+    legend: the image at the top left, the legend panel below it (canvas at least 640 px wide so the text
+    stays legible; padding is dark gray)."""
     rgb = overlay_heatmap(pixels, heatmap, alpha)
     if legend is None:
         return rgb
@@ -239,7 +278,7 @@ def render_overlay(pixels: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45,
         _stamp_empty(rgb)
     h, w = rgb.shape[:2]
     width = max(w, 640)
-    panel = legend_panel(legend, width)
+    panel = legend_panel(legend, width, (h, w))
     canvas = np.full((h + panel.shape[0], width, 3), 24, dtype=np.uint8)
     canvas[:h, :w] = rgb
     canvas[h:] = panel

@@ -5,18 +5,20 @@ import difflib
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Literal, Sequence, Union
 
 import numpy as np
 
 from .bundle import Bundle, load_bundle
-from .cam import OverlayLegend, absolute_map, activation_map_raw, class_activation_map, write_overlay_png
+from .cam import (OVERLAY_MAX_SIDE, OverlayLegend, absolute_map, activation_map_raw, check_max_side,
+                  class_activation_map, fit_pixels, overlay_shape, write_overlay_png)
 from .errors import CxrEdgeError, DicomRefusedError, InferenceError, InvalidArgumentError, OutOfScopeError
 from .imaging import Radiograph, decode_floor, read_image
-from .manifest import NOT_A_MEDICAL_DEVICE, Manifest
+from .manifest import DEFAULT_MAX_PIXELS, NOT_A_MEDICAL_DEVICE, Manifest
 from .preprocess import preprocess
 from .scope import ScopeGate, ScopeResult
+from .signature import SignatureStatus
 
 #: version of the JSON objects ``Prediction.to_dict`` / ``cxr-edge predict --json`` / ``serve`` emit
 #: (``cxr_edge/schema/prediction.schema.json``)
@@ -83,6 +85,7 @@ class Prediction:
     _features: np.ndarray | None = field(default=None, repr=False)
     _cam_weights: np.ndarray | None = field(default=None, repr=False)
     _pixels: np.ndarray | None = field(default=None, repr=False)
+    _overlay_max_side: int = field(default=OVERLAY_MAX_SIDE, repr=False)
 
     @property
     def positive_labels(self) -> list[str]:
@@ -139,10 +142,13 @@ class Prediction:
                              scale=self.cam_scale(), empty=self.cam_is_empty(name),
                              out_of_scope=flagged, scope_reason=reason or None)
 
-    def write_overlay(self, path: str | os.PathLike, label: str | int, alpha: float = 0.45) -> bool:
+    def write_overlay(self, path: str | os.PathLike, label: str | int, alpha: float = 0.45,
+                      max_side: int | None = None) -> bool:
         """Write an RGB PNG of the heatmap of ``label`` over the radiograph, with its legend burnt in.
 
-        The image keeps its own H x W grid at the top left; the panel below names the label, its
+        The image is at the top left, its long side at most ``max_side`` px (default: the Classifier's
+        ``overlay_max_side``; a larger input is downscaled, its aspect kept, and the legend says so:
+        memory stays bounded whatever the input size); the panel below names the label, its
         probability vs threshold and decision (or "undetermined"), the colour bar and its meaning,
         the model id and the not-a-medical-device notice. The heat uses one absolute scale per
         image (see :mod:`cxr_edge.cam`). Returns True when the map was empty ("no positive
@@ -150,11 +156,12 @@ class Prediction:
         """
         if self._pixels is None:
             raise InvalidArgumentError("the image pixels were not kept; predict with keep_image=True")
-        legend = self.overlay_legend(label)
+        hw = overlay_shape(self._pixels.shape, check_max_side(max_side or self._overlay_max_side))
+        legend = replace(self.overlay_legend(label), input_shape=tuple(self.image_shape))
         start = time.perf_counter()
-        heat = absolute_map(self.cam_raw(label), legend.scale, self.image_shape)
+        heat = absolute_map(self.cam_raw(label), legend.scale, hw)
         self.timings_ms["cam"] = (time.perf_counter() - start) * 1e3
-        write_overlay_png(os.fspath(path), self._pixels, heat, alpha, legend)
+        write_overlay_png(os.fspath(path), fit_pixels(self._pixels, hw), heat, alpha, legend)
         return legend.empty
 
     def to_dict(self) -> dict[str, Any]:
@@ -219,15 +226,38 @@ class Classifier:
     * ``"refuse"``: an out-of-scope image raises :class:`~cxr_edge.errors.OutOfScopeError`
       (collected per input by ``predict_batch(errors="collect")``);
     * ``"off"``: **unsafe**, no checks at all: decisions for any pixels, ``in_scope``/``scope`` None.
+
+    Trust (:mod:`cxr_edge.signature`): ``public_key`` (PEM path or bytes) makes a signed bundle verify
+    against it or be refused (:class:`~cxr_edge.signature.BundleSignatureError`); ``require_signature``
+    also refuses unsigned bundles. ``self.signature`` says what was established. The key is only
+    what is passed here (the ``cxr-edge`` commands also read ``CXR_EDGE_PUBLIC_KEY``).
+
+    Memory: inputs over ``max_pixels`` (default :data:`~cxr_edge.manifest.DEFAULT_MAX_PIXELS`, never
+    above the bundle's own ``preprocessing.max_pixels``) are refused before decoding; overlays are
+    drawn with their long side at most ``overlay_max_side`` px (:data:`~cxr_edge.cam.OVERLAY_MAX_SIDE`).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, threads: int | None = None,
                  providers: Sequence[str] | None = None, allow_any_body_part: bool = False,
-                 scope: str = "flag") -> None:
+                 scope: str = "flag", public_key: str | os.PathLike | bytes | None = None,
+                 require_signature: bool = False, max_pixels: int | None = None,
+                 overlay_max_side: int = OVERLAY_MAX_SIDE) -> None:
         if scope not in SCOPE_MODES:
             raise InvalidArgumentError(f"scope must be one of {', '.join(SCOPE_MODES)}, got {scope!r}")
-        self.bundle: Bundle = load_bundle(model, threads=threads, providers=providers)
+        if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int)
+                                       or max_pixels < 1):
+            raise InvalidArgumentError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+        self.overlay_max_side = check_max_side(overlay_max_side)
+        self.bundle: Bundle = load_bundle(model, threads=threads, providers=providers, public_key=public_key,
+                                          require_signature=require_signature)
         self.manifest: Manifest = self.bundle.manifest
+        self.signature: SignatureStatus = self.bundle.signature
+        spec = self.manifest.preprocessing
+        #: the input size limit in force: the smaller of the bundle's and this runtime's (or the caller's)
+        self.max_pixels: int = min(spec.max_pixels, max_pixels or DEFAULT_MAX_PIXELS)
+        if self.max_pixels < spec.min_side ** 2:
+            raise InvalidArgumentError(f"max_pixels {self.max_pixels:,} is below the bundle's smallest image "
+                                       f"({spec.min_side} x {spec.min_side}): no input could be read")
         self.allow_any_body_part = allow_any_body_part
         self.scope_mode = scope
         m = self.manifest
@@ -263,12 +293,12 @@ class Classifier:
         spec = self.manifest.preprocessing
         floor = decode_floor(spec.input_size) if reduce else None
         try:
-            return read_image(source, min_side=spec.min_side, max_pixels=spec.max_pixels, decode_at_least=floor), False
+            return read_image(source, min_side=spec.min_side, max_pixels=self.max_pixels, decode_at_least=floor), False
         except DicomRefusedError:
             if not self.allow_any_body_part:
                 raise
         # refused by a check the override relaxes (or not: then this read raises the same refusal)
-        return read_image(source, min_side=spec.min_side, max_pixels=spec.max_pixels, allow_any_body_part=True,
+        return read_image(source, min_side=spec.min_side, max_pixels=self.max_pixels, allow_any_body_part=True,
                           decode_at_least=floor), True
 
     def _infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
@@ -352,6 +382,7 @@ class Classifier:
                 notice=self.manifest.notice,
                 _features=None if features is None else np.array(features[j], dtype=np.float32),
                 _cam_weights=self.manifest.cam.weights, _pixels=img.pixels if keep_image else None,
+                _overlay_max_side=self.overlay_max_side,
             )
         return out  # type: ignore[return-value]
 

@@ -23,6 +23,7 @@ from . import __version__
 from .errors import BundleError, CxrEdgeError, ImageError, InvalidArgumentError, OutputError
 
 from .cli_support import (EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT_FAILED, EXIT_MODEL, EXIT_OUTPUT, EXIT_OUT_OF_SCOPE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE, IMAGE_SUFFIXES, UsageError, _Parser, walk_inputs, iter_inputs, Progress, Reporter, add_scope_arguments, scope_mode)  # noqa: F401
+from .cli_support import add_overlay_arguments, add_trust_arguments, classifier_options, public_key_path, signature_warning
 
 
 def _report_error(args, source: Any, exc: BaseException) -> None:
@@ -106,7 +107,13 @@ def _engine(args) -> Any:
     from .engine import Engine
 
     return Engine(args.model, threads=args.threads, allow_any_body_part=getattr(args, "allow_any_body_part", False),
-                  scope=scope_mode(args))
+                  scope=scope_mode(args), **classifier_options(args))
+
+
+def _warn_signature(args, engine, out: Reporter) -> None:
+    text = signature_warning(engine.classifier.signature, public_key_path(args) is not None)
+    if text:
+        out.warning("bundle_unsigned", text)
 
 
 def cmd_predict(args) -> int:
@@ -123,6 +130,7 @@ def cmd_predict(args) -> int:
     progress = Progress(len(sources), enabled=sys.stderr.isatty() and len(sources) > 5 and not args.json)
     out = Reporter(args.json, progress)
     _warn_scope_off(args, out)
+    _warn_signature(args, engine, out)
     failed = skipped = flagged = 0
     for path, reason in entries:
         if reason is None:
@@ -185,6 +193,7 @@ def cmd_explain(args) -> int:
     parent = out.parent if str(out.parent) else Path(".")
     prepare_output_dir(str(parent), flag="--out folder")
     _warn_scope_off(args, Reporter(args.json))
+    _warn_signature(args, engine, Reporter(args.json))
     try:
         pred = engine.classifier.predict(args.path)
     except CxrEdgeError as exc:
@@ -219,8 +228,12 @@ def model_card_text(model_id: str) -> str | None:
 def cmd_info(args) -> int:
     from .bundle import load_bundle
 
-    bundle = load_bundle(args.model, threads=1)
+    opts = classifier_options(args)
+    bundle = load_bundle(args.model, threads=1, public_key=opts["public_key"], require_signature=opts["require_signature"])
     m = bundle.manifest
+    unsigned_note = signature_warning(bundle.signature, opts["public_key"] is not None)
+    if unsigned_note:
+        Reporter(args.json).warning("bundle_unsigned", unsigned_note)
     card = model_card_text(m.model_id)
     if args.card:  # only the card (exit 3 with a note on stderr when none ships)
         if card is None:
@@ -234,6 +247,7 @@ def cmd_info(args) -> int:
     summary = m.summary()
     summary["file"] = {"path": bundle.path, "size_bytes": bundle.size_bytes}
     summary["runtime"] = {"cxr_edge": __version__}
+    summary["signature"] = bundle.signature.to_dict()
     if args.json:
         if card:
             summary["model_card"] = card
@@ -241,9 +255,11 @@ def cmd_info(args) -> int:
         return EXIT_OK
     p = m.preprocessing
     print(f"model      {m.model_id}\nfile       {bundle.path} ({bundle.size_bytes / 1e6:.2f} MB)\n"
-          f"sha256     {m.model_sha256} (verified)\nnotice     {m.notice}\n"
+          f"sha256     {m.model_sha256} (verified)\nsignature  {bundle.signature.describe()}\n"
+          f"notice     {m.notice}\n"
           f"input      {p.input_name}: N x {p.channels} x {p.input_size[0]} x {p.input_size[1]} float32; resize "
-          f"{p.resize} ({p.aspect}); (x - {list(p.mean)}) / {list(p.std)}; min side {p.min_side} px\n"
+          f"{p.resize} ({p.aspect}); (x - {list(p.mean)}) / {list(p.std)}; min side {p.min_side} px; "
+          f"max {p.max_pixels:,} pixels (bundle)\n"
           f"cam        {m.cam.method} from output {m.cam.features_output!r}")
     print(f"scope      {scope_info_line(summary.get('scope'))}")
     print("labels     threshold")
@@ -296,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default=None, help="bundle .onnx (default: the embedded default model)")
         p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
         p.add_argument("--json", action="store_true", help="machine-readable JSON (one object per line)")
+        add_trust_arguments(p)
 
     p = sub.add_parser("predict", help="classify images (files and folders, recursively)")
     p.add_argument("paths", nargs="+")
@@ -309,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-any-body-part", action="store_true",
                    help="accept DICOMs whose anatomy is not (confirmed) chest; such results carry out_of_scope=true")
     add_scope_arguments(p)
+    add_overlay_arguments(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("explain", help="write a heatmap overlay of one label for one image")
@@ -317,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="overlay PNG path (.png; missing folders are created)")
     p.add_argument("--allow-any-body-part", action="store_true")
     add_scope_arguments(p)
+    add_overlay_arguments(p)
     common(p)
     p.set_defaults(func=cmd_explain)
 
@@ -358,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--model-id", default=None, help="model_id of the new bundle (default: the original's)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--sign-key", default=None, metavar="PRIVATE.pem",
+                   help="sign the new bundle with this ed25519 private key (the source's signature never carries "
+                        "over: it signed the old thresholds)")
     p.set_defaults(func=cmd_calibrate)
     return parser
 

@@ -42,6 +42,65 @@ def scope_mode(args) -> str:
     return getattr(args, "out_of_scope", None) or "flag"
 
 
+def add_trust_arguments(p: argparse.ArgumentParser) -> None:
+    """``--public-key PATH`` (default ``$CXR_EDGE_PUBLIC_KEY``), ``--require-signature`` and ``--max-pixels``
+    (predict, explain, info, serve, calibrate)."""
+    p.add_argument("--public-key", default=None, metavar="PATH",
+                   help="ed25519 public key (PEM) a signed bundle must verify against (default: $CXR_EDGE_PUBLIC_KEY); "
+                        "a bundle signed by another key, or altered after signing, is refused (exit 4)")
+    p.add_argument("--require-signature", action="store_true",
+                   help="refuse unsigned bundles too (needs --public-key or $CXR_EDGE_PUBLIC_KEY)")
+    p.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help="largest input accepted, in pixels (default 36000000 = 6000 x 6000; never above the "
+                        "bundle's own max_pixels); bounds decoding memory")
+
+
+def public_key_path(args) -> str | None:
+    """``--public-key``, else ``$CXR_EDGE_PUBLIC_KEY`` (empty = unset)."""
+    from .signature import PUBLIC_KEY_ENV
+
+    return getattr(args, "public_key", None) or os.environ.get(PUBLIC_KEY_ENV) or None
+
+
+def classifier_options(args) -> dict[str, Any]:
+    """The ``Classifier`` keyword arguments of the trust and memory flags (usage errors for bad values)."""
+    key = public_key_path(args)
+    require = bool(getattr(args, "require_signature", False))
+    if require and key is None:
+        from .signature import PUBLIC_KEY_ENV
+
+        raise UsageError(f"--require-signature needs a public key: --public-key PATH or {PUBLIC_KEY_ENV}")
+    opts: dict[str, Any] = {"public_key": key, "require_signature": require}
+    max_pixels = getattr(args, "max_pixels", None)
+    if max_pixels is not None:
+        if max_pixels < 1:
+            raise UsageError("--max-pixels must be >= 1")
+        opts["max_pixels"] = max_pixels
+    side = getattr(args, "overlay_max_side", None)
+    if side is not None:
+        from .cam import OVERLAY_SIDE_RANGE
+
+        if not OVERLAY_SIDE_RANGE[0] <= side <= OVERLAY_SIDE_RANGE[1]:
+            raise UsageError(f"--overlay-max-side must be in [{OVERLAY_SIDE_RANGE[0]}, {OVERLAY_SIDE_RANGE[1]}]")
+        opts["overlay_max_side"] = side
+    return opts
+
+
+def add_overlay_arguments(p: argparse.ArgumentParser) -> None:
+    """``--overlay-max-side N`` (predict, explain)."""
+    p.add_argument("--overlay-max-side", type=int, default=None, metavar="PX",
+                   help="longest side of an overlay's image, px (default 1024; larger inputs are downscaled "
+                        "for the overlay, which bounds its memory)")
+
+
+def signature_warning(signature, key_given: bool) -> str | None:
+    """A warning when a public key was given but the bundle is unsigned (so the key checked nothing)."""
+    if key_given and not signature.signed:
+        return ("the bundle is unsigned, so the public key checked nothing; pass --require-signature to refuse "
+                "unsigned bundles")
+    return None
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse exits 2 by itself; keep it but make it typed
         raise UsageError(message)

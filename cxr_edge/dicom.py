@@ -67,6 +67,7 @@ from pydicom.uid import (UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Impli
 
 from .errors import CorruptImageError, CxrEdgeError, DicomRefusedError, InvalidImageError, UnsupportedFormatError
 from .radiograph import Radiograph, check_dimensions, check_finite, to_unit_range
+from .manifest import DEFAULT_MAX_PIXELS
 
 __all__ = ["read_dicom", "ACCEPTED_MODALITIES", "CHEST_WORDS", "MAX_ASPECT_RATIO", "LATERAL_VIEWS"]
 
@@ -495,7 +496,7 @@ def _render(ds: Dataset, arr: np.ndarray, bits: int, signed: bool) -> tuple[np.n
 
 # --------------------------------------------------------------------------- entry point
 
-def read_dicom(data: bytes, *, min_side: int = 128, max_pixels: int = 64_000_000,
+def read_dicom(data: bytes, *, min_side: int = 128, max_pixels: int = DEFAULT_MAX_PIXELS,
                allow_any_body_part: bool = False) -> Radiograph:
     """Decode one DICOM (bytes) into a :class:`Radiograph`, or refuse it with a typed error.
 

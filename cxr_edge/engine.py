@@ -118,10 +118,11 @@ class Engine:
 
     def __init__(self, model: str | os.PathLike | None = None, *, threads: int | None = None,
                  providers: Sequence[str] | None = None, allow_any_body_part: bool = False,
-                 scope: str = "flag") -> None:
-        """``scope``: ``flag`` (default) | ``refuse`` | ``off`` (unsafe), as for :class:`Classifier`."""
+                 scope: str = "flag", **options: Any) -> None:
+        """``scope``: ``flag`` (default) | ``refuse`` | ``off`` (unsafe), as for :class:`Classifier`; ``options``
+        (``public_key``, ``require_signature``, ``max_pixels``, ``overlay_max_side``) go to the Classifier."""
         self.classifier = Classifier(model, threads=threads, providers=providers,
-                                     allow_any_body_part=allow_any_body_part, scope=scope)
+                                     allow_any_body_part=allow_any_body_part, scope=scope, **options)
         self.manifest = self.classifier.manifest
 
     @property
@@ -307,4 +308,5 @@ class Engine:
         summary = self.manifest.summary()
         summary["file"] = {"size_bytes": self.classifier.bundle.size_bytes}
         summary["runtime"] = {"cxr_edge": __version__}
+        summary["signature"] = self.classifier.signature.to_dict()
         return summary

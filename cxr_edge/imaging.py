@@ -43,6 +43,7 @@ import numpy as np
 from .errors import (CorruptImageError, ImageError, InvalidArgumentError, InvalidImageError,
                      UnsupportedFormatError)
 from .radiograph import Radiograph, check_dimensions, check_finite, max_file_bytes, to_unit_range
+from .manifest import DEFAULT_MAX_PIXELS
 
 __all__ = ["Radiograph", "read_image", "sniff_format", "SUPPORTED_FORMATS", "check_dimensions", "to_unit_range",
            "max_file_bytes", "decode_floor", "DECODE_MARGIN"]
@@ -571,7 +572,7 @@ def _read_path(path: Any, max_bytes: int) -> bytes:
 
 # --------------------------------------------------------------------------- entry point
 
-def read_image(source: Source, *, min_side: int = 128, max_pixels: int = 64_000_000,
+def read_image(source: Source, *, min_side: int = 128, max_pixels: int = DEFAULT_MAX_PIXELS,
                allow_any_body_part: bool = False, decode_at_least: tuple[int, int] | None = None) -> Radiograph:
     """Read a radiograph from a path, bytes, numpy array or PIL image into float32 [0, 1] grayscale.
 

@@ -32,6 +32,14 @@ SCOPE_METHODS = ("pca-mahalanobis",)
 SCOPE_TRANSFORMS = ("none", "sqrt")
 
 
+#: default ``preprocessing.max_pixels`` of new bundles and the runtime's own ceiling (``Classifier(max_pixels=)``):
+#: 6000 x 6000. Every chest detector we know fits (flat panels 3000-4300 px a side, CR plates 3500 x 4300,
+#: a 5000 x 5000 or 4000 x 6000 frame still passes), and ``predict --cam-dir`` of a 16-bit PNG at the limit
+#: peaks at about 0.4 GB RSS (README "Input handling": peak memory per input size); a header claiming
+#: more is refused before any pixel is decoded.
+DEFAULT_MAX_PIXELS = 36_000_000
+
+
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise ManifestError(message)
@@ -63,7 +71,7 @@ class PreprocessSpec:
     layout: str = "NCHW"
     dtype: str = "float32"
     min_side: int = 128
-    max_pixels: int = 64_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def validate(self) -> None:
         h, w = self.input_size

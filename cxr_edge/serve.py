@@ -482,13 +482,17 @@ def serve_main(args) -> int:
             except (OSError, ValueError):
                 pass
 
-    from .cli_support import scope_mode
+    from .cli_support import classifier_options, public_key_path, scope_mode, signature_warning
 
     mode = scope_mode(args)
     if mode == "off":  # printed even with --quiet: an unsafe setting must not go unnoticed
         print("cxr-edge serve: WARNING: --no-scope-gate: the input scope gate is off (unsafe): decisions are given for any pixels, "
             "including images that are not frontal chest radiographs", file=sys.stderr, flush=True)
-    engine = Engine(args.model, threads=args.threads, allow_any_body_part=args.allow_any_body_part, scope=mode)
+    engine = Engine(args.model, threads=args.threads, allow_any_body_part=args.allow_any_body_part, scope=mode,
+                    **classifier_options(args))
+    unsigned_note = signature_warning(engine.classifier.signature, public_key_path(args) is not None)
+    if unsigned_note:  # printed even with --quiet, like the scope-gate warning
+        print(f"cxr-edge serve: WARNING: {unsigned_note}", file=sys.stderr, flush=True)
     server = Server(engine, workers=args.workers, queue_size=args.queue_size,
                     max_request_bytes=args.max_request_bytes, log=log, delay_s=args.test_delay_ms / 1e3,
                     prefetch=args.prefetch)
@@ -501,6 +505,7 @@ def serve_main(args) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     where = " and ".join(w for w, on in (("unix socket", bool(args.socket)), ("stdio", args.stdio)) if on)
-    log(f"model {engine.model_id} loaded; {args.workers} worker(s), queue {args.queue_size}; serving on {where}")
+    log(f"model {engine.model_id} loaded (signature: {engine.classifier.signature.describe()}); {args.workers} "
+        f"worker(s), queue {args.queue_size}; serving on {where}")
     server.run(stdio=args.stdio)
     return EXIT_OK

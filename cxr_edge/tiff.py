@@ -25,6 +25,7 @@ import numpy as np
 
 from .errors import CorruptImageError, InvalidImageError, UnsupportedFormatError
 from .radiograph import Radiograph, check_dimensions, check_finite, max_file_bytes, to_unit_range
+from .manifest import DEFAULT_MAX_PIXELS
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
 _MODES = {"L": 8, "I;16": 16, "I;16L": 16, "I;16B": 16}
@@ -76,7 +77,7 @@ def _rawmode(image: Any) -> str:
     return str(args)
 
 
-def read_tiff(data: bytes, *, min_side: int = 128, max_pixels: int = 64_000_000) -> Radiograph:
+def read_tiff(data: bytes, *, min_side: int = 128, max_pixels: int = DEFAULT_MAX_PIXELS) -> Radiograph:
     """Decode a TIFF (bytes) into a Radiograph, or refuse it with a typed error (module rules)."""
     from PIL import Image, UnidentifiedImageError
 

@@ -40,7 +40,7 @@ import cv2
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-SPARSE_SIZE = 600_000_000  # over max_file_bytes(64_000_000) = 8 * 64e6 + 64 MiB, the CLI's default limit
+SPARSE_SIZE = 600_000_000  # over max_file_bytes(36_000_000) = 8 * 36e6 + 64 MiB, the CLI's default limit
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class Case:
     expect: str  # "refuse" or "accept"
     error: str | None = None  # the error class read_image must raise (None: any ImageError, or accept)
     why: str = ""
+    args: tuple[str, ...] = ()  # more predict flags (e.g. --cam-dir: the overlay path's memory)
 
 
 # --------------------------------------------------------------------------- image builders
@@ -124,9 +125,9 @@ def jpeg_many_scans(n: int = 2000) -> bytes:
 
 
 def jpeg_thumbnail_main_huge() -> bytes:
-    """An APP1 with a complete small JPEG inside (its SOF says 16x16) before a main SOF claiming 8000x8000."""
+    """An APP1 with a complete small JPEG inside (its SOF says 16x16) before a main SOF claiming 6000x6000."""
     thumb = encode(".jpg", chest(16, 16))
-    main = jpeg_with_size(encode(".jpg", chest()), 8000, 8000)
+    main = jpeg_with_size(encode(".jpg", chest()), 6000, 6000)
     return main[:2] + b"\xff\xe1" + struct.pack(">H", len(thumb) + 2) + thumb + main[2:]
 
 
@@ -243,10 +244,10 @@ def build_cases(root: Path) -> list[Case]:
     cases: list[Case] = []
 
     def add(name: str, data: bytes, expect: str = "refuse", error: str | None = None, why: str = "",
-            suffix: str = "") -> None:
+            suffix: str = "", args: tuple[str, ...] = ()) -> None:
         path = root / f"{name}{suffix}"
         path.write_bytes(data)
-        cases.append(Case(name, str(path), expect, error, why))
+        cases.append(Case(name, str(path), expect, error, why, args))
 
     img = chest()
     png = encode(".png", img)
@@ -274,6 +275,14 @@ def build_cases(root: Path) -> list[Case]:
     add("png_truncated", png[: len(png) // 2], error="CorruptImageError", why="PNG cut in half")
     add("jpeg_truncated", jpg[: len(jpg) // 2], error="CorruptImageError", why="JPEG cut in half, no EOI")
     add("png_tiny", encode(".png", np.zeros((1, 1), np.uint8)), error="InvalidImageError", why="1x1 pixel")
+    # memory: the issue's 69 KB 8000 x 8000 PNG with overlays took 3.9 GB; now over the default max_pixels, and
+    # the largest accepted size (6000 x 6000) with an overlay of every label stays under the 2 GiB cap
+    cams = ("--cam-dir", str(root / "cams"), "--cam-label", "all")
+    add("png_8000_smooth_cams", encode(".png", np.full((8000, 8000), 128, np.uint8)), error="InvalidImageError",
+        why="8000x8000 flat PNG (~70 KB) with --cam-dir: over the 36 MP default", args=cams)
+    sample = cv2.imread(str(REPO / "cxr_edge" / "data" / "sample_chest_pa.png"), cv2.IMREAD_GRAYSCALE)
+    add("ok_png_6000_cams", encode(".png", cv2.resize(sample, (6000, 6000), interpolation=cv2.INTER_CUBIC)), "accept",
+        why="6000x6000 sample chest (= max_pixels) with 14 overlays, 2 GiB cap", args=cams)
     bomb_ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
     add("png_bomb", png_from(bomb_ihdr, zlib.compress(b"\x00" * 30001 * 4)), error="InvalidImageError",
         why="IHDR 30000x30000, 100 bytes")
@@ -293,12 +302,12 @@ def build_cases(root: Path) -> list[Case]:
         error="UnsupportedFormatError", why="unknown critical chunk")
 
     # JPEG
-    add("jpeg_sof_8000_tiny", jpeg_with_size(jpg, 8000, 8000), error="CorruptImageError",
-        why="SOF 8000x8000 (= max_pixels), a few KB of data")
+    add("jpeg_sof_6000_tiny", jpeg_with_size(jpg, 6000, 6000), error="CorruptImageError",
+        why="SOF 6000x6000 (= the default max_pixels), a few KB of data")
     add("jpeg_sof_60000", jpeg_with_size(jpg, 60000, 60000), error="InvalidImageError",
         why="SOF over max_pixels")
     add("jpeg_thumb_then_huge_frame", jpeg_thumbnail_main_huge(), error="CorruptImageError",
-        why="16x16 EXIF-style thumbnail, frame 8000x8000")
+        why="16x16 EXIF-style thumbnail, frame 6000x6000")
     add("jpeg_2000_scans", jpeg_many_scans(), error="CorruptImageError", why="progressive, 2000 SOS")
     add("jpeg_half_plus_eoi", jpg[: len(jpg) // 2] + b"\xff\xd9", error="CorruptImageError",
         why="baseline cut in half, EOI appended")
@@ -423,7 +432,7 @@ def _error_of(stderr: str) -> dict | None:
 def run_case(case: Case, command: list[str], timeout: float, memory_bytes: int) -> Outcome:
     start = time.perf_counter()
     try:
-        proc = subprocess.run(command + ["predict", case.path, "--json"], capture_output=True, text=True,
+        proc = subprocess.run(command + ["predict", case.path, "--json", *case.args], capture_output=True, text=True,
                               timeout=timeout, preexec_fn=_limit_memory(memory_bytes), cwd=REPO,
                               stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:

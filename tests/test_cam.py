@@ -134,3 +134,63 @@ def test_overlay_write_failures_are_output_errors(tmp_path):
         with pytest.raises(OutputError):
             write_overlay_png(str(bad), img, img)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]  # no temporary file left behind
+
+
+def test_overlay_shape_bounds_the_long_side_and_keeps_the_aspect():
+    from cxr_edge.cam import OVERLAY_MAX_SIDE, check_max_side, overlay_shape
+
+    assert overlay_shape((300, 200)) == (300, 200)  # never enlarged
+    assert overlay_shape((8000, 8000)) == (OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE)
+    assert overlay_shape((6000, 4000), 1024) == (1024, 683)
+    assert overlay_shape((4000, 6000), 2048) == (1365, 2048)
+    for bad in (0, 10, 10 ** 6, 1.5, True, "1024"):
+        with pytest.raises(Exception, match="longest side"):
+            check_max_side(bad)
+
+
+def test_overlay_of_a_large_input_has_bounded_dimensions(tiny_bundle, tmp_path, capsys):
+    """A 3000 x 4500 input: the overlay image is 683 x 1024 (aspect kept), not the input's grid, and says so."""
+    import cv2
+
+    from cxr_edge.classifier import Classifier
+    from cxr_edge.cli import main
+
+    rng = np.random.default_rng(3)
+    big = cv2.resize(rng.random((60, 90)).astype(np.float32), (4500, 3000), interpolation=cv2.INTER_CUBIC)
+    big = np.clip(big, 0.0, 1.0)
+    clf = Classifier(tiny_bundle, threads=1)
+    pred = clf.predict(big)
+    assert pred.image_shape == (3000, 4500)
+    out = tmp_path / "big.png"
+    pred.write_overlay(out, 0)
+    png = cv2.imread(str(out))
+    assert png.shape[1] == 1024 and 683 < png.shape[0] < 683 + 700  # image area 683 x 1024, then the legend panel
+    # the image area is the downscaled radiograph (gray where the map is cold), not padding
+    assert float(png[:683].std()) > 5.0
+    # smaller on request, through the API and the command line
+    pred.write_overlay(out, 0, max_side=256)
+    assert cv2.imread(str(out)).shape[1] == 640  # 171 x 256 image; the panel keeps a legible 640 px minimum
+    path = tmp_path / "big_input.png"
+    cv2.imwrite(str(path), (big * 255).astype(np.uint8))
+    cams = tmp_path / "cams"
+    assert main(["predict", str(path), "--model", str(tiny_bundle), "--cam-dir", str(cams), "--cam-label", "all",
+                 "--overlay-max-side", "512", "--json"]) == 0
+    written = sorted(cams.glob("*.png"))
+    assert len(written) == 3
+    for p in written:
+        h, w = cv2.imread(str(p)).shape[:2]
+        assert w == 640 and h < 341 + 700
+    capsys.readouterr()
+    assert main(["predict", str(path), "--model", str(tiny_bundle), "--cam-dir", str(cams),
+                 "--overlay-max-side", "10"]) == 2
+
+
+def test_overlay_legend_says_when_the_image_is_downscaled():
+    from cxr_edge.cam import OverlayLegend, render_overlay
+
+    legend = OverlayLegend(label="x", probability=0.7, threshold=0.5, decision=True, model_id="m", notice="n",
+                           scale=1.0, empty=False, input_shape=(4000, 3000))
+    img = np.full((1024, 768), 0.5, np.float32)
+    with_note = render_overlay(img, np.zeros_like(img), legend=legend)
+    same = render_overlay(img, np.zeros_like(img), legend=OverlayLegend(**{**legend.__dict__, "input_shape": (1024, 768)}))
+    assert with_note.shape[0] > same.shape[0]  # one more legend line: "image shown at 768 x 1024 px (input 3000 x 4000 ...)"
