@@ -258,27 +258,30 @@ def end_to_end(engine, png: str, folder: Path, repeats: int) -> dict:
 def serve_overhead(engine, png: str, model: str, threads: int | None, folder: Path, requests: int) -> dict:
     for _ in range(3):
         engine.predict_object(png)
-    server = ServeProcess(folder, model, threads)
-    inproc, served = [], []
-    try:
-        s, r = server.connect()
-        for _ in range(3):
-            s.sendall(_req("warm", png))
-            _check(json.loads(r.readline()))
-        for i in range(requests):  # interleaved with the in-process calls
-            t0 = time.perf_counter()
-            engine.predict_object(png)
-            t1 = time.perf_counter()
-            s.sendall(_req(i, png))
-            _check(json.loads(r.readline()))
-            t2 = time.perf_counter()
-            inproc.append(t1 - t0)
-            served.append(t2 - t1)
-        s.close()
-    finally:
-        server.stop()
-    d = {"in_process_ms": median_ms(inproc), "serve_ms": median_ms(served)}
-    d["overhead_ms"] = round(d["serve_ms"] - d["in_process_ms"], 3)
+    d: dict = {}
+    for depth in (1, 0):  # the default (a decoder thread hands each request to the worker), and without it
+        server = ServeProcess(folder, model, threads, "--prefetch", str(depth))
+        inproc, served = [], []
+        try:
+            s, r = server.connect()
+            for _ in range(3):
+                s.sendall(_req("warm", png))
+                _check(json.loads(r.readline()))
+            for i in range(requests):  # interleaved with the in-process calls
+                t0 = time.perf_counter()
+                engine.predict_object(png)
+                t1 = time.perf_counter()
+                s.sendall(_req(i, png))
+                _check(json.loads(r.readline()))
+                t2 = time.perf_counter()
+                inproc.append(t1 - t0)
+                served.append(t2 - t1)
+            s.close()
+        finally:
+            server.stop()
+        row = {"in_process_ms": median_ms(inproc), "serve_ms": median_ms(served)}
+        row["overhead_ms"] = round(row["serve_ms"] - row["in_process_ms"], 3)
+        d[f"prefetch{depth}"] = row
     return d
 
 
@@ -355,9 +358,9 @@ def report(r: dict) -> None:
     j = c["jpeg_2048"]
     print(f"    2048 px JPEG decode: full {j['decode_full_ms']:.2f} ms, reduced (1/{j['decode_scale']}) "
           f"{j['decode_reduced_ms']:.2f} ms: {j['speedup']}x")
-    d = r["d_serve_overhead"]
-    print(f"(d) serve {d['serve_ms']:.2f} ms vs in-process {d['in_process_ms']:.2f} ms: overhead "
-          f"{d['overhead_ms']:+.3f} ms per request (goal <= 1 ms)")
+    for depth, d in r["d_serve_overhead"].items():
+        print(f"(d) serve --{depth.replace('prefetch', 'prefetch ')}: {d['serve_ms']:.2f} ms vs in-process "
+              f"{d['in_process_ms']:.2f} ms: overhead {d['overhead_ms']:+.3f} ms per request (goal <= 1 ms)")
 
 
 if __name__ == "__main__":
