@@ -8,6 +8,8 @@ a crash in one case cannot hide another. Each outcome is one of:
 * ``refused``   exit 3 with a JSON error object on stderr: the typed refusal the runtime promises;
 * ``classified`` exit 0: fine for the control cases, a **silent wrong answer** for a case that
   must be refused;
+* ``out_of_scope`` exit 6: the reader accepted it and the input scope gate withheld the decisions
+  (not as expected either way: a control must be classified, a hostile input refused by the reader);
 * ``crash``     any other exit code, or a Python traceback on stderr;
 * ``hang``      still running at the timeout.
 
@@ -55,14 +57,17 @@ class Case:
 
 # --------------------------------------------------------------------------- image builders
 
-def chest(h: int = 256, w: int = 232, seed: int = 0) -> np.ndarray:
-    """A deterministic chest-ish 8-bit image: a bright mediastinum, dark lungs, noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = 170 - 90 * np.exp(-(((x - w * 0.3) / (w * 0.14)) ** 2 + ((y - h * 0.5) / (h * 0.3)) ** 2))
-    img -= 90 * np.exp(-(((x - w * 0.7) / (w * 0.14)) ** 2 + ((y - h * 0.5) / (h * 0.3)) ** 2))
-    img += rng.normal(0, 8, (h, w))
-    return np.clip(img, 0, 255).astype(np.uint8)
+SAMPLE = REPO / "cxr_edge" / "data" / "sample_chest_pa.png"
+
+
+def chest(h: int = 384, w: int = 362) -> np.ndarray:
+    """The repository's sample PA radiograph, area-resized to h x w (8-bit).
+
+    A real radiograph, so the controls pass the default model's input scope gate and are classified
+    (exit 0; a synthetic blob image is flagged out of scope, exit 6). 384 x 362 keeps the aspect and a
+    margin under the gate's threshold (the score rises as detail is lost below ~320 px).
+    """
+    return cv2.resize(cv2.imread(str(SAMPLE), cv2.IMREAD_GRAYSCALE), (w, h), interpolation=cv2.INTER_AREA)
 
 
 def encode(ext: str, img: np.ndarray, params: list[int] | None = None) -> bytes:
@@ -263,7 +268,8 @@ def build_cases(root: Path) -> list[Case]:
     add("ok_png16_sbit12", png_16bit_with_sbit(), "accept", why="12-bit data in a 16-bit PNG with sBIT")
     add("ok_dicom", dicom(), "accept", why="valid DX chest DICOM")
     add("ok_dicom_jpeg", dicom(encapsulated=[jpg]), "accept", why="valid JPEG baseline DICOM")
-    add("ok_dicom_inverse", dicom(PresentationLUTShape="INVERSE"), "accept", why="PresentationLUTShape INVERSE")
+    add("ok_dicom_inverse", dicom(255 - chest(), PresentationLUTShape="INVERSE"), "accept",
+        why="inverted pixels + PresentationLUTShape INVERSE (unapplied, the gate would flag it inverted)")
 
     # the older bad inputs
     add("empty", b"", error="UnsupportedFormatError", why="0 bytes")
@@ -280,7 +286,7 @@ def build_cases(root: Path) -> list[Case]:
     cams = ("--cam-dir", str(root / "cams"), "--cam-label", "all")
     add("png_8000_smooth_cams", encode(".png", np.full((8000, 8000), 128, np.uint8)), error="InvalidImageError",
         why="8000x8000 flat PNG (~70 KB) with --cam-dir: over the 36 MP default", args=cams)
-    sample = cv2.imread(str(REPO / "cxr_edge" / "data" / "sample_chest_pa.png"), cv2.IMREAD_GRAYSCALE)
+    sample = cv2.imread(str(SAMPLE), cv2.IMREAD_GRAYSCALE)
     add("ok_png_6000_cams", encode(".png", cv2.resize(sample, (6000, 6000), interpolation=cv2.INTER_CUBIC)), "accept",
         why="6000x6000 sample chest (= max_pixels) with 14 overlays, 2 GiB cap", args=cams)
     bomb_ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
@@ -324,8 +330,8 @@ def build_cases(root: Path) -> list[Case]:
         why="height 0 (DNL)")
 
     # DICOM: pixel data that disagrees with the header
-    add("dicom_jpeg_sof_mismatch", dicom(encapsulated=[encode(".jpg", chest(240, 232))]), error="CorruptImageError",
-        why="JPEG SOF 232x240, Rows/Columns 232x256")
+    add("dicom_jpeg_sof_mismatch", dicom(encapsulated=[encode(".jpg", chest(368, 362))]), error="CorruptImageError",
+        why="JPEG SOF 362x368, Rows/Columns 362x384")
     add("dicom_jpeg_half_plus_eoi", dicom(encapsulated=[jpg[: len(jpg) // 2] + b"\xff\xd9"]),
         error="CorruptImageError", why="JPEG frame cut in half, EOI appended")
     add("dicom_rle_truncated", dicom_rle()[:-300], error="CorruptImageError", why="RLE file cut short")
@@ -402,7 +408,7 @@ def build_cases(root: Path) -> list[Case]:
 @dataclass(frozen=True)
 class Outcome:
     case: Case
-    kind: str  # refused / classified / silent_wrong_answer / false_refusal / crash / hang
+    kind: str  # refused / classified / silent_wrong_answer / false_refusal / out_of_scope / crash / hang
     rc: int | None
     seconds: float
     detail: str
@@ -449,6 +455,8 @@ def run_case(case: Case, command: list[str], timeout: float, memory_bytes: int) 
     if proc.returncode == 0:
         kind = "classified" if case.expect == "accept" else "silent_wrong_answer"
         return Outcome(case, kind, 0, seconds, "classified")
+    if proc.returncode == 6:  # read and classified, but the input scope gate withheld every decision
+        return Outcome(case, "out_of_scope", 6, seconds, "read, then flagged by the scope gate (no decisions)")
     tail = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
     return Outcome(case, "crash", proc.returncode, seconds, f"exit {proc.returncode}: {tail[:90]}")
 
