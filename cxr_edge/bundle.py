@@ -15,13 +15,16 @@ import os
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
 from .errors import BundleError, ChecksumMismatchError, InvalidArgumentError, ManifestError, NoDefaultModelError
 from .manifest import MANIFEST_KEY, Manifest
 from .signature import SIGNATURE_KEY, KeySource, SignatureStatus, check_signature, sign_digest
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 METADATA_PROPS_FIELD = 14
 DEFAULT_BUNDLE = "default.onnx"
@@ -205,7 +208,7 @@ def embed_manifest(model_bytes: bytes, manifest: Manifest) -> bytes:
     return _assemble(body, metadata)
 
 
-def sign_bundle(model_bytes: bytes, private_key) -> bytes:
+def sign_bundle(model_bytes: bytes, private_key: "Ed25519PrivateKey") -> bytes:
     """Return the bundle with an ed25519 signature (``private_key``: an ``Ed25519PrivateKey``) of its
     verified digest under :data:`~cxr_edge.signature.SIGNATURE_KEY`; an earlier signature is replaced.
 

@@ -21,9 +21,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import TYPE_CHECKING, Any, Mapping, Union
 
 from .errors import BundleError, InvalidArgumentError
+
+if TYPE_CHECKING:  # the optional extra; imported for real only when a key is used
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 #: ONNX ``metadata_props`` key of the signature entry (not covered by the bundle digest)
 SIGNATURE_KEY = "cxr_edge.signature"
@@ -151,7 +154,7 @@ def _pem_bytes(source: KeySource, what: str) -> bytes:
     raise InvalidArgumentError(f"a {what} is a path or PEM bytes, got {type(source).__name__}")
 
 
-def load_public_key(source: KeySource):
+def load_public_key(source: KeySource) -> "Ed25519PublicKey":
     """An ``Ed25519PublicKey`` from a PEM file path or PEM bytes (typed errors: not a key, not ed25519)."""
     ed25519, serialization = crypto_modules()
     data = _pem_bytes(source, "public key")
@@ -165,7 +168,7 @@ def load_public_key(source: KeySource):
     return key
 
 
-def load_private_key(source: KeySource):
+def load_private_key(source: KeySource) -> "Ed25519PrivateKey":
     """An ``Ed25519PrivateKey`` from an unencrypted PEM file path or PEM bytes."""
     ed25519, serialization = crypto_modules()
     data = _pem_bytes(source, "private key")
@@ -182,21 +185,21 @@ def load_private_key(source: KeySource):
     return key
 
 
-def public_key_fingerprint(public_key) -> str:
+def public_key_fingerprint(public_key: "Ed25519PublicKey") -> str:
     """SHA-256 hex of the raw 32-byte ed25519 public key: what a signature entry names its signer by."""
     _, serialization = crypto_modules()
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()
 
 
-def public_key_pem(key) -> bytes:
+def public_key_pem(key: "Ed25519PrivateKey | Ed25519PublicKey") -> bytes:
     """SubjectPublicKeyInfo PEM of an ed25519 public key (or of a private key's public half)."""
     _, serialization = crypto_modules()
     public = key.public_key() if hasattr(key, "private_bytes") else key
     return public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def sign_digest(private_key, bundle_sha256: str) -> Signature:
+def sign_digest(private_key: "Ed25519PrivateKey", bundle_sha256: str) -> Signature:
     """The signature entry of a bundle whose (verified) digest is ``bundle_sha256``."""
     fp = public_key_fingerprint(private_key.public_key())
     return Signature(key_fingerprint=fp, signature=private_key.sign(message(bundle_sha256)))
@@ -214,15 +217,15 @@ def check_signature(metadata: Mapping[str, str], bundle_sha256: str, public_key:
     if require_signature and public_key is None:
         raise InvalidArgumentError("require_signature needs a public key to verify against (public_key=..., "
                                    f"--public-key or {PUBLIC_KEY_ENV})")
+    key = None if public_key is None else load_public_key(public_key)  # a bad key is refused even if unused
     entry = read_signature(metadata)
     if entry is None:
         if require_signature:
             raise BundleSignatureError("the bundle is unsigned and a signature is required; sign it with "
                                        "python -m export.sign BUNDLE --key PRIVATE.pem")
         return SignatureStatus(signed=False)
-    if public_key is None:
+    if key is None:
         return SignatureStatus(signed=True, key_fingerprint=entry.key_fingerprint)
-    key = load_public_key(public_key)
     expected = public_key_fingerprint(key)
     if entry.key_fingerprint != expected:
         raise BundleSignatureError(f"the bundle is signed by another key (fingerprint {entry.key_fingerprint[:16]}..., "

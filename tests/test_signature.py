@@ -266,3 +266,10 @@ def test_calibrate_drops_the_old_signature_or_signs_with_sign_key(bundles, keys,
                                    "verified": True}
     new = load_bundle(signed_out, threads=1, public_key=keys["maker"]["public"], require_signature=True)
     assert "recalibration" in new.manifest.provenance and new.signature.verified  # the new manifest is what is signed
+
+
+def test_a_bad_key_is_refused_even_for_an_unsigned_bundle(bundles, tmp_path):
+    with pytest.raises(BundleSignatureError, match="not a readable file"):
+        Classifier(bundles["unsigned"], threads=1, public_key=tmp_path / "missing.pem")
+    with pytest.raises(BundleSignatureError, match="not a PEM public key"):
+        Classifier(bundles["unsigned"], threads=1, public_key=b"-----BEGIN PUBLIC KEY-----\nnope\n")
