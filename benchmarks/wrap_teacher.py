@@ -79,10 +79,11 @@ def mean_auc(bundle_path: Path) -> float:
     """Mean ROC AUC over labels with both classes, on the teacher's validation images."""
     from sklearn.metrics import roc_auc_score
 
-    from export.images import load_batch, read_labels, read_name_list, resolve_images
+    from export.images import load_batch, read_labels, resolve_images
+    from models.datasets import read_image_list
 
     data = SHARED / "data" / "nih-cxr14-sample"
-    names = read_name_list(SHARED / "teachers" / "teacher_val_images.csv")
+    names = read_image_list(SHARED / "teachers" / "teacher_val_images.csv")
     bundle = load_bundle(bundle_path, threads=os.cpu_count())
     spec = bundle.manifest.preprocessing
     y = read_labels(data / "labels.csv", names, NIH_LABELS)
@@ -98,11 +99,12 @@ def mean_auc(bundle_path: Path) -> float:
 
 def write_int8(fp32_bytes: bytes, out: Path, calib_count: int) -> Path:
     from export.calibration import reader_from_images, select_calibration
-    from export.images import read_name_list, resolve_images
+    from export.images import resolve_images
+    from models.datasets import read_image_list
     from export.quantize import quantize_int8
 
     data = SHARED / "data" / "nih-cxr14-sample"
-    names = read_name_list(SHARED / "teachers" / "teacher_train_images.csv")
+    names = read_image_list(SHARED / "teachers" / "teacher_train_images.csv")
     paths = select_calibration(resolve_images(names, data / "images"), calib_count, seed=0)
     spec = teacher_manifest(fp32_bytes, TEACHER, "fp32", None, "").preprocessing
     result = quantize_int8(fp32_bytes, reader_from_images(paths, spec), features_output="features",

@@ -16,6 +16,7 @@ from .cam import (OVERLAY_MAX_SIDE, OverlayLegend, absolute_map, activation_map_
 from .errors import CxrEdgeError, DicomRefusedError, InferenceError, InvalidArgumentError, OutOfScopeError
 from .imaging import Radiograph, decode_floor, read_image
 from .manifest import DEFAULT_MAX_PIXELS, NOT_A_MEDICAL_DEVICE, Manifest
+from .operating_points import sigmoid
 from .preprocess import preprocess
 from .scope import ScopeGate, ScopeResult
 from .signature import SignatureStatus
@@ -31,10 +32,6 @@ SCOPE_MODES = ("flag", "refuse", "off")
 OVERRIDE_REASON = "DICOM anatomy override (allow_any_body_part): not a confirmed chest radiograph"
 
 Source = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, np.ndarray, Any]
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)
 
 
 def _declared_shape(img: Radiograph) -> tuple[int, int]:
@@ -344,7 +341,7 @@ class Classifier:
         t1 = time.perf_counter()
         logits, features, gate_features = self._infer(batch)
         t2 = time.perf_counter()
-        probs = _sigmoid(logits)
+        probs = sigmoid(logits).astype(np.float32)
         share_pre, share_inf = (t1 - t0) * 1e3 / len(run), (t2 - t1) * 1e3 / len(run)
         labels = self.labels
         thresholds = {name: (None if np.isnan(t) else float(t)) for name, t in zip(labels, self._thresholds)}

@@ -34,6 +34,12 @@ import numpy as np
 
 from .errors import InvalidArgumentError
 
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Probabilities from logits (float64; the tanh form cannot overflow): the one sigmoid of the runtime,
+    the export gate and evaluation, so all three turn a logit into the same probability."""
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(logits, dtype=np.float64)))
+
 DEFAULT_THRESHOLD = 0.5
 METHODS = ("breakeven", "f1", "youden", "specificity", "sensitivity", "fixed")
 _EPS = 1e-4

@@ -45,7 +45,9 @@ from .scope_fit import fit_scope, pooled_features
 from .source import ExportSource, ImageSet
 from .thresholds import METHODS as THRESHOLD_METHODS
 from .thresholds import choose_thresholds
-from .verify import GateCriteria, cam_correlations, compare_models, gate, sigmoid
+from cxr_edge.operating_points import sigmoid
+
+from .verify import GateCriteria, cam_correlations, compare_models, gate
 
 PARITY_IMAGES = 32
 #: the scope gate is fitted by default only from this many training images on (a density of fewer is noise;

@@ -14,36 +14,14 @@ import numpy as np
 
 from cxr_edge.errors import InvalidArgumentError
 from cxr_edge.manifest import PreprocessSpec
+from models.config import shared_dir
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 
 
-def shared_dir() -> Path:
-    """``$CXR_EDGE_SHARED`` or ``<repo>/../shared`` (read-only real data, never copied into the repo)."""
-    return Path(os.environ.get("CXR_EDGE_SHARED", REPO.parent / "shared")).resolve()
-
-
 def nih_sample_dir() -> Path:
     return shared_dir() / "data" / "nih-cxr14-sample"
-
-
-def read_name_list(path: str | os.PathLike) -> list[str]:
-    """Image names from a CSV with an ``image`` column (e.g. teacher_val_images.csv) or a text file."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise InvalidArgumentError(f"cannot read image list {p}: {exc.strerror or exc}") from None
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    is_csv = bool(lines) and ("," in lines[0] or lines[0].lower() in ("image", "image_index", "path"))
-    if is_csv:
-        rows = list(csv.DictReader(lines))
-        key = next((k for k in ("image", "Image Index", "image_index", "path") if rows and k in rows[0]), None)
-        if key is None:
-            raise InvalidArgumentError(f"{p}: CSV image list needs an 'image' column")
-        return [r[key] for r in rows]
-    return lines
 
 
 def resolve_images(names: Iterable[str], image_dir: str | os.PathLike) -> list[Path]:

@@ -41,6 +41,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, compose, helper, numpy_helper, version_converter
 
+from cxr_edge.bundle import session_options
 from cxr_edge.errors import CorruptImageError, InvalidArgumentError, UnsupportedFormatError
 from cxr_edge.manifest import PreprocessSpec
 
@@ -250,11 +251,8 @@ def ingraph_session(model_bytes: bytes, threads: int = 1):
     import onnxruntime as ort
     from onnxruntime_extensions import get_library_path
 
-    opts = ort.SessionOptions()
+    opts = session_options(threads)
     opts.register_custom_ops_library(get_library_path())
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
     return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
 
 

@@ -17,6 +17,7 @@ import onnx
 import torch
 from torch import nn
 
+from cxr_edge.bundle import session_options
 from cxr_edge.errors import InvalidArgumentError
 from cxr_edge.manifest import PreprocessSpec
 
@@ -133,10 +134,9 @@ def optimize_offline(model_bytes: bytes, level: str = "basic") -> bytes:
         raise InvalidArgumentError("only the 'basic' offline optimization level keeps a portable ONNX graph")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "optimized.onnx"
-        opts = ort.SessionOptions()
+        opts = session_options(1)
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         opts.optimized_model_filepath = str(out)
-        opts.log_severity_level = 3
         ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
         proto = onnx.load(str(out))
     # onnxruntime tags the file with its own producer; keep ours so provenance stays readable
@@ -151,10 +151,7 @@ def run_onnx(model_bytes: bytes, batch: np.ndarray, output_names: list[str], inp
     """Run a model on a batch with deterministic CPU settings (used for parity and gate checks)."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
+    opts = session_options(threads)  # the runtime's settings: parity is checked as the device will run it
     if custom_ops:
         from onnxruntime_extensions import get_library_path
 

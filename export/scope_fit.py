@@ -273,7 +273,9 @@ def collect_images(sources: Sequence[str], image_root: str | os.PathLike | None 
                    exclude: Sequence[str] = ()) -> list[Path]:
     """Image files from folders (every image in it) and lists (CSV with an ``image`` column, or one name a line,
     resolved under ``image_root``; default the NIH sample's images); ``exclude``: file names or lists of them."""
-    from .images import list_image_dir, read_name_list, resolve_images
+    from models.datasets import read_image_list
+
+    from .images import list_image_dir, resolve_images
 
     root = Path(image_root) if image_root else _nih_images()
     paths: list[Path] = []
@@ -282,7 +284,7 @@ def collect_images(sources: Sequence[str], image_root: str | os.PathLike | None 
         if p.is_dir():
             paths += list_image_dir(p)
         elif p.is_file():
-            paths += resolve_images(read_name_list(p), root)
+            paths += resolve_images(read_image_list(p), root)
         else:
             raise InvalidArgumentError(f"{src}: neither an image folder nor an image list")
     drop = _excluded_names(exclude)
@@ -443,11 +445,11 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _excluded_names(exclude: Sequence[str]) -> set[str]:
-    from .images import read_name_list
+    from models.datasets import read_image_list
 
     out: set[str] = set()
     for e in exclude:
-        out |= {Path(n).name for n in read_name_list(e)} if Path(e).is_file() else {Path(e).name}
+        out |= {Path(n).name for n in read_image_list(e)} if Path(e).is_file() else {Path(e).name}
     return out
 
 

@@ -22,9 +22,10 @@ from torch import nn
 from cxr_edge.errors import InvalidArgumentError
 from cxr_edge.manifest import PreprocessSpec
 
+from models.datasets import read_image_list
 from models.distill import file_sha256
 
-from .images import list_image_dir, patient_count, read_labels, read_name_list, resolve_images
+from .images import list_image_dir, patient_count, read_labels, resolve_images
 
 
 @dataclass
@@ -129,7 +130,7 @@ def _metrics_summary(metrics: dict | None) -> dict[str, Any] | None:
 
 def _labelled_set(name: str, list_file: str | None, image_dir: Path, labels_csv: Path | None,
                   labels: Sequence[str], exclude: set[str] = frozenset()) -> ImageSet:
-    names = read_name_list(list_file) if list_file else [p.name for p in list_image_dir(image_dir)
+    names = read_image_list(list_file) if list_file else [p.name for p in list_image_dir(image_dir)
                                                           if p.name not in exclude]
     paths = resolve_images(names, image_dir)
     targets = read_labels(labels_csv, [p.name for p in paths], labels) if labels_csv else None

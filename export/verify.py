@@ -24,7 +24,8 @@ import numpy as np
 
 from cxr_edge.cam import class_activation_map
 from cxr_edge.errors import InvalidArgumentError
-from models.evaluate import auc_per_label
+from cxr_edge.operating_points import sigmoid
+from models.evaluate import auc_per_label, degenerate_predictions, warn_degenerate
 
 from .errors import QuantizationGateError
 
@@ -34,10 +35,6 @@ class GateCriteria:
     max_auc_drop: float = 0.5     # |AUC change| in points (0-100 scale): two-sided, a rise is noise too
     min_cam_median: float = 0.9   # Pearson r, median over all (image, label) pairs and over non-empty ones
     max_flip_rate: float = 0.02   # decisions changed at the manifest thresholds, share of (image, label) pairs
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
 
 
 def per_label_auc(scores: np.ndarray, targets: np.ndarray) -> list[float | None]:
@@ -91,7 +88,12 @@ def compare_models(ref: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np
     if l_ref.shape != l_new.shape or l_ref.shape != targets.shape:
         raise InvalidArgumentError(f"logits {l_ref.shape}/{l_new.shape} and targets {targets.shape} must match")
     auc_ref, auc_new = per_label_auc(l_ref, targets), per_label_auc(l_new, targets)
-    valid = [j for j, a in enumerate(auc_ref) if a is not None]
+    # a label whose reference logits carry no ranking (near-constant or mostly tied) gets an AUC from
+    # tie-breaking noise: a 0.0005 logit difference then reads as a drop of points. Such labels are
+    # reported and left out of the AUC change, never counted as a loss or a gain.
+    degenerate = degenerate_predictions(l_ref, labels, targets)
+    warn_degenerate(degenerate, "INT8 gate (fp32 reference)")
+    valid = [j for j, a in enumerate(auc_ref) if a is not None and labels[j] not in degenerate]
     drops = {labels[j]: 100.0 * (auc_ref[j] - auc_new[j]) for j in valid}
     corr_all = cam_correlations(f_ref, f_new, weights)
     corr = corr_all[np.isfinite(corr_all)]
@@ -113,6 +115,7 @@ def compare_models(ref: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np
     return {
         "images": int(len(targets)),
         "labels_with_auc": [labels[j] for j in valid],
+        "degenerate_labels": degenerate,
         "mean_auc_ref": float(np.mean([auc_ref[j] for j in valid])) if valid else None,
         "mean_auc_new": float(np.mean([auc_new[j] for j in valid])) if valid else None,
         "mean_auc_drop_points": float(np.mean(list(drops.values()))) if valid else None,
@@ -134,7 +137,9 @@ def gate(numbers: dict[str, Any], criteria: GateCriteria = GateCriteria()) -> di
     failures = []
     drop = numbers.get("mean_auc_drop_points")
     if drop is None:
-        failures.append("no label has both classes in the verification set: AUC cannot be measured")
+        failures.append("no label has both classes and a non-degenerate fp32 ranking in the verification set: "
+                        "AUC cannot be measured" + (f" (degenerate: {', '.join(numbers['degenerate_labels'])})"
+                                                    if numbers.get("degenerate_labels") else ""))
     elif not abs(drop) <= criteria.max_auc_drop:
         failures.append(f"mean AUC change {-drop:+.3f} points: |change| > {criteria.max_auc_drop}")
     flip = numbers.get("decision_flip_rate")

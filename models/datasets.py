@@ -318,6 +318,24 @@ def official_split(table: LabelTable, train_val_list: PathLike | None = None,
 
 
 @_gc_paused
+def read_image_list(path: str | os.PathLike) -> list[str]:
+    """Image names from a CSV with an ``image`` column (e.g. teacher_val_images.csv) or a text file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise InvalidArgumentError(f"cannot read image list {p}: {exc.strerror or exc}") from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    is_csv = bool(lines) and ("," in lines[0] or lines[0].lower() in ("image", "image_index", "path"))
+    if is_csv:
+        rows = list(csv.DictReader(lines))
+        key = next((k for k in ("image", "Image Index", "image_index", "path") if rows and k in rows[0]), None)
+        if key is None:
+            raise InvalidArgumentError(f"{p}: CSV image list needs an 'image' column")
+        return [r[key].strip() for r in rows if (r[key] or "").strip()]
+    return lines
+
+
 def read_nih_sample(root: PathLike) -> LabelTable:
     """The 1,266-image NIH sample's labels.csv (same labels as Data_Entry_2017_v2020); ``root`` is
     the sample folder (its ``labels.csv`` is read) or the CSV itself."""

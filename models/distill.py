@@ -38,6 +38,7 @@ from torch import nn
 
 from cxr_edge.errors import InvalidArgumentError
 from cxr_edge.manifest import PreprocessSpec
+from cxr_edge.operating_points import sigmoid
 
 CACHE_FORMAT = 1
 
@@ -504,7 +505,7 @@ def _oof_csv(runs: Sequence[str], out: str) -> int:
             labels = names
             folds.add((int(z["fold"]), int(z["n_folds"])))
             ids += [str(v) for v in z["image_ids"]]
-            probs.append(1.0 / (1.0 + np.exp(-z["logits"].astype(np.float64))))
+            probs.append(sigmoid(z["logits"]))
     if len(set(ids)) != len(ids):
         raise InvalidArgumentError("the runs' held-out folds overlap (same fold twice?)")
     write_teacher_csv(out, ids, np.concatenate(probs), labels)

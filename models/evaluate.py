@@ -30,7 +30,7 @@ from scipy.stats import rankdata
 
 from cxr_edge.cam import class_activation_map
 from cxr_edge.errors import CxrEdgeError, InvalidArgumentError
-from models.runs import read_image_list  # noqa: F401  (re-exported: the image-list reader lives in models.runs)
+from models.datasets import read_image_list
 
 #: bbox.csv finding -> model label, where the spellings differ (the NIH list says "Infiltrate").
 FINDING_TO_LABEL = {"Infiltrate": "Infiltration"}
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 # ============================================================================ AUC
 # AUC, patient bootstrap and intervals: one implementation, the runtime's (numpy only; also used by
 # export thresholds and `cxr-edge calibrate`), re-exported here for the toolchain.
-from cxr_edge.operating_points import (_interval, auc_per_label, bootstrap_auc, patient_resamples,  # noqa: E402,F401
+from cxr_edge.operating_points import (_interval, auc_per_label, bootstrap_auc, patient_resamples, sigmoid,  # noqa: E402,F401,E501
                                        roc_auc)
 
 
@@ -481,7 +481,7 @@ def _score(args: argparse.Namespace) -> int:
         metrics["pointing_game"] = pg
     thresholds = getattr(pred, "thresholds", None)
     if thresholds is not None:
-        metrics["operating_points"] = operating_points(sub.targets, 1.0 / (1.0 + np.exp(-logits)), thresholds,
+        metrics["operating_points"] = operating_points(sub.targets, sigmoid(logits), thresholds,
                                                        sub.patient_ids, table.label_names, args.bootstrap, args.seed)
     print(format_table(metrics, title=f"{pred.name}: {len(images)} evaluation images"))
     out = Path(args.out) if args.out else (source / "eval.json" if is_run else Path(f"eval-{pred.name}.json"))
@@ -506,10 +506,10 @@ def _teacher(args: argparse.Namespace) -> int:
         p = load_predictions(run)
         if [str(i) for i in p["image_ids"]] != ids:
             raise InvalidArgumentError(f"{run}: evaluated on other images than {args.reference}")
-        probs.append(1.0 / (1.0 + np.exp(-p["logits"].astype(np.float64))))
+        probs.append(sigmoid(p["logits"]))
     for path in args.csv or []:
         lo = CsvTeacher(path, labels).logits(ids).astype(np.float64)
-        probs.append(1.0 / (1.0 + np.exp(-lo)))
+        probs.append(sigmoid(lo))
     if not probs:
         raise InvalidArgumentError("give --runs and/or --csv")
     mean = np.mean(np.stack(probs), axis=0)

@@ -6,7 +6,6 @@ split and run-loading code; keeping it here means none of them imports another i
 """
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 
@@ -16,15 +15,7 @@ from torch import nn
 
 from cxr_edge.errors import InvalidArgumentError
 from models.config import TrainConfig
-
-
-def read_image_list(path: str | os.PathLike) -> list[str]:
-    """The ``image`` column of a CSV such as teacher_val_images.csv."""
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        if reader.fieldnames is None or "image" not in reader.fieldnames:
-            raise InvalidArgumentError(f"{path}: expected a CSV with an 'image' column")
-        return [r["image"].strip() for r in reader if r["image"].strip()]
+from models.datasets import read_image_list
 
 
 def load_table(cfg: TrainConfig):

@@ -126,12 +126,13 @@ def test_gate_logic_on_synthetic_outputs():
 # ------------------------------------------------------------------ the gate on real radiographs
 @pytest.fixture(scope="module")
 def real():
-    from export.images import load_batch, read_labels, read_name_list, resolve_images
+    from export.images import load_batch, read_labels, resolve_images
+    from models.datasets import read_image_list
 
     sample = need_shared("data", "nih-cxr14-sample")
     teachers = need_shared("teachers")
-    train = resolve_images(read_name_list(teachers / "teacher_train_images.csv"), sample / "images")
-    val = resolve_images(read_name_list(teachers / "teacher_val_images.csv"), sample / "images")[:VERIFY_IMAGES]
+    train = resolve_images(read_image_list(teachers / "teacher_train_images.csv"), sample / "images")
+    val = resolve_images(read_image_list(teachers / "teacher_val_images.csv"), sample / "images")[:VERIFY_IMAGES]
     calib_paths = select_calibration(train, 48, seed=0)
     calib = load_batch(calib_paths, SPEC)
     model = make_toy_model(bn_batch=calib, seed=0)
@@ -239,3 +240,28 @@ def test_gate_is_two_sided_counts_flips_and_one_sided_empty_cams():
     one = compare_models((logits, feats), (logits, half_empty), targets, w, ["a", "b"])
     assert one["cam_pairs_one_empty"] == 300 and one["cam_pearson_median_all_pairs"] < 0.9
     assert not gate(one)["passed"]
+
+
+def test_gate_ignores_auc_of_a_degenerate_reference_label(caplog):
+    """Issue 12: a near-constant model (logits equal to ~1e-8) got a 9.55-point 'drop' for a 0.0005
+    logit difference. The label is reported as degenerate and left out of the AUC change."""
+    rng = np.random.default_rng(1)
+    targets = (rng.random((200, 2)) < 0.4).astype(np.float32)
+    good = (2.0 * targets[:, 0] + rng.normal(0, 1, 200)).astype(np.float32)
+    flat = (-3.0 + 1e-8 * rng.normal(0, 1, 200)).astype(np.float32)  # near-constant: ranking = float noise
+    ref = np.stack([good, flat], 1)
+    new = ref.copy()
+    new[:, 1] = -3.0 + 5e-4 * rng.normal(0, 1, 200)  # a tiny change that reorders the flat label at random
+    feats = rng.random((200, 8, 4, 4)).astype(np.float32)
+    w = np.abs(rng.normal(0, 1, (2, 8))).astype(np.float32)
+    with caplog.at_level("WARNING"):
+        numbers = compare_models((ref, feats), (new, feats), targets, w, ["good", "flat"])
+    assert "flat" in numbers["degenerate_labels"] and "good" not in numbers["degenerate_labels"]
+    assert numbers["labels_with_auc"] == ["good"] and numbers["mean_auc_drop_points"] == 0.0
+    assert "flat" not in numbers["auc_drop_points_per_label"]
+    assert gate(numbers)["passed"]
+    assert any("degenerate" in r.getMessage() for r in caplog.records)
+    # every label degenerate: the gate cannot measure AUC and says why
+    both = compare_models((np.stack([flat, flat], 1), feats), (new[:, [1, 1]], feats), targets, w, ["x", "y"])
+    failures = gate(both)["failures"]
+    assert any("degenerate" in f and "cannot be measured" in f for f in failures)

@@ -36,6 +36,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..bundle import session_options
 from .onnxwalk import Graph, Node, parse_model, with_outputs
 
 # op type -> (input index of X, input index of W); out-of-graph conventions of the quantized forms
@@ -208,9 +209,8 @@ def _runtime_shapes(model: bytes, graph: Graph, input_hw: Sequence[int] | None
     try:
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        opts.intra_op_num_threads = 1
+        opts = session_options(1)
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # shapes as written
         opts.log_severity_level = 4  # a failing run is reported in the result, not logged
         session = ort.InferenceSession(with_outputs(model, wanted), sess_options=opts,
                                        providers=["CPUExecutionProvider"])
