@@ -5,16 +5,16 @@ the exact path the runtime takes, so calibration and verification see what devic
 """
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from cxr_edge.errors import InvalidArgumentError
+from cxr_edge.errors import CxrEdgeError, InvalidArgumentError
 from cxr_edge.manifest import PreprocessSpec
 from models.config import shared_dir
+from models.datasets import read_csv_labels
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
@@ -55,35 +55,31 @@ def load_batch(paths: Sequence[str | os.PathLike], spec: PreprocessSpec) -> np.n
 
 
 def read_labels(labels_csv: str | os.PathLike, names: Sequence[str], labels: Sequence[str]) -> np.ndarray:
-    """N x L 0/1 float32 targets for ``names`` (file names) from a labels CSV with one column per label.
+    """N x L float32 targets (1/0, NaN = unknown) for ``names`` (file names), read with the training
+    toolchain's generic reader (``models.datasets.read_csv_labels``: ``image``, ``patient_id``, label
+    columns), so export and training parse a labels file the same way.
 
     A name absent from the CSV, or a label column the CSV lacks, is an error: AUCs on made-up
     labels would be a wrong answer.
     """
-    try:
-        with open(labels_csv, newline="") as fh:
-            rows = {Path(r["image"]).name: r for r in csv.DictReader(fh)}
-    except (OSError, KeyError) as exc:
-        raise InvalidArgumentError(f"cannot read labels from {labels_csv}: {exc}") from None
-    missing_cols = [lab for lab in labels if rows and lab not in next(iter(rows.values()))]
-    if missing_cols:
-        raise InvalidArgumentError(f"{labels_csv} has no column(s) {missing_cols}")
+    table = read_csv_labels(labels_csv, label_columns=list(labels))
+    index = {Path(i).name: k for k, i in enumerate(table.image_ids)}
     out = np.zeros((len(names), len(labels)), dtype=np.float32)
     for i, name in enumerate(names):
-        row = rows.get(Path(name).name)
-        if row is None:
+        k = index.get(Path(name).name)
+        if k is None:
             raise InvalidArgumentError(f"{labels_csv} has no row for image {Path(name).name}")
-        out[i] = [float(row[lab]) for lab in labels]
+        out[i] = table.targets[k]
     return out
 
 
-def patient_count(labels_csv: str | os.PathLike, names: Sequence[str]) -> int | None:
-    """Distinct ``patient_id`` values among ``names`` (None when the CSV has no such column)."""
+def patient_count(labels_csv: str | os.PathLike, names: Sequence[str], labels: Sequence[str]) -> int | None:
+    """Distinct ``patient_id`` values among ``names`` (None when the file is not in the generic layout)."""
     try:
-        with open(labels_csv, newline="") as fh:
-            rows = {Path(r["image"]).name: r.get("patient_id") for r in csv.DictReader(fh)}
-    except (OSError, KeyError):
+        table = read_csv_labels(labels_csv, label_columns=list(labels))
+    except (CxrEdgeError, OSError):
         return None
+    rows = {Path(i).name: pid for i, pid in zip(table.image_ids, table.patient_ids)}
     ids = {rows.get(Path(n).name) for n in names}
     ids.discard(None)
     return len(ids) or None

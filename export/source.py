@@ -134,7 +134,7 @@ def _labelled_set(name: str, list_file: str | None, image_dir: Path, labels_csv:
                                                           if p.name not in exclude]
     paths = resolve_images(names, image_dir)
     targets = read_labels(labels_csv, [p.name for p in paths], labels) if labels_csv else None
-    patients = patient_count(labels_csv, [p.name for p in paths]) if labels_csv else None
+    patients = patient_count(labels_csv, [p.name for p in paths], labels) if labels_csv else None
     return ImageSet(f"{name} ({Path(list_file).name if list_file else image_dir.name})", paths, targets, patients)
 
 
