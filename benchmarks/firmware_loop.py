@@ -176,16 +176,25 @@ def firmware_loop(paths: list[str], model: str, threads: int | None, folder: Pat
 
 
 def folder_throughput(engine, paths: list[str], model: str, threads: int | None, folder: Path, rounds: int) -> dict:
+    """``cxr-edge predict FOLDER`` as the CLI runs it: one at a time (``--prefetch 0``, the model on its
+    default threads) vs pipelined (``--prefetch 2``: decoders on the cores, the model on
+    ``pipelined_model_threads`` threads, 1 unless ``--threads`` is given)."""
+    from cxr_edge.engine import Engine, pipelined_model_threads
+
+    piped_engine = Engine(model, threads=pipelined_model_threads(threads, len(paths), 2))
+    engines = {0: engine, 2: piped_engine}
     best = {0: float("inf"), 2: float("inf")}
     for _ in range(rounds):  # alternate, keep the best of each: the least disturbed run
         for depth in (0, 2):
             t0 = time.perf_counter()
-            n = sum(1 for _ in engine.run(paths, prefetch=depth))
+            n = sum(1 for _ in engines[depth].run(paths, prefetch=depth))
             best[depth] = min(best[depth], time.perf_counter() - t0)
             assert n == len(paths)
     b = {"in_process": {"one_at_a_time_img_s": round(len(paths) / best[0], 3),
                         "prefetch2_img_s": round(len(paths) / best[2], 3)}}
     b["in_process"]["speedup"] = round(best[0] / best[2], 2)
+    b["in_process"]["model_threads"] = {"one_at_a_time": engine.classifier.bundle.threads,
+                                        "prefetch2": piped_engine.classifier.bundle.threads}
     piped = {}
     for depth in (0, 1):
         server = ServeProcess(folder, model, threads, "--prefetch", str(depth), "--queue-size", str(len(paths)))

@@ -103,10 +103,11 @@ def prepare_output_dir(path: str, flag: str = "--cam-dir") -> None:
 
 # --------------------------------------------------------------------------- commands
 
-def _engine(args) -> Any:
+def _engine(args, threads: int | None = None) -> Any:
     from .engine import Engine
 
-    return Engine(args.model, threads=args.threads, allow_any_body_part=getattr(args, "allow_any_body_part", False),
+    return Engine(args.model, threads=args.threads if threads is None else threads,
+                  allow_any_body_part=getattr(args, "allow_any_body_part", False),
                   scope=scope_mode(args), **classifier_options(args))
 
 
@@ -121,12 +122,14 @@ def cmd_predict(args) -> int:
 
     if args.cam_label is not None and not args.cam_dir:
         raise UsageError(f"--cam-label {args.cam_label} needs --cam-dir (overlays are only written with --cam-dir)")
-    engine = _engine(args)
+    from .engine import pipelined_model_threads
+
+    entries = list(walk_inputs(args.paths))
+    sources = [p for p, reason in entries if reason is None]
+    engine = _engine(args, pipelined_model_threads(args.threads, len(sources), args.prefetch))
     cam_how = engine.resolve_cam_label(args.cam_label or "positive")
     if args.cam_dir:
         prepare_output_dir(args.cam_dir)
-    entries = list(walk_inputs(args.paths))
-    sources = [p for p, reason in entries if reason is None]
     progress = Progress(len(sources), enabled=sys.stderr.isatty() and len(sources) > 5 and not args.json)
     out = Reporter(args.json, progress)
     _warn_scope_off(args, out)
@@ -322,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which labels get overlays: positive (default)|top|all|LABEL; needs --cam-dir")
     p.add_argument("--batch-size", type=int, default=1, help="images per model run (default 1: lowest memory)")
     p.add_argument("--prefetch", type=int, default=2, metavar="N",
-                   help="decode up to N inputs ahead while the model runs (default 2; 0: one at a time)")
+                   help="decode up to N inputs ahead while the model runs (default 2; 0: one at a time); "
+                        "with several inputs and no --threads the model then runs on 1 thread beside the decoders")
     p.add_argument("--allow-any-body-part", action="store_true",
                    help="accept DICOMs whose anatomy is not (confirmed) chest; such results carry out_of_scope=true")
     add_scope_arguments(p)
@@ -349,9 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", default=None, metavar="PATH", help="listen on this Unix domain socket")
     p.add_argument("--stdio", action="store_true", help="read requests on stdin, reply on stdout")
     p.add_argument("--workers", type=int, default=1, help="inference threads sharing the session (default 1)")
-    p.add_argument("--prefetch", type=int, default=1, metavar="N",
-                   help="decode up to N accepted requests ahead of the inference workers (default 1; 0: each "
-                        "worker decodes its own)")
+    p.add_argument("--prefetch", type=int, default=0, metavar="N",
+                   help="decode up to N accepted requests ahead of the inference workers (default 0: each worker "
+                        "decodes its own, the lowest latency for one request at a time; 1: more throughput for "
+                        "clients that pipeline requests)")
     p.add_argument("--queue-size", type=int, default=8,
                    help="requests that may wait for a worker; more get a 'busy' reply (default 8; 0 = none wait)")
     p.add_argument("--max-request-bytes", type=int, default=64 << 20,

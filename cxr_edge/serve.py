@@ -19,10 +19,11 @@ accepted at a time, further ones get ``{"ok": false, "error": {"type": "BusyErro
 immediately. A request line over ``--max-request-bytes`` gets ``request_too_large`` (the rest of
 that line is discarded, the connection stays usable).
 
-Decoding overlaps inference: with ``--prefetch N`` (default 1) decoder threads read and decode
-accepted requests while the workers run the model, and at most N decoded requests wait for a
-worker (memory stays bounded); ``--prefetch 0`` has each worker decode its own request. It only
-helps when requests overlap (pipelined on a connection, or several clients); replies are the same.
+Decoding can overlap inference: with ``--prefetch N`` decoder threads read and decode accepted
+requests while the workers run the model, and at most N decoded requests wait for a worker (memory
+stays bounded). ``--prefetch 0`` (the default) has each worker decode its own request: no thread
+hand-off for one request at a time, the firmware case. Prefetch only helps when requests overlap
+(pipelined on a connection, or several clients); replies are the same.
 
 Shutdown: SIGTERM or SIGINT (or EOF on stdin with ``--stdio``) stops accepting, answers every
 request already accepted, replies ``shutting_down`` to anything read afterwards, removes the socket

@@ -151,13 +151,45 @@ def test_prefetch_is_validated(tiny_bundle, bad):
         list(Engine(tiny_bundle, threads=1).decoded(["x"], prefetch=bad))
 
 
-def test_decode_workers_leave_a_core_to_inference(monkeypatch):
+def test_decode_workers_one_per_core_at_most(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    assert decode_workers(2) == 1 and decode_workers(8) == 1
+    assert decode_workers(1) == 1 and decode_workers(2) == 2 and decode_workers(8) == 2
     monkeypatch.setattr("os.cpu_count", lambda: 16)
-    assert decode_workers(2) == 2 and decode_workers(64) == 15
+    assert decode_workers(2) == 2 and decode_workers(64) == 16
     monkeypatch.setattr("os.cpu_count", lambda: None)
-    assert decode_workers(3) == 1
+    assert decode_workers(3) == 2
+
+
+def test_pipelined_runs_give_the_model_one_thread_unless_told():
+    from cxr_edge.engine import pipelined_model_threads
+
+    assert pipelined_model_threads(None, 10, 2) == 1      # folder, decoders on the cores
+    assert pipelined_model_threads(None, 1, 2) is None    # one image: all cores for the model
+    assert pipelined_model_threads(None, 10, 0) is None   # one at a time
+    assert pipelined_model_threads(2, 10, 2) == 2         # --threads wins
+
+
+def test_cli_folder_run_uses_the_pipelined_thread_count(tmp_path, tiny_bundle_factory, monkeypatch):
+    """The CLI builds its engine with one model thread for a prefetched folder, the default for one file."""
+    import cxr_edge.engine as engine_mod
+    from cxr_edge.cli import main
+
+    bundle = tiny_bundle_factory()
+    img = (np.random.default_rng(5).random((200, 200)) * 255).astype(np.uint8)
+    for k in range(3):
+        cv2.imwrite(str(tmp_path / f"i{k}.png"), img)
+    seen = []
+    real = engine_mod.Engine.__init__
+
+    def spy(self, *a, threads=None, **kw):
+        seen.append(threads)
+        real(self, *a, threads=threads, **kw)
+
+    monkeypatch.setattr(engine_mod.Engine, "__init__", spy)
+    main(["predict", str(tmp_path), "--model", str(bundle), "--json", "--no-scope-gate"])
+    main(["predict", str(tmp_path / "i0.png"), "--model", str(bundle), "--json", "--no-scope-gate"])
+    main(["predict", str(tmp_path), "--model", str(bundle), "--json", "--threads", "2", "--no-scope-gate"])
+    assert seen == [1, None, 2]
 
 
 def test_folder_run_with_large_jpegs_reduces_only_without_overlays(tmp_path, tiny_bundle_factory):
