@@ -304,7 +304,7 @@ def test_sigint_in_a_real_process_is_exit_130(tiny_bundle, tmp_path):
     time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err
+    assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err, (proc.returncode, err[-2000:])
 
 
 def test_broken_pipe_is_exit_141_without_traceback(tiny_bundle, tmp_path):
