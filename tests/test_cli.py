@@ -294,7 +294,10 @@ def test_sigint_in_a_real_process_is_exit_130(tiny_bundle, tmp_path):
     import time
 
     img = str(_png(tmp_path / "a.png"))
-    child = ("import sys, time\nfrom cxr_edge.classifier import Classifier\n"
+    # a shell that starts a job in the background (nohup, `&`, some CI runners) leaves SIGINT ignored and
+    # Python then installs no KeyboardInterrupt handler: restore the terminal's default in the child
+    child = ("import signal, sys, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+             "from cxr_edge.classifier import Classifier\n"
              "def slow(self, *a, **k):\n    print('ready', file=sys.stderr, flush=True)\n    time.sleep(60)\n"
              "Classifier._results = slow\n"  # the inference stage, while the decode pool may be running
              "from cxr_edge.cli import main\nsys.exit(main(sys.argv[1:]))\n")
