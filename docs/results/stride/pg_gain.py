@@ -1,3 +1,4 @@
+"""Paired pointing-game gain of stride 16 over stride 32, 3 seeds, boxes resampled jointly (run from the repo root)."""
 import json, numpy as np
 runs = {'s32': ['plain-s32', 'plain-s32-seed1', 'plain-s32-seed2'], 's16': ['plain-s16', 'plain-s16-seed1', 'plain-s16-seed2']}
 ev = {k: [json.load(open(f'docs/results/stride/{n}.eval.json')) for n in v] for k, v in runs.items()}
