@@ -17,7 +17,7 @@ from .errors import CxrEdgeError, DicomRefusedError, InferenceError, InvalidArgu
 from .imaging import Radiograph, decode_floor, read_image
 from .manifest import DEFAULT_MAX_PIXELS, NOT_A_MEDICAL_DEVICE, Manifest
 from .operating_points import sigmoid
-from .preprocess import preprocess
+from .preprocess import preprocess_one
 from .scope import ScopeGate, ScopeResult
 from .signature import SignatureStatus
 
@@ -32,6 +32,16 @@ SCOPE_MODES = ("flag", "refuse", "off")
 OVERRIDE_REASON = "DICOM anatomy override (allow_any_body_part): not a confirmed chest radiograph"
 
 Source = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, np.ndarray, Any]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What :meth:`Classifier._prepare` computed for one image: its model input and pixel-rule verdict."""
+
+    tensor: np.ndarray          # C x H x W float32, the preprocessed input
+    pixel_reasons: list[str]    # the scope gate's pixel rules that flagged it (empty: none, or no gate)
+    scope_ms: float
+    preprocess_ms: float
 
 
 def _declared_shape(img: Radiograph) -> tuple[int, int]:
@@ -315,41 +325,55 @@ class Classifier:
         return OutOfScopeError("the image is out of scope for this model (not like the frontal adult chest "
                                "radiographs it was trained on): " + "; ".join(result.reasons), scope=result)
 
+    def _prepare(self, image: Radiograph) -> Prepared:
+        """The per-image work between decoding and the model: the scope gate's pixel rules and the
+        preprocessing. Thread-safe and mostly GIL-free, so a decoder thread can do it ahead of the model
+        (:meth:`cxr_edge.engine.Engine.decode`) and the model's thread only runs the graph."""
+        reasons: list[str] = []
+        scope_ms = 0.0
+        if self.scope_gate is not None:
+            ts = time.perf_counter()
+            reasons = self.scope_gate.check_pixels(image.pixels, image.info.get("colour_fraction"))
+            scope_ms = (time.perf_counter() - ts) * 1e3
+        t0 = time.perf_counter()
+        tensor = preprocess_one(image.pixels, self.manifest.preprocessing)
+        return Prepared(tensor, reasons, scope_ms, (time.perf_counter() - t0) * 1e3)
+
     def _results(self, sources: Sequence[str], images: Sequence[Radiograph], decode_ms: Sequence[float],
-                 keep_image: bool, scopes: Sequence[bool] | None = None) -> list[Prediction | OutOfScopeError]:
+                 keep_image: bool, scopes: Sequence[bool] | None = None,
+                 prepared: Sequence[Prepared | None] | None = None) -> list[Prediction | OutOfScopeError]:
         """One Prediction per image; in ``scope="refuse"`` mode an :class:`OutOfScopeError` instead for each
-        image the gate flags (images the pixel rules flag are not even run through the model)."""
+        image the gate flags (images the pixel rules flag are not even run through the model).
+        ``prepared``: :meth:`_prepare` already done for an image (by a decoder thread); None = do it here."""
         n = len(images)
         scopes = list(scopes) if scopes else [False] * n
+        prep = [p if p is not None else self._prepare(img)
+                for img, p in zip(images, prepared if prepared is not None else [None] * n)]
         gate = self.scope_gate
         out: list[Prediction | OutOfScopeError | None] = [None] * n
-        pixel_reasons: list[list[str]] = [[] for _ in range(n)]
-        scope_ms = [0.0] * n
+        pixel_reasons = [list(p.pixel_reasons) for p in prep]
+        scope_ms = [p.scope_ms for p in prep]
         if gate is not None:
-            for i, img in enumerate(images):
-                ts = time.perf_counter()
-                pixel_reasons[i] = gate.check_pixels(img.pixels, img.info.get("colour_fraction"))
-                scope_ms[i] = (time.perf_counter() - ts) * 1e3
+            for i in range(n):
                 if pixel_reasons[i] and self.scope_mode == "refuse":  # no inference for a blank frame
                     reasons = pixel_reasons[i] + ([OVERRIDE_REASON] if self.allow_any_body_part and scopes[i] else [])
                     out[i] = self._refusal(ScopeResult(False, None, gate.threshold, reasons))
         run = [i for i in range(n) if out[i] is None]
         if not run:
             return out  # type: ignore[return-value]
-        t0 = time.perf_counter()
-        batch = preprocess([images[i].pixels for i in run], self.manifest.preprocessing)
+        batch = np.stack([prep[i].tensor for i in run])
         t1 = time.perf_counter()
         logits, features, gate_features = self._infer(batch)
         t2 = time.perf_counter()
         probs = sigmoid(logits).astype(np.float32)
-        share_pre, share_inf = (t1 - t0) * 1e3 / len(run), (t2 - t1) * 1e3 / len(run)
+        share_inf = (t2 - t1) * 1e3 / len(run)
         labels = self.labels
         thresholds = {name: (None if np.isnan(t) else float(t)) for name, t in zip(labels, self._thresholds)}
         for j, i in enumerate(run):
             img = images[i]
             p = probs[j]
             decisions = {name: (None if np.isnan(t) else bool(v >= t)) for name, v, t in zip(labels, p, self._thresholds)}
-            timings = {"decode": decode_ms[i], "preprocess": share_pre, "inference": share_inf}
+            timings = {"decode": decode_ms[i], "preprocess": prep[i].preprocess_ms, "inference": share_inf}
             in_scope: bool | None = None
             scope_dict: dict[str, Any] | None = None
             if gate is not None:

@@ -124,6 +124,7 @@ class Decoded:
     decode_ms: float = 0.0
     out_of_scope: bool = False  # the DICOM anatomy override let it through (Classifier.read_scoped)
     error: BaseException | None = None
+    prepared: Any = None  # Classifier._prepare's result (pixel rules + model input), done in this stage
 
 
 
@@ -215,15 +216,18 @@ class Engine:
         Thread-safe, and most of its time is spent in code that releases the GIL (zlib, libpng,
         libjpeg, numpy), so a pool of decoders overlaps with inference (:meth:`decoded`).
         ``keep_image`` False lets a large JPEG decode at reduced size (the pixels only feed the model).
+        The pixel rules and the preprocessing run here too (``Classifier._prepare``), so with prefetch
+        the thread that runs the model does little else.
         """
         shown = source if name is None else name
         try:
             image, ms, out_of_scope = self.classifier._read_timed(source, reduce=not keep_image)
+            prepared = self.classifier._prepare(image)
         except (KeyboardInterrupt, SystemExit, MemoryError):
             raise
         except Exception as exc:  # typed refusals, and bugs: reported for this input only
             return Decoded(shown, None, error=exc)
-        return Decoded(shown, image, ms, out_of_scope)
+        return Decoded(shown, image, ms, out_of_scope, prepared=prepared)
 
     def finish(self, items: Sequence[Decoded], *, cam_dir: str | os.PathLike | None = None,
                cam_how: str = "positive") -> list[dict[str, Any]]:
@@ -246,7 +250,8 @@ class Engine:
             try:
                 results = self.classifier._results(
                     [describe_source(items[i].source) for i in group], [items[i].image for i in group],
-                    [items[i].decode_ms for i in group], keep, [items[i].out_of_scope for i in group])
+                    [items[i].decode_ms for i in group], keep, [items[i].out_of_scope for i in group],
+                    [items[i].prepared for i in group])
             except (KeyboardInterrupt, SystemExit, MemoryError):
                 raise
             except Exception as exc:  # InferenceError, or a bug
