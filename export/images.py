@@ -11,7 +11,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from cxr_edge.errors import CxrEdgeError, InvalidArgumentError
+from cxr_edge.errors import InvalidArgumentError
 from cxr_edge.manifest import PreprocessSpec
 from models.config import shared_dir
 from models.datasets import read_csv_labels
@@ -54,32 +54,28 @@ def load_batch(paths: Sequence[str | os.PathLike], spec: PreprocessSpec) -> np.n
     return preprocess(pixels, spec)
 
 
-def read_labels(labels_csv: str | os.PathLike, names: Sequence[str], labels: Sequence[str]) -> np.ndarray:
-    """N x L float32 targets (1/0, NaN = unknown) for ``names`` (file names), read with the training
-    toolchain's generic reader (``models.datasets.read_csv_labels``: ``image``, ``patient_id``, label
-    columns), so export and training parse a labels file the same way.
+def read_labels_and_patients(labels_csv: str | os.PathLike, names: Sequence[str],
+                             labels: Sequence[str]) -> tuple[np.ndarray, int | None]:
+    """N x L float32 targets (1/0, NaN = unknown) for ``names`` (file names) and their number of distinct
+    patients, from one read of the labels file with the training toolchain's generic reader
+    (``models.datasets.read_csv_labels``: ``image``, ``patient_id``, label columns), so export and
+    training parse a labels file the same way.
 
     A name absent from the CSV, or a label column the CSV lacks, is an error: AUCs on made-up
     labels would be a wrong answer.
     """
     table = read_csv_labels(labels_csv, label_columns=list(labels))
     index = {Path(i).name: k for k, i in enumerate(table.image_ids)}
-    out = np.zeros((len(names), len(labels)), dtype=np.float32)
-    for i, name in enumerate(names):
+    rows = []
+    for name in names:
         k = index.get(Path(name).name)
         if k is None:
             raise InvalidArgumentError(f"{labels_csv} has no row for image {Path(name).name}")
-        out[i] = table.targets[k]
-    return out
+        rows.append(k)
+    targets = table.targets[rows].astype(np.float32) if rows else np.zeros((0, len(labels)), np.float32)
+    return targets, len({table.patient_ids[k] for k in rows}) or None
 
 
-def patient_count(labels_csv: str | os.PathLike, names: Sequence[str], labels: Sequence[str]) -> int | None:
-    """Distinct ``patient_id`` values among ``names`` (None when the file is not in the generic layout)."""
-    try:
-        table = read_csv_labels(labels_csv, label_columns=list(labels))
-    except (CxrEdgeError, OSError):
-        return None
-    rows = {Path(i).name: pid for i, pid in zip(table.image_ids, table.patient_ids)}
-    ids = {rows.get(Path(n).name) for n in names}
-    ids.discard(None)
-    return len(ids) or None
+def read_labels(labels_csv: str | os.PathLike, names: Sequence[str], labels: Sequence[str]) -> np.ndarray:
+    """The targets of :func:`read_labels_and_patients`."""
+    return read_labels_and_patients(labels_csv, names, labels)[0]

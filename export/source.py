@@ -25,7 +25,7 @@ from cxr_edge.manifest import PreprocessSpec
 from models.datasets import read_image_list
 from models.distill import file_sha256
 
-from .images import list_image_dir, patient_count, read_labels, resolve_images
+from .images import list_image_dir, read_labels_and_patients, resolve_images
 
 
 @dataclass
@@ -133,8 +133,8 @@ def _labelled_set(name: str, list_file: str | None, image_dir: Path, labels_csv:
     names = read_image_list(list_file) if list_file else [p.name for p in list_image_dir(image_dir)
                                                           if p.name not in exclude]
     paths = resolve_images(names, image_dir)
-    targets = read_labels(labels_csv, [p.name for p in paths], labels) if labels_csv else None
-    patients = patient_count(labels_csv, [p.name for p in paths], labels) if labels_csv else None
+    targets, patients = (read_labels_and_patients(labels_csv, [p.name for p in paths], labels) if labels_csv
+                         else (None, None))
     return ImageSet(f"{name} ({Path(list_file).name if list_file else image_dir.name})", paths, targets, patients)
 
 
