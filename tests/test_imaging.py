@@ -133,6 +133,61 @@ def test_png_16bit_rgba_equal_channels():
     np.testing.assert_array_equal(rad.pixels, g / np.float32(65535))
 
 
+def interlaced_png(img: np.ndarray) -> bytes:
+    """An 8-bit gray Adam7-interlaced PNG, built by hand (neither OpenCV nor Pillow writes one)."""
+    h, w = img.shape
+    raw = b"".join(b"\x00" + img[y0::dy, x0::dx][r].tobytes()
+                   for x0, y0, dx, dy in imaging._ADAM7 if w > x0 and h > y0
+                   for r in range(img[y0::dy, x0::dx].shape[0]))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 1)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(raw, 9))
+            + png_chunk(b"IEND", b""))
+
+
+def pil_png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_kinds() -> dict[str, bytes]:
+    g = gray8(131, 157)
+    rgb = np.dstack([g, np.roll(g, 3, 1), g[::-1]])
+    return {"gray8": encode(".png", g), "gray16": encode(".png", g.astype(np.uint16) * 257 + 3),
+            "rgb": encode(".png", rgb), "rgba16": encode(".png", np.dstack([rgb, g]).astype(np.uint16) * 200),
+            "palette": pil_png(Image.fromarray(rgb).quantize(17)), "bilevel": pil_png(Image.fromarray(g > 127)),
+            "gray-alpha": pil_png(Image.fromarray(np.dstack([g, g[::-1]]), "LA")), "interlaced": interlaced_png(g),
+            "multi-idat": encode(".png", gray8(300, 301)), "fast-filters": encode(".png", g, [cv2.IMWRITE_PNG_COMPRESSION, 1])}
+
+
+@pytest.mark.parametrize("kind", sorted(png_kinds()))
+def test_png_inflated_once_decodes_exactly_like_the_compressed_stream(kind, monkeypatch):
+    """The kept-and-re-stored image data (one inflate) must give the very pixels OpenCV gives on the
+    original stream; the large-image path (_PNG_KEEP_LIMIT = 0) must not keep the stream at all."""
+    data = png_kinds()[kind]
+    direct = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    fast = read_image(data)
+    calls = []
+    real_check = imaging._png_check_image_data
+    monkeypatch.setattr(imaging, "_png_check_image_data",
+                        lambda d, lay, keep=False: calls.append(keep) or real_check(d, lay, keep))
+    monkeypatch.setattr(imaging, "_PNG_KEEP_LIMIT", 0)
+    slow = read_image(data)
+    assert calls == [False]
+    np.testing.assert_array_equal(fast.pixels, slow.pixels)
+    assert fast.info == slow.info and fast.bit_depth == slow.bit_depth
+    if direct.ndim == 2 and kind != "bilevel":  # gray: the pixels are OpenCV's samples over the container max
+        np.testing.assert_array_equal(fast.pixels, direct.astype(np.float32) / (65535 if direct.dtype == np.uint16 else 255))
+
+
+def test_png_kept_stream_is_the_checked_one():
+    data = encode(".png", gray8(40, 50))
+    layout = imaging._png_header(data)
+    kept = imaging._png_check_image_data(data, layout, keep=True)
+    assert kept == zlib.decompress(b"".join(data[a:b] for a, b in layout.idat))
+    assert imaging._png_check_image_data(data, layout) is None
+
+
 @pytest.mark.parametrize("cut", ["half", "no_iend", "one_byte", "header_only"])
 def test_truncated_png_is_corrupt_and_never_decoded(cut, monkeypatch):
     data = encode(".png", gray8())
