@@ -107,6 +107,7 @@ class TrainConfig:
     schedule: str = "onecycle"         # onecycle | cosine (linear warmup then cosine)
     warmup_frac: float = 0.15
     grad_clip: float = 0.0
+    ema_decay: float = 0.0             # >0: evaluate/ship an exponential moving average of the weights (per step)
     seed: int = 0
     # --- runtime
     device: str = "cpu"
@@ -185,6 +186,7 @@ class TrainConfig:
             (self.at_beta >= 0, "at_beta must be >= 0"),
             (self.head_lr_mult > 0, "head_lr_mult must be > 0"),
             (self.box_beta >= 0, "box_beta must be >= 0"),
+            (0.0 <= self.ema_decay < 1.0, "ema_decay must lie in [0, 1)"),
             (not self.teacher_weights or len(self.teacher_weights) == len(self.teachers),
              "teacher_weights needs one weight per --teachers entry"),
             (self.n_folds == 0 or (self.n_folds >= 2 and 0 <= self.fold < self.n_folds),

@@ -182,6 +182,27 @@ def augment_params(cfg: TrainConfig) -> AugmentParams | None:
 
 
 # ============================================================================ model / optimiser
+def build_ema(cfg: TrainConfig, model: nn.Module) -> "torch.optim.swa_utils.AveragedModel | None":
+    """An exponential moving average of the weights and BN buffers (``--ema-decay``), with timm's
+    warm-up (decay min(d, (1 + n) / (10 + n)) after n updates) so the pretrained start and the
+    random head fade out within the first steps rather than weighing on a 200-step run."""
+    if cfg.ema_decay <= 0:
+        return None
+    decay = cfg.ema_decay
+
+    def update(ema_params, params, num_averaged) -> None:
+        n = float(num_averaged)
+        floats = [(e, p) for e, p in zip(ema_params, params) if e.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([e for e, _ in floats], [p for _, p in floats],
+                                 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+        for e, p in zip(ema_params, params):
+            if not e.is_floating_point():  # BN's num_batches_tracked: the count, not an average
+                e.copy_(p)
+
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+
+
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases and normalisation parameters (1-D tensors); the classifier's
     learning rate is ``head_lr_mult`` x the backbone's (a fresh head on a pretrained backbone)."""
@@ -395,9 +416,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(cfg, model)
     sched = build_scheduler(cfg, opt, steps)
+    ema = build_ema(cfg, model)
     start_epoch, history = 0, []
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
@@ -445,6 +469,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update_parameters(model)
             sums["loss"] += float(loss.detach())
             for k, v in parts.items():
                 sums[k] += v
@@ -454,8 +480,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         record = {"epoch": epoch + 1, "steps": steps, "seconds": round(seconds, 2),
                   "cpu_seconds": round(cpu_seconds, 2), "lr": opt.param_groups[0]["lr"],
                   **{k: round(v / steps, 5) for k, v in sums.items()}}
+        shipped = ema.module if ema is not None else model  # what is validated, checkpointed and exported
         if len(val_ci) and d.main:
-            vl = evaluate_model(model, spec, images, val_ci, d.device, cfg.eval_batch_size)
+            vl = evaluate_model(shipped, spec, images, val_ci, d.device, cfg.eval_batch_size)
             auc = auc_per_label(table.targets[val_rows], vl)
             record["val_mean_auc"] = round(float(np.nanmean(auc)), 5) if np.isfinite(auc).any() else None
             degenerate = degenerate_predictions(vl, labels, table.targets[val_rows])
@@ -466,11 +493,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         if d.main:
             if record.get("val_mean_auc") is not None and record["val_mean_auc"] > best:
                 best = record["val_mean_auc"]
-                _atomic_save({"model": model.state_dict(), "config": cfg.to_dict(), "labels": labels,
+                _atomic_save({"model": shipped.state_dict(), "config": cfg.to_dict(), "labels": labels,
                               "epoch": epoch + 1}, run / "model_best.pt")
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                      "epoch": epoch + 1, "config": cfg.to_dict(), "history": history, "labels": labels,
-                     "rng": rng_state()}
+                     "rng": rng_state(), **({"ema": ema.state_dict()} if ema is not None else {})}
             _atomic_save(state, last)
             if cfg.keep_checkpoints:
                 _atomic_save(state, run / f"epoch_{epoch + 1:03d}.pt")
@@ -486,15 +513,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     metrics = None
     d.barrier()
     if d.main:
-        chosen = "last"
-        final_state = model.state_dict()
+        chosen = "last" if ema is None else f"last (EMA of the weights, decay {cfg.ema_decay})"
+        eval_model = ema.module if ema is not None else model
+        final_state = eval_model.state_dict()
         if len(val_ci) and (run / "model_best.pt").is_file():
             best_ckpt = torch.load(run / "model_best.pt", map_location="cpu", weights_only=True)
             eval_model = build_model(cfg, len(labels)).to(d.device)
             eval_model.load_state_dict(best_ckpt["model"])
-            final_state, chosen = eval_model.state_dict(), f"best on validation (epoch {best_ckpt['epoch']})"
-        else:
-            eval_model = model
+            final_state, chosen = eval_model.state_dict(), f"best on validation (epoch {best_ckpt['epoch']})" + (
+                f", EMA of the weights (decay {cfg.ema_decay})" if ema is not None else "")
         _atomic_save({"model": final_state, "config": cfg.to_dict(), "labels": labels, "epoch": cfg.epochs,
                       "checkpoint": chosen}, run / "model_final.pt")
         logits = evaluate_model(eval_model, spec, images, eval_ci, d.device, cfg.eval_batch_size)

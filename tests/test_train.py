@@ -334,3 +334,26 @@ def test_box_masks_follow_the_augmentation_and_only_training_boxes_are_used(tmp_
     assert n == len(boxed & {table.image_ids[r] for r in train_rows}) and eval_boxed  # eval boxes stay out
     res = _train(cfg)
     assert res.finished and "box" in res.history[0]
+
+
+def test_ema_weights_are_the_average_shipped_and_resume_exactly(tmp_path):
+    """--ema-decay: model_final.pt holds the moving average (not the raw weights of last.pt), it is a
+    real average (different from the raw weights, and from the start), and a resumed run ends on the
+    same average as an uninterrupted one."""
+    data = make_fake_sample(tmp_path / "d")
+    full = _train(tiny_config(tmp_path / "a", data, epochs=2, ema_decay=0.9))
+    last = torch.load(full.run_dir / "last.pt", weights_only=True)
+    final = torch.load(full.run_dir / "model_final.pt", weights_only=True)
+    assert "EMA" in final["checkpoint"] and "ema" in last
+    ema = {k[len("module."):]: v for k, v in last["ema"].items() if k.startswith("module.")}
+    assert ema.keys() == final["model"].keys()
+    assert all(torch.equal(ema[k], final["model"][k]) for k in ema)
+    w = "classifier.weight"
+    assert not torch.allclose(final["model"][w], last["model"][w])  # the average, not the last step
+    plain = _train(tiny_config(tmp_path / "p", data, epochs=2))
+    assert not np.array_equal(np.load(full.run_dir / "predictions.npz")["logits"],
+                              np.load(plain.run_dir / "predictions.npz")["logits"])
+    _train(tiny_config(tmp_path / "b", data, epochs=2, ema_decay=0.9, stop_after_epochs=1))
+    resumed = _train(tiny_config(tmp_path / "b", data, epochs=2, ema_decay=0.9, resume=True))
+    b = torch.load(resumed.run_dir / "model_final.pt", weights_only=True)["model"]
+    assert all(torch.equal(final["model"][k], b[k]) for k in b)
