@@ -66,6 +66,7 @@ class TrainConfig:
     teacher_cache_dir: str = ".cache/teacher"
     kd_alpha: float = 0.0              # 0 = plain supervised BCE
     kd_temperature: float = 2.0
+    kd_loss: str = "bce"               # bce: soft-target BCE; mse: logit matching 1/2 (s/T - logit p)^2 (models.distill)
     at_beta: float = 0.0               # attention-transfer weight (final activations)
     box_beta: float = 0.0              # CAM supervision from the training images' radiologist boxes (bbox.csv)
     # --- data
@@ -195,6 +196,7 @@ class TrainConfig:
              "kd_alpha/at_beta > 0 need at least one --teachers entry"),
             (self.teacher_mode in ("cache", "online"), "teacher_mode must be cache or online"),
             (self.teacher_combine in ("logits", "probs"), "teacher_combine must be logits or probs"),
+            (self.kd_loss in ("bce", "mse"), "kd_loss must be bce or mse"),
             (self.split in ("teacher", "patient"), "split must be teacher or patient"),
             (self.dataset in DATASETS, f"dataset must be one of {', '.join(DATASETS)}"),
             (self.label_set in ("own", "common"), "label_set must be own or common"),

@@ -88,6 +88,22 @@ def kd_bce(student_logits: torch.Tensor, soft_targets: torch.Tensor, temperature
     return (loss * mask).sum() / mask.sum().clamp(min=1) * (temperature ** 2)
 
 
+def kd_logit_mse(student_logits: torch.Tensor, soft_targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """1/2 (s / T - logit(p))^2, averaged over the cells with a soft target: logit matching.
+
+    Why besides :func:`kd_bce`: a sigmoid BCE against a soft target p pulls with sigma(s) - p, which
+    is tiny wherever the teacher and the student both say "unlikely" (most cells of rare findings),
+    so the teacher's ranking among negatives barely reaches the student; the logit difference keeps
+    it. Teacher probabilities are clipped to [1e-4, 1 - 1e-4] (logits within +-9.2)."""
+    mask = torch.isfinite(soft_targets)
+    p = torch.where(mask, soft_targets, torch.full_like(soft_targets, 0.5)).float().clamp(1e-4, 1 - 1e-4)
+    diff = student_logits.float() / temperature - torch.logit(p)
+    return 0.5 * (diff.pow(2) * mask).sum() / mask.sum().clamp(min=1)
+
+
+KD_LOSSES = {"bce": kd_bce, "mse": kd_logit_mse}
+
+
 def box_cam_loss(features: torch.Tensor, classifier_weight: torch.Tensor, masks: torch.Tensor,
                  has: torch.Tensor) -> torch.Tensor:
     """CAM supervision from radiologist boxes: -log(CAM mass inside the box), where the mass is the
@@ -126,16 +142,20 @@ def distillation_loss(student_logits: torch.Tensor, targets: torch.Tensor,
                       teacher_logits: torch.Tensor | None = None, alpha: float = 0.0, temperature: float = 2.0,
                       combine: str = "logits", student_features: torch.Tensor | None = None,
                       teacher_maps: Sequence[torch.Tensor] | None = None,
-                      beta: float = 0.0, teacher_weights: Sequence[float] | None = None
-                      ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss and its parts (floats, for logging). alpha = 0 and beta = 0 is plain masked BCE."""
+                      beta: float = 0.0, teacher_weights: Sequence[float] | None = None,
+                      kd_loss: str = "bce") -> tuple[torch.Tensor, dict[str, float]]:
+    """Total loss and its parts (floats, for logging). alpha = 0 and beta = 0 is plain masked BCE;
+    ``kd_loss``: bce (soft-target BCE, :func:`kd_bce`) or mse (logit matching, :func:`kd_logit_mse`)."""
     bce = masked_bce(student_logits, targets)
     total = bce if alpha == 0 else (1.0 - alpha) * bce
     parts = {"bce": float(bce.detach())}
     if alpha > 0:
         if teacher_logits is None:
             raise InvalidArgumentError("alpha > 0 needs teacher logits")
-        kd = kd_bce(student_logits, teacher_probs(teacher_logits, temperature, combine, teacher_weights), temperature)
+        if kd_loss not in KD_LOSSES:
+            raise InvalidArgumentError(f"kd_loss must be one of {sorted(KD_LOSSES)}, got {kd_loss!r}")
+        kd = KD_LOSSES[kd_loss](student_logits, teacher_probs(teacher_logits, temperature, combine, teacher_weights),
+                                temperature)
         total = total + alpha * kd
         parts["kd"] = float(kd.detach())
     if beta > 0:

@@ -457,7 +457,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             loss, parts = distillation_loss(
                 logits.float(), y, None if tl is None else tl.to(d.device), cfg.kd_alpha, cfg.kd_temperature,
                 cfg.teacher_combine, feats if need_maps else None,
-                None if tm is None else [m.to(d.device) for m in tm], cfg.at_beta, cfg.teacher_weights or None)
+                None if tm is None else [m.to(d.device) for m in tm], cfg.at_beta, cfg.teacher_weights or None,
+                cfg.kd_loss)
             if cfg.box_beta > 0:
                 bl = box_cam_loss(feats, model.classifier.weight, batch["box_mask"].to(d.device),
                                   batch["box_has"].to(d.device))

@@ -12,7 +12,7 @@ from conftest import build_tiny_onnx, make_manifest, need_shared
 from cxr_edge.errors import InvalidArgumentError
 from cxr_edge.manifest import PreprocessSpec
 from models.distill import (OnnxPredictor, Predictor, TeacherCache, attention_map, attention_transfer,
-                            distillation_loss, kd_bce, load_predictor, masked_bce, teacher_probs)
+                            distillation_loss, kd_bce, kd_logit_mse, load_predictor, masked_bce, teacher_probs)
 
 
 def _sig(x: float) -> float:
@@ -65,6 +65,24 @@ def test_temperature_squared_scaling_of_the_gradient():
         expected = T * (torch.sigmoid(s.detach() / T) - p) / s.numel()
         torch.testing.assert_close(s.grad, expected)
     assert s.grad[0, 2] == 0  # student equals teacher on that cell: no KD gradient
+
+
+def test_logit_matching_pulls_on_confident_negatives_and_masks_missing_teachers():
+    """kd_loss=mse: the gradient is the logit difference (s/T - logit p) / (T n), so a student at
+    logit -2 vs a teacher at logit -6 (both 'unlikely') is still pulled, where soft BCE barely moves;
+    cells without a teacher (NaN) get no gradient and do not count in the mean."""
+    t = torch.tensor([[-6.0, 1.0, float("nan")]])
+    p = teacher_probs(t, 1.0)
+    s = torch.tensor([[-2.0, 1.0, 3.0]], requires_grad=True)
+    kd_logit_mse(s, p, 1.0).backward()
+    torch.testing.assert_close(s.grad, torch.tensor([[4.0 / 2, 0.0, 0.0]]), atol=1e-4, rtol=1e-4)
+    s2 = s.detach().clone().requires_grad_(True)
+    kd_bce(s2, p, 1.0).backward()
+    assert abs(float(s2.grad[0, 0])) < 0.07 < float(s.grad[0, 0])
+    total, parts = distillation_loss(s.detach(), torch.zeros(1, 3), t, alpha=0.5, temperature=1.0, kd_loss="mse")
+    assert parts["kd"] == pytest.approx(0.5 * 16.0 / 2, rel=1e-4)
+    with pytest.raises(InvalidArgumentError, match="kd_loss"):
+        distillation_loss(s.detach(), torch.zeros(1, 3), t, alpha=0.5, kd_loss="kl")
 
 
 def test_multi_teacher_combination_modes():
