@@ -66,6 +66,7 @@ class TrainConfig:
     teacher_cache_dir: str = ".cache/teacher"
     kd_alpha: float = 0.0              # 0 = plain supervised BCE
     kd_temperature: float = 2.0
+    teacher_calibration: str = "none"  # platt: refit each teacher's logits to the training labels (prior shift)
     kd_loss: str = "bce"               # bce: soft-target BCE; mse: logit matching 1/2 (s/T - logit p)^2 (models.distill)
     at_beta: float = 0.0               # attention-transfer weight (final activations)
     box_beta: float = 0.0              # CAM supervision from the training images' radiologist boxes (bbox.csv)
@@ -197,6 +198,9 @@ class TrainConfig:
             (self.teacher_mode in ("cache", "online"), "teacher_mode must be cache or online"),
             (self.teacher_combine in ("logits", "probs"), "teacher_combine must be logits or probs"),
             (self.kd_loss in ("bce", "mse"), "kd_loss must be bce or mse"),
+            (self.teacher_calibration in ("none", "platt"), "teacher_calibration must be none or platt"),
+            (self.teacher_calibration == "none" or self.teacher_mode == "cache",
+             "teacher_calibration platt needs --teacher-mode cache (the logits are refitted once, before training)"),
             (self.split in ("teacher", "patient"), "split must be teacher or patient"),
             (self.dataset in DATASETS, f"dataset must be one of {', '.join(DATASETS)}"),
             (self.label_set in ("own", "common"), "label_set must be own or common"),

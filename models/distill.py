@@ -104,6 +104,46 @@ def kd_logit_mse(student_logits: torch.Tensor, soft_targets: torch.Tensor, tempe
 KD_LOSSES = {"bce": kd_bce, "mse": kd_logit_mse}
 
 
+def platt_recalibrate(teacher_logits: np.ndarray, targets: np.ndarray, min_per_class: int = 3
+                      ) -> tuple[np.ndarray, list[list[dict]]]:
+    """Per teacher and label, refit the teacher's logit to the training labels: t' = a t + b
+    (Platt scaling, a 1-D logistic regression on the training images the teacher covers).
+
+    Why: a teacher trained on another population is calibrated to that population's prevalence.
+    The CheXNet-class teachers' mean probabilities on our pool are about half its label rates, so
+    distilling them raw pulls the covered images' outputs down against the uncovered ones, and the
+    student learns "looks like a covered image" instead of the finding (measured: KD from the raw
+    ensemble cost 3 points of mean AUC). The ranking (what KD should carry) is kept: a > 0 is
+    enforced, a label with fewer than ``min_per_class`` positives or negatives is left as it is.
+    ``teacher_logits``: N x K x L (NaN = no row); ``targets``: N x L (NaN = unknown).
+    Returns the new logits and, per teacher, per label {a, b, n, pos}.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    out = np.array(teacher_logits, dtype=np.float32, copy=True)
+    report: list[list[dict]] = []
+    for k in range(out.shape[1]):
+        per_label = []
+        for j in range(out.shape[2]):
+            t, y = out[:, k, j], targets[:, j]
+            ok = np.isfinite(t) & np.isfinite(y)
+            pos = int(y[ok].sum())
+            entry = {"a": 1.0, "b": 0.0, "n": int(ok.sum()), "pos": pos}
+            if pos >= min_per_class and ok.sum() - pos >= min_per_class:
+                lr = LogisticRegression(C=1e4, max_iter=1000).fit(t[ok, None].astype(np.float64), y[ok].astype(int))
+                a, b = float(lr.coef_[0, 0]), float(lr.intercept_[0])
+                if a > 0:
+                    entry.update(a=round(a, 6), b=round(b, 6))
+                    out[:, k, j] = np.where(np.isfinite(t), a * t + b, t)
+                else:
+                    entry["skipped"] = "the fitted slope is not positive (the teacher does not rank this label here)"
+            else:
+                entry["skipped"] = f"fewer than {min_per_class} positive or negative training images"
+            per_label.append(entry)
+        report.append(per_label)
+    return out, report
+
+
 def box_cam_loss(features: torch.Tensor, classifier_weight: torch.Tensor, masks: torch.Tensor,
                  has: torch.Tensor) -> torch.Tensor:
     """CAM supervision from radiologist boxes: -log(CAM mass inside the box), where the mass is the

@@ -51,7 +51,8 @@ from cxr_edge.errors import CxrEdgeError, InvalidArgumentError
 from models.config import TrainConfig, parse_config
 from models.data import AugmentParams, CxrDataset, ImageCache
 from models.distill import (CsvTeacher, Predictor, TorchPredictor, attention_map, box_cam_loss,
-                            cached_teacher_outputs, distillation_loss, load_predictor)
+                            cached_teacher_outputs, distillation_loss, load_predictor,
+                            platt_recalibrate)
 from models.evaluate import (auc_per_label, degenerate_predictions, evaluate_logits, format_table, predict,
                              warn_degenerate)
 from models.runs import (build_model, fold_indices, image_paths, load_run_model, load_table,  # noqa: F401
@@ -386,6 +387,11 @@ def train(cfg: TrainConfig) -> TrainResult:
                                  for k in range(len(cfg.teachers))], axis=1)
         if t_logits.shape[-1] != len(labels):
             raise InvalidArgumentError(f"teacher gives {t_logits.shape[-1]} logits for {len(labels)} labels")
+        if cfg.teacher_calibration == "platt":  # fitted on the training images only
+            t_logits, calibration = platt_recalibrate(t_logits, table.targets[train_rows])
+            for info, per_label in zip(teacher_info, calibration):
+                info["calibration"] = {"method": "platt (training images)",
+                                       "per_label": dict(zip(labels, per_label))}
         if cfg.at_beta == 0:
             t_maps = None
         teachers, t = [], None  # outputs are in memory; free the sessions

@@ -12,7 +12,7 @@ from conftest import build_tiny_onnx, make_manifest, need_shared
 from cxr_edge.errors import InvalidArgumentError
 from cxr_edge.manifest import PreprocessSpec
 from models.distill import (OnnxPredictor, Predictor, TeacherCache, attention_map, attention_transfer,
-                            distillation_loss, kd_bce, kd_logit_mse, load_predictor, masked_bce, teacher_probs)
+                            distillation_loss, kd_bce, kd_logit_mse, load_predictor, platt_recalibrate, masked_bce, teacher_probs)
 
 
 def _sig(x: float) -> float:
@@ -277,3 +277,22 @@ def test_box_cam_loss_rewards_mass_inside_the_box():
     outside = box_cam_loss(feats, w, mask_wrong, has)
     assert inside < outside
     assert box_cam_loss(feats, w, mask, torch.zeros(1, 2, dtype=torch.bool)) == 0
+
+
+def test_platt_recalibration_undoes_a_prior_shift_and_keeps_ranking_and_gaps():
+    """A teacher whose logits are the truth minus 2 (trained where the finding is rarer) is moved
+    back (b ~ +2, a ~ 1); rows without a teacher stay NaN; a label without positives is left alone."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    true = rng.normal(-1.0, 1.5, n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-true))).astype(np.float32)
+    t = np.stack([true - 2.0, true], axis=1)[:, None, :].astype(np.float32)  # N x 1 teacher x 2 labels
+    t[:50, 0, :] = np.nan
+    targets = np.stack([y, np.zeros(n, np.float32)], axis=1)
+    out, report = platt_recalibrate(t, targets)
+    assert report[0][0]["b"] == pytest.approx(2.0, abs=0.25) and report[0][0]["a"] == pytest.approx(1.0, abs=0.1)
+    assert np.isnan(out[:50]).all() and np.isfinite(out[50:]).all()
+    assert "skipped" in report[0][1] and np.array_equal(out[50:, 0, 1], t[50:, 0, 1])
+    order = np.argsort(t[50:, 0, 0])
+    assert np.all(np.diff(out[50:, 0, 0][order]) >= 0)  # ranking kept
+    assert abs(np.nanmean(1 / (1 + np.exp(-out[:, 0, 0]))) - y[50:].mean()) < 0.02  # prevalence matched
