@@ -143,11 +143,18 @@ def build_card(a: argparse.Namespace) -> tuple[str, str]:
             f"{cfg.get('head_lr_mult', 1)}), weight decay {cfg['weight_decay']}, {cfg['schedule']} schedule, dropout "
             f"{cfg['drop_rate']}, model kwargs {cfg.get('model_kwargs')}, seed {cfg['seed']}, CPU (2 cores); "
             f"augmentation: affine (scale +-{cfg['aug_scale']}, rotation +-{cfg['aug_rotate']} deg, shift "
-            f"+-{cfg['aug_shift']}), gamma, contrast; no flips.")
-        add(f"- Distillation: loss (1-a) BCE(s, y) + a T^2 BCE(sigmoid(s/T), p_teacher), a = {cfg['kd_alpha']}, "
+            f"+-{cfg['aug_shift']}), gamma, contrast; "
+            + ("random horizontal flips." if cfg.get("hflip") else "no flips.")
+            + (f" Weights: exponential moving average, decay {cfg['ema_decay']} per step." if cfg.get("ema_decay") else ""))
+        kd_term = ("a T^2 BCE(sigmoid(s/T), p_teacher)" if cfg.get("kd_loss", "bce") == "bce"
+                   else "a 1/2 (s/T - logit p_teacher)^2 (logit matching)")
+        calib = (" Each teacher's logits were first refitted per label to the training labels (Platt scaling: "
+                 "the teachers are calibrated to the full NIH set's lower prevalence)."
+                 if cfg.get("teacher_calibration") == "platt" else "")
+        add(f"- Distillation: loss (1-a) BCE(s, y) + {kd_term}, a = {cfg['kd_alpha']}, "
             f"T = {cfg['kd_temperature']}; teachers {', '.join(Path(t).name for t in cfg.get('teachers', []))} with "
             f"weights {cfg.get('teacher_weights') or 'equal'}, averaged over the teachers that have an output for "
-            "each image (an image no teacher covers has no KD term).")
+            "each image (an image no teacher covers has no KD term)." + calib)
         if cfg.get("box_beta"):
             add(f"- CAM supervision: -log(CAM mass inside the box) for the training images' radiologist boxes, weight "
                 f"{cfg['box_beta']} (boxes of calibration and evaluation images never used).")

@@ -16,8 +16,10 @@ mkdir -p build
 # 1. teachers and students
 bash scripts/kd_experiment.sh "$RUNS"
 # 2. each teacher on the evaluation split
-"$PY" -m models.evaluate teacher --reference "$RUNS/$RUN" --runs "$RUNS"/teacher-lite2-f0 "$RUNS"/teacher-lite2-f1 \
-    --out "$RUNS/teacher_own_eval.json"
+if [[ -d "$RUNS/teacher-lite2-f0" ]]; then  # OWN_TEACHER=1 (scripts/kd_experiment.sh)
+  "$PY" -m models.evaluate teacher --reference "$RUNS/$RUN" --runs "$RUNS"/teacher-lite2-f0 "$RUNS"/teacher-lite2-f1 \
+      --out "$RUNS/teacher_own_eval.json"
+fi
 "$PY" -m models.evaluate teacher --reference "$RUNS/$RUN" --csv "$SHARED/teachers/chexnet-ensemble/preds.csv" \
     --student "$RUNS/$RUN" --out "$RUNS/teacher_ensemble_eval.json"
 # 3. export: fp32 (benchmark reference) and INT8 through the gate (the shipped default)
@@ -37,7 +39,7 @@ cp "$(ls build/student.int8.onnx build/student.fp32.onnx 2>/dev/null | head -1)"
 "$PY" scripts/scope_eval.py --bundle cxr_edge/data/default.onnx --json "$RUNS/scope_eval.json" --timing
 # 7. the model card, from the JSON files above
 "$PY" -m export.card --runs "$RUNS" --run "$RUN" --bundle cxr_edge/data/default.onnx --report build/default.report.json \
-    --student-eval "$RUNS/shipped_eval.json" --own-teacher-eval "$RUNS/teacher_own_eval.json" \
+    --student-eval "$RUNS/shipped_eval.json" $([[ -f "$RUNS/teacher_own_eval.json" ]] && echo --own-teacher-eval "$RUNS/teacher_own_eval.json") \
     --ensemble-eval "$RUNS/teacher_ensemble_eval.json" --bench build/bench.json --scope-eval "$RUNS/scope_eval.json"
 # 8. the recorded results (small JSON files) for the repository
 mkdir -p docs/results/kd
