@@ -21,7 +21,7 @@ from cxr_edge.errors import CxrEdgeError, InvalidArgumentError
 
 from .errors import ExportError, QuantizationGateError
 from .images import nih_sample_dir
-from .quantize import CALIBRATION_METHODS, DEFAULT_PRESET, PRESETS
+from .quantize import CALIBRATION_METHODS, DEFAULT_FLOAT_LEADING_CONVS, DEFAULT_PRESET, PRESETS
 from .scope_fit import DEFAULT_K as SCOPE_K
 from .scope_fit import DEFAULT_QUANTILE as SCOPE_QUANTILE
 from .thresholds import METHODS
@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-images", type=int, default=200, help="number of calibration images (seeded subset)")
     q.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET)
     q.add_argument("--calibrate-method", choices=sorted(CALIBRATION_METHODS), default="minmax")
+    q.add_argument("--float-leading-convs", type=int, default=DEFAULT_FLOAT_LEADING_CONVS, metavar="N",
+                   help="keep the first N convolutions (and every node before them) float; 0: none. "
+                        "EfficientNet-Lite0 passes the gate with 6 and --preset u8s8 (VNNI/ARM CPUs only: see "
+                        "export/quantize.py)")
     q.add_argument("--fallback-fp32", action="store_true", help="ship fp32 (recorded in provenance) if INT8 fails")
     q.add_argument("--max-auc-drop", type=float, default=GateCriteria.max_auc_drop, help="AUC points")
     q.add_argument("--min-cam-median", type=float, default=GateCriteria.min_cam_median)
@@ -126,6 +130,7 @@ def config_from_args(args: argparse.Namespace) -> "ExportConfig":
         precision=args.format, model_id=args.model_id, overwrite=args.overwrite,
         opset=args.opset, exporter=args.exporter, optimize=not args.no_optimize,
         calib_images=args.calib_images, preset=args.preset, calibrate_method=args.calibrate_method,
+        float_leading_convs=args.float_leading_convs,
         criteria=GateCriteria(max_auc_drop=args.max_auc_drop, min_cam_median=args.min_cam_median,
                               max_flip_rate=args.max_flip_rate),
         fallback_fp32=args.fallback_fp32, debug=args.debug_quant,

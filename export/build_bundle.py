@@ -36,8 +36,8 @@ from .images import load_batch
 from .ingraph import BYTES_INPUT, RESIZE_MODES, build_ingraph_model, ingraph_session, run_ingraph
 from .manifest_build import HEAD_ATOL, build_manifest
 from .onnx_export import DEFAULT_OPSET, check_parity, classifier_weights, export_onnx, optimize_offline, run_onnx
-from .quantize import (CALIBRATION_METHODS, DEFAULT_PRESET, PRESETS, debug_quantization, prepare_for_quantization,
-                       quantize_int8)
+from .quantize import (CALIBRATION_METHODS, DEFAULT_FLOAT_LEADING_CONVS, DEFAULT_PRESET, PRESETS, debug_quantization,
+                       prepare_for_quantization, quantize_int8)
 from .scope_fit import DEFAULT_K as SCOPE_K
 from .scope_fit import DEFAULT_QUANTILE as SCOPE_QUANTILE
 from .scope_fit import MIN_FIT_IMAGES as SCOPE_MIN_IMAGES
@@ -75,6 +75,7 @@ class ExportConfig:
     calib_images: int = 200                 # seeded subset of the calibration pool (training images)
     preset: str = DEFAULT_PRESET
     calibrate_method: str = "minmax"
+    float_leading_convs: int = DEFAULT_FLOAT_LEADING_CONVS  # first N convs (and all before them) stay float
     criteria: GateCriteria = field(default_factory=GateCriteria)
     fallback_fp32: bool = False             # ship fp32 (recorded why) when INT8 fails the gate
     debug: bool = False                     # qdq_loss_debug SQNR per tensor in the report
@@ -97,9 +98,11 @@ class ExportConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise InvalidArgumentError(f"{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}")
-        for name in ("calib_images", "ingraph_images", "scope_k", "min_positive_patients", "opset"):
+        for name in ("calib_images", "ingraph_images", "scope_k", "min_positive_patients", "opset",
+                     "float_leading_convs"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "min_positive_patients" else 1):
+            if not isinstance(v, int) or isinstance(v, bool) or v < (
+                    0 if name in ("min_positive_patients", "float_leading_convs") else 1):
                 raise InvalidArgumentError(f"{name} must be a positive integer, got {v!r}")
         if not 0.0 < self.scope_quantile < 1.0:
             raise InvalidArgumentError(f"scope_quantile must be in (0, 1), got {self.scope_quantile!r}")
@@ -292,7 +295,8 @@ def quantise_and_gate(source: ExportSource, config: ExportConfig, graph: Exporte
     reader = ArrayCalibrationReader(load_batch(calib_paths, spec), spec.input_name)
     prepared = prepare_for_quantization(graph.fp32)
     q = quantize_int8(prepared, reader, features_output=config.features_output, input_name=spec.input_name,
-                      preset=config.preset, calibrate_method=config.calibrate_method, prepared=True)
+                      preset=config.preset, calibrate_method=config.calibrate_method,
+                      float_leading_convs=config.float_leading_convs, prepared=True)
     report["quantization"] = {**q.summary(), "calibration_pool": source.calibration_pool.name}
     report["files"]["int8_onnx_bytes"] = len(q.model_bytes)
     ver_batch = load_batch(source.verification.paths, spec)

@@ -24,7 +24,7 @@ from cxr_edge.manifest import PreprocessSpec
 from .calibration import ArrayCalibrationReader
 from .images import list_image_dir, load_batch, nih_sample_dir
 from .onnx_export import run_onnx
-from .quantize import PRESETS, prepare_for_quantization, quantize_int8
+from .quantize import DEFAULT_FLOAT_LEADING_CONVS, PRESETS, prepare_for_quantization, quantize_int8
 from .verify import cam_correlations
 
 
@@ -58,7 +58,7 @@ def _latencies(models: dict[str, bytes], x: np.ndarray, input_name: str, threads
 
 def bench(fp32: bytes, spec: PreprocessSpec, calib: np.ndarray, evalb: np.ndarray, presets: Sequence[str],
           threads: Sequence[int], runs: int, features_output: str = "features",
-          logits_output: str = "logits") -> dict:
+          logits_output: str = "logits", float_leading_convs: int = DEFAULT_FLOAT_LEADING_CONVS) -> dict:
     import onnx
 
     prepared = prepare_for_quantization(fp32)
@@ -70,7 +70,8 @@ def bench(fp32: bytes, spec: PreprocessSpec, calib: np.ndarray, evalb: np.ndarra
     for name in presets:
         t = time.perf_counter()
         q = quantize_int8(prepared, ArrayCalibrationReader(calib, spec.input_name), features_output=features_output,
-                          input_name=spec.input_name, preset=name, prepared=True)
+                          input_name=spec.input_name, preset=name, float_leading_convs=float_leading_convs,
+                          prepared=True)
         secs = time.perf_counter() - t
         models[name] = q.model_bytes
         l, f = run_onnx(q.model_bytes, evalb, [logits_output, features_output], spec.input_name, threads=2)
@@ -103,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--presets", nargs="*", default=["u8u8", "u8s8_rr", "u8s8", "s8s8"])
     p.add_argument("--threads", type=int, nargs="*", default=[1, 2])
+    p.add_argument("--float-leading-convs", type=int, default=DEFAULT_FLOAT_LEADING_CONVS,
+                   help="as python -m export --float-leading-convs")
     p.add_argument("--runs", type=int, default=30)
     p.add_argument("--out", help="write the JSON here too")
     args = p.parse_args(argv)
@@ -122,7 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         fp32, what = export_onnx(model, spec), f"export.toy {args.model} (random init, settled BN, positive head)"
     result = {"model": what, "input_size": args.input_size, "cpu_flags": _cpu_flags(),
               "machine": platform.machine(), "calibration_images": len(calib), "eval_images": len(evalb),
-              **bench(fp32, spec, calib, evalb, args.presets, args.threads, args.runs)}
+              "float_leading_convs": args.float_leading_convs,
+              **bench(fp32, spec, calib, evalb, args.presets, args.threads, args.runs,
+                      float_leading_convs=args.float_leading_convs)}
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

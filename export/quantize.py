@@ -10,9 +10,39 @@ What stays float (``nodes_to_exclude``), and why:
     the CAM is computed from ``features`` with the fp32 classifier weights of the manifest, and the
     loader's head identity ``GAP(features) @ W.T + b == logits`` only holds when that head is float;
   * the first convolution: it sees the raw normalised pixels (1 input channel, cheap) and an 8-bit
-    input grid costs accuracy for no speed.
+    input grid costs accuracy for no speed;
+  * optionally the first N convolutions (``float_leading_convs``, default 1 = the rule above) and every node
+    before them. Only such a *prefix* stays float at run time: onnxruntime's ``WeightBiasQuantization``
+    (ORT 1.32, at session load) gives any Conv/Gemm whose input is dequantized per-tensor int8 weights, so
+    excluding a mid-graph node (e.g. "keep the depthwise convs float") makes it *worse* than per-channel
+    INT8; :func:`quantize_int8` refuses such requests (:func:`runtime_requantized`).
 
-Presets (this CPU: AVX2 *without* VNNI). MLAS' U8S8 kernel uses ``vpmaddubsw``, which adds two
+EfficientNet-Lite0 (runs/stride/plain-s32, 224 px, fp32 mean AUC 0.693; 195 held-out images)::
+
+    python -m export --run runs/stride/plain-s32 --format int8 --calib-images 200 --out q.int8.onnx \
+        --debug-quant --fallback-fp32 [--preset P] [--float-leading-convs N]
+
+  preset, N     AUC change  flip rate  mean|dlogit|  CAM r  gate   INT8/fp32 latency (1 thread)
+  u8s8_rr, 1    +0.57       8.4%       0.43          0.944  fail   0.50-0.55
+  u8s8_rr, 6    +0.38       2.9%       0.14          0.989  fail   0.61-0.63
+  u8s8, 1       +1.00       5.1%       0.25          0.975  fail   0.53
+  u8s8, 6       +0.39       1.8%       0.079         0.997  pass   0.61-0.64
+  s8s8, 6 / u8u8, 6: pass too (1.98% / 1.83% flips) but run at 0.95x / 4.0x fp32 time here.
+  Per-node sensitivity (one node quantized, the rest float) puts block 0's depthwise conv first by 2x
+  (mean |dlogit| 0.34 alone): BN folding gives its filters weights up to 28, which amplify the 8-bit grid
+  of the stem's output; blocks 0-1 follow. The 6 leading convs are the stem and blocks 0-1 (valid cuts:
+  up to 12: 1-6, 9-12; the others split a residual). Calibration did not help (percentile +0.68 / 8.0%;
+  entropy equals minmax in ORT 1.32, whose quantize_static fixes 128 histogram bins = 128 quantized bins;
+  CalibMovingAverage 8.9%), nor did keeping the 4 worst nodes by debug SQNR float (late project convs:
+  they only accumulate upstream error). The AUC change is the noisy criterion: u8s8, 6 with 400
+  calibration images has the same flips (1.8%) and |dlogit| (0.079) but +0.51 points, a fail.
+  Why u8s8, 6 is not the default: full-range U8S8 needs VNNI (this machine: AVX-512 VNNI) or ARM. An
+  emulation of AVX2's vpmaddubsw (assuming it pairs adjacent input channels) on this model's real
+  activations (64 held-out images) finds 1.9e-4 of the pointwise convs' u8 x s8 pairs beyond int16, in 28
+  of the 29, so on AVX2 without VNNI it would saturate and this gate result would not carry over. Export
+  with ``--preset u8s8 --float-leading-convs 6`` only for VNNI/ARM devices.
+
+Presets (measured on an AVX2 CPU *without* VNNI). MLAS' U8S8 kernel uses ``vpmaddubsw``, which adds two
 u8 x s8 products into a saturating int16 (255 * 127 * 2 > 32767): full-range int8 weights can
 saturate. The remedies are ``reduce_range`` (7-bit weights: 255 * 63 * 2 fits) or U8U8 (a
 widening kernel that cannot saturate). Measured here with ``python -m export.quant_bench``
@@ -25,7 +55,7 @@ widening kernel that cannot saturate). Measured here with ``python -m export.qua
   u8s8 0.025; features SQNR 23.4 / 23.1 / 23.4 dB (no sign of U8S8 saturation on this model).
   teacher INT8 (u8s8_rr) gate on 195 held-out images: mean AUC 0.6764 -> 0.6762, CAM r 0.998.
 
-U8U8 is *slower than fp32* on this CPU (its widening kernel), so it buys nothing; U8S8 with
+U8U8 is *slower than fp32* on that CPU (its widening kernel), so it buys nothing; U8S8 with
 ``reduce_range`` is as fast as full-range U8S8 and cannot saturate, at a small accuracy cost
 (7-bit weights) that the gate measures for every export. Hence DEFAULT_PRESET = "u8s8_rr".
 Dynamic quantization is deliberately not offered (5-15x slower than static for CNNs here).
@@ -73,8 +103,11 @@ PRESETS: dict[str, QuantPreset] = {p.name: p for p in (
     QuantPreset("s8s8", "QInt8", "QInt8", False,
                 "onnxruntime's QDQ default; for measurement only"),
 )}
-#: Chosen from measurements on this AVX2-without-VNNI CPU: see the module docstring.
+#: Chosen from measurements on an AVX2-without-VNNI CPU: see the module docstring.
 DEFAULT_PRESET = "u8s8_rr"
+#: Convolutions kept float from the input on (with everything before them); 1 = the first conv only.
+#: EfficientNet-Lite0 needs 6 (with full-range weights) to pass the gate: see the module docstring.
+DEFAULT_FLOAT_LEADING_CONVS = 1
 CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                        "entropy": CalibrationMethod.Entropy}
 
@@ -136,7 +169,7 @@ def _name_unnamed_nodes(proto: onnx.ModelProto) -> None:
 
 
 def float_nodes(model: bytes | onnx.ModelProto, features_output: str, input_name: str,
-                keep_first_conv: bool = True) -> dict[str, str]:
+                leading_convs: int = DEFAULT_FLOAT_LEADING_CONVS) -> dict[str, str]:
     """Names of the nodes to keep in float, each with the reason (see the module docstring)."""
     graph = _load(model).graph
     producers = {out: n for n in graph.node for out in n.output}
@@ -153,11 +186,92 @@ def float_nodes(model: bytes | onnx.ModelProto, features_output: str, input_name
                     if out not in seen_tensors:
                         seen_tensors.add(out)
                         frontier.append(out)
-    if keep_first_conv:
-        first = _first_conv(graph, input_name)
-        if first is not None and first.name not in reasons:
-            reasons[first.name] = "first convolution (raw normalised pixels)"
+    for name, why in leading_float_region(graph, input_name, leading_convs).items():
+        reasons.setdefault(name, why)
     return reasons
+
+
+def leading_float_region(model: bytes | onnx.ModelProto | onnx.GraphProto, input_name: str,
+                         convs: int) -> dict[str, str]:
+    """The first ``convs`` Conv nodes and every node before them in topological order, each with the reason.
+
+    Why a *prefix*: a topological prefix consumes only the graph input and its own outputs, so its nodes see
+    float tensors only and onnxruntime cannot re-quantize them at load (:func:`runtime_requantized`) - provided
+    the cut does not split a residual connection (refused, with the values that work). The first convolution
+    sees the raw normalised pixels; on EfficientNet-Lite0 the next ones (block 0's depthwise, BN-folded
+    filter weights up to 28) amplify 8-bit input noise most (module docstring).
+    """
+    if not isinstance(convs, int) or isinstance(convs, bool) or convs < 0:
+        raise InvalidArgumentError(f"float_leading_convs must be an integer >= 0, got {convs!r}")
+    graph = model if isinstance(model, onnx.GraphProto) else _load(model).graph
+    if convs == 0:
+        return {}
+    if convs == 1:  # the historical rule, by graph distance from the input (independent of node order)
+        first = _first_conv(graph, input_name)
+        return {first.name: "first convolution (raw normalised pixels)"} if first is not None else {}
+    out = _prefix(graph, convs)
+    if out is None:
+        raise InvalidArgumentError(f"float_leading_convs={convs}: the graph has fewer convolutions than that "
+                                   "before its end; nothing would be quantized")
+    if not _clean_cut(graph, out):
+        valid = [k for k in range(2, convs + 8) if (r := _prefix(graph, k)) is not None and _clean_cut(graph, r)]
+        raise InvalidArgumentError(
+            f"float_leading_convs={convs} cuts through a residual connection: a float tensor inside the region "
+            "also feeds a quantized node, so it gets Q/DQ and the float convolutions after it would be "
+            f"re-quantized by onnxruntime at load; valid values here: 0, 1, {', '.join(map(str, valid))}, ...")
+    why = (f"leading float region (float_leading_convs={convs}; only float inputs, so onnxruntime cannot "
+           "re-quantize it at load)")
+    first = next(n for n in graph.node if n.name in out and n.op_type == "Conv")
+    return {name: "first convolution (raw normalised pixels)" if name == first.name else why for name in out}
+
+
+def _prefix(graph: onnx.GraphProto, convs: int) -> list[str] | None:
+    """Names of the nodes before the (convs+1)-th Conv in topological order; None if that leaves nothing."""
+    out, seen = [], 0
+    for node in graph.node:  # ONNX graphs are topologically sorted (the checker enforces it)
+        if node.op_type == "Conv":
+            if seen == convs:
+                return out
+            seen += 1
+        out.append(node.name)
+    return None
+
+
+def _clean_cut(graph: onnx.GraphProto, region: Iterable[str]) -> bool:
+    """No tensor made inside ``region`` feeds both a node inside it and one outside (the outside consumer
+    would quantize it, and the Q/DQ pair is shared with the inside consumer)."""
+    inside = set(region)
+    made = {o for n in graph.node if n.name in inside for o in n.output}
+    consumers: dict[str, set[bool]] = {}
+    for node in graph.node:
+        for t in node.input:
+            if t in made:
+                consumers.setdefault(t, set()).add(node.name in inside)
+    return all(len(where) == 1 for where in consumers.values())
+
+
+def runtime_requantized(qproto: onnx.ModelProto, float_names: Iterable[str]) -> list[str]:
+    """Nodes meant to stay float that onnxruntime's ``WeightBiasQuantization`` optimizer quantizes anyway.
+
+    At session load (graph optimisation level >= basic) it gives every Conv/ConvTranspose/Gemm whose input 0
+    comes from a per-tensor DequantizeLinear and whose weight is a float initializer *per-tensor* int8
+    weights - worse than the per-channel weights ``quantize_static`` would have used (measured: keeping the
+    depthwise convolutions "float" this way raised the decision flip rate, module docstring).
+    """
+    graph = qproto.graph
+    producers = {out: n for n in graph.node for out in n.output}
+    inits = {i.name: i for i in graph.initializer}
+    scalar = {name for name, i in inits.items() if len(i.dims) == 0 or (len(i.dims) == 1 and i.dims[0] == 1)}
+    hit = []
+    for node in graph.node:
+        if node.name not in float_names or node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.input) < 2:
+            continue
+        src = producers.get(node.input[0])
+        weight = inits.get(node.input[1])
+        if (src is not None and src.op_type == "DequantizeLinear" and src.input[1] in scalar and weight is not None
+                and weight.data_type == onnx.TensorProto.FLOAT):
+            hit.append(node.name)
+    return hit
 
 
 def _first_conv(graph: onnx.GraphProto, input_name: str) -> onnx.NodeProto | None:
@@ -179,12 +293,15 @@ def _first_conv(graph: onnx.GraphProto, input_name: str) -> onnx.NodeProto | Non
 
 
 def quantize_int8(model_bytes: bytes, reader: CalibrationDataReader, *, features_output: str, input_name: str,
-                  preset: str = DEFAULT_PRESET, calibrate_method: str = "minmax", keep_first_conv: bool = True,
-                  extra_exclude: Iterable[str] = (), prepared: bool = False) -> QuantResult:
+                  preset: str = DEFAULT_PRESET, calibrate_method: str = "minmax",
+                  float_leading_convs: int = DEFAULT_FLOAT_LEADING_CONVS, extra_exclude: Iterable[str] = (),
+                  prepared: bool = False) -> QuantResult:
     """Step 2: static QDQ quantization with per-channel weights; the CAM head stays float.
 
     ``reader`` yields real preprocessed images (``export.calibration``). ``prepared`` says that
-    ``model_bytes`` already went through :func:`prepare_for_quantization`.
+    ``model_bytes`` already went through :func:`prepare_for_quantization`. ``float_leading_convs``: the first
+    N convolutions and everything before them stay float (:func:`leading_float_region`; 0: none).
+    ``extra_exclude`` nodes that onnxruntime would re-quantize at load (:func:`runtime_requantized`) are refused.
     """
     if preset not in PRESETS:
         raise InvalidArgumentError(f"quantization preset must be one of {sorted(PRESETS)}, got {preset!r}")
@@ -192,7 +309,7 @@ def quantize_int8(model_bytes: bytes, reader: CalibrationDataReader, *, features
         raise InvalidArgumentError(f"calibrate_method must be one of {sorted(CALIBRATION_METHODS)}")
     prepared_bytes = model_bytes if prepared else prepare_for_quantization(model_bytes)
     proto = onnx.load_from_string(prepared_bytes)
-    reasons = float_nodes(proto, features_output, input_name, keep_first_conv)
+    reasons = float_nodes(proto, features_output, input_name, float_leading_convs)
     names = {n.name for n in proto.graph.node}
     for name in extra_exclude:
         if name not in names:
@@ -216,11 +333,18 @@ def quantize_int8(model_bytes: bytes, reader: CalibrationDataReader, *, features
     qproto.producer_name = "cxr-edge-export"
     prune_opset_imports(qproto)
     _check_head_float(qproto, features_output)
+    requantized = runtime_requantized(qproto, reasons)
+    if requantized:
+        raise InvalidArgumentError(
+            f"node(s) {requantized} cannot stay float: their input is dequantized, so onnxruntime's "
+            "WeightBiasQuantization gives them per-tensor int8 weights at load (worse than per-channel); keep "
+            "their producers float too (float_leading_convs) or let them be quantized")
     compute = {"Conv", "Gemm", "MatMul"}
     quantized = sum(1 for n in qproto.graph.node if n.op_type in compute and n.name not in reasons)
     kept = sum(1 for n in qproto.graph.node if n.op_type in compute and n.name in reasons)
     return QuantResult(qproto.SerializeToString(), p, exclude, reasons, n_images, calibrate_method,
-                       quantized_nodes=quantized, float_nodes=kept)
+                       quantized_nodes=quantized, float_nodes=kept,
+                       settings={"float_leading_convs": float_leading_convs})
 
 
 def _check_head_float(qproto: onnx.ModelProto, features_output: str) -> None:

@@ -312,7 +312,8 @@ def _toy_source(tmp_path, n: int = 12):
 
 @pytest.mark.parametrize("bad", [{"precision": "int4"}, {"exporter": "onnxscript"}, {"calib_images": 0},
                                  {"threshold_method": "median"}, {"scope_quantile": 1.5}, {"preset": "nope"},
-                                 {"calibrate_method": "kl"}, {"scope_k": 0}, {"criteria": {"max_auc_drop": 1}}])
+                                 {"calibrate_method": "kl"}, {"scope_k": 0}, {"float_leading_convs": -1},
+                                 {"criteria": {"max_auc_drop": 1}}])
 def test_export_config_refuses_bad_values(bad):
     from export.build_bundle import ExportConfig
 
@@ -333,7 +334,8 @@ def test_every_cli_flag_reaches_the_config():
     args = build_parser().parse_args([
         "--out", "x.onnx", "--format", "fp32", "--model-id", "m", "--overwrite", "--opset", "17",
         "--exporter", "dynamo", "--no-optimize", "--calib-images", "7", "--preset", other_preset,
-        "--calibrate-method", "percentile", "--max-auc-drop", "1.5", "--min-cam-median", "0.5",
+        "--calibrate-method", "percentile", "--float-leading-convs", "3", "--max-auc-drop", "1.5",
+        "--min-cam-median", "0.5",
         "--max-flip-rate", "0.1", "--fallback-fp32", "--debug-quant", "--thresholds", "youden",
         "--min-sensitivity", "0.8", "--min-positive-patients", "3", "--scope", "--scope-k", "5",
         "--scope-quantile", "0.9", "--ingraph-images", "3", "--seed", "4"])

@@ -18,7 +18,8 @@ from export.calibration import ArrayCalibrationReader, select_calibration
 from export.errors import QuantizationGateError
 from export.manifest_build import HEAD_ATOL, build_manifest
 from export.onnx_export import classifier_weights, export_onnx, run_onnx
-from export.quantize import PRESETS, debug_quantization, float_nodes, prepare_for_quantization, quantize_int8
+from export.quantize import (PRESETS, debug_quantization, float_nodes, leading_float_region, prepare_for_quantization,
+                             quantize_int8, runtime_requantized)
 from export.toy import make_toy_model, synthetic_radiographs
 from export.verify import GateCriteria, compare_models, enforce, gate, pearson
 
@@ -45,7 +46,7 @@ def test_float_nodes_are_the_cam_head_and_first_conv(synth):
     assert producer.name in reasons and "features" in reasons[producer.name]
     first_conv = next(n for n in reasons if by_name[n].op_type == "Conv")
     assert "image" in by_name[first_conv].input
-    assert float_nodes(prepared, "features", "image", keep_first_conv=False).keys() == reasons.keys() - {first_conv}
+    assert float_nodes(prepared, "features", "image", leading_convs=0).keys() == reasons.keys() - {first_conv}
 
 
 def test_int8_keeps_head_float_and_head_identity(tmp_path, synth):
@@ -73,6 +74,72 @@ def test_int8_keeps_head_float_and_head_identity(tmp_path, synth):
     bundle = load_bundle(tmp_path / "int8.onnx", threads=1)
     assert bundle.manifest.cam.head_check_atol == HEAD_ATOL["int8"]
     assert len(q.model_bytes) < 0.7 * len(fp32)
+
+
+def _runtime_qlinearconvs(model_bytes: bytes, tmp_path) -> int:
+    """QLinearConv nodes in the graph onnxruntime actually runs (the device's session options)."""
+    import onnxruntime as ort
+
+    from cxr_edge.bundle import session_options
+
+    opts = session_options(1)
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+    return sum(n.op_type == "QLinearConv" for n in onnx.load(opts.optimized_model_filepath).graph.node)
+
+
+def test_float_leading_convs_stay_float_in_the_graph_onnxruntime_runs(tmp_path, synth):
+    """The knob keeps the first N convolutions float *at run time*: no Q/DQ on their inputs or weights, and
+    onnxruntime runs N - 1 fewer QLinearConv than with the first conv alone float - it cannot re-quantize them."""
+    _, fp32, batch = synth
+    prepared = prepare_for_quantization(fp32)
+    graph = onnx.load_from_string(prepared).graph
+    convs = [n.name for n in graph.node if n.op_type == "Conv"]
+    n = 4  # the toy's first residual block ends after its 4th conv
+    region = leading_float_region(graph, "image", n)
+    assert [c for c in convs if c in region] == convs[:n]
+    reader = ArrayCalibrationReader(batch, "image")
+    q = quantize_int8(prepared, reader, features_output="features", input_name="image", prepared=True,
+                      float_leading_convs=n)
+    assert q.summary()["float_leading_convs"] == n and set(region) <= set(q.float_reasons)
+    qproto = onnx.load_from_string(q.model_bytes)
+    producers = {o: m for m in qproto.graph.node for o in m.output}
+    for node in qproto.graph.node:
+        if node.name in convs[:n]:
+            assert all(producers[i].op_type != "DequantizeLinear" for i in node.input if i in producers), node.name
+    assert runtime_requantized(qproto, q.float_reasons) == []
+    default = quantize_int8(prepared, reader, features_output="features", input_name="image", prepared=True)
+    assert _runtime_qlinearconvs(default.model_bytes, tmp_path) - _runtime_qlinearconvs(q.model_bytes, tmp_path) \
+        == n - 1
+    with pytest.raises(InvalidArgumentError, match="residual.*valid values here: 0, 1, 4"):
+        leading_float_region(graph, "image", 3)  # would split block 1's skip connection
+    with pytest.raises(InvalidArgumentError):
+        leading_float_region(graph, "image", len(convs))
+
+
+def test_a_mid_graph_conv_cannot_stay_float_and_is_refused(tmp_path, synth):
+    """Why :func:`runtime_requantized` exists: excluding a Conv whose input is dequantized leaves it float in the
+    file, but onnxruntime's WeightBiasQuantization quantizes it at load (per-tensor weights). If onnxruntime stops
+    doing that, this test fails and the refusal can be relaxed."""
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    _, fp32, batch = synth
+    prepared = prepare_for_quantization(fp32)
+    convs = [n.name for n in onnx.load_from_string(prepared).graph.node if n.op_type == "Conv"]
+    mid = convs[len(convs) // 2]
+    src = tmp_path / "prepared.onnx"
+    src.write_bytes(prepared)
+    counts = {}
+    for name, exclude in (("first", [convs[0]]), ("mid", [convs[0], mid])):
+        dst = tmp_path / f"{name}.onnx"
+        quantize_static(str(src), str(dst), ArrayCalibrationReader(batch, "image"), quant_format=QuantFormat.QDQ,
+                        per_channel=True, nodes_to_exclude=exclude)
+        counts[name] = _runtime_qlinearconvs(dst.read_bytes(), tmp_path)
+    assert runtime_requantized(onnx.load(str(tmp_path / "mid.onnx")), {convs[0], mid}) == [mid]
+    assert counts["mid"] == counts["first"]  # "float" in the file, quantized when run
+    with pytest.raises(InvalidArgumentError, match="WeightBiasQuantization"):
+        quantize_int8(prepared, ArrayCalibrationReader(batch, "image"), features_output="features",
+                      input_name="image", prepared=True, extra_exclude=[mid])
 
 
 def test_quantize_refuses_bad_settings(synth):
