@@ -151,10 +151,13 @@ def build_card(a: argparse.Namespace) -> tuple[str, str]:
         calib = (" Each teacher's logits were first refitted per label to the training labels (Platt scaling: "
                  "the teachers are calibrated to the full NIH set's lower prevalence)."
                  if cfg.get("teacher_calibration") == "platt" else "")
-        add(f"- Distillation: loss (1-a) BCE(s, y) + {kd_term}, a = {cfg['kd_alpha']}, "
-            f"T = {cfg['kd_temperature']}; teachers {', '.join(Path(t).name for t in cfg.get('teachers', []))} with "
-            f"weights {cfg.get('teacher_weights') or 'equal'}, averaged over the teachers that have an output for "
-            "each image (an image no teacher covers has no KD term)." + calib)
+        if not cfg.get("kd_alpha"):
+            add("- Distillation: none in this run (the plain arm of the KD experiment; see the KD table).")
+        else:
+            add(f"- Distillation: loss (1-a) BCE(s, y) + {kd_term}, a = {cfg['kd_alpha']}, "
+                f"T = {cfg['kd_temperature']}; teachers {', '.join(Path(t).name for t in cfg.get('teachers', []))} "
+                f"with weights {cfg.get('teacher_weights') or 'equal'}, averaged over the teachers that have an output "
+                "for each image (an image no teacher covers has no KD term)." + calib)
         if cfg.get("box_beta"):
             add(f"- CAM supervision: -log(CAM mass inside the box) for the training images' radiologist boxes, weight "
                 f"{cfg['box_beta']} (boxes of calibration and evaluation images never used).")
@@ -162,7 +165,7 @@ def build_card(a: argparse.Namespace) -> tuple[str, str]:
 
     add("## Data and splits\n")
     tr, va, ev = td.get("train") or {}, td.get("validation") or {}, td.get("evaluation") or {}
-    add(f"NIH ChestX-ray14 sample (`../shared/data/nih-cxr14-sample`, 320 px 8-bit PNGs, NIH text-mined labels: "
+    add("NIH ChestX-ray14 sample (`../shared/data/nih-cxr14-sample`, 320 px 8-bit PNGs, NIH text-mined labels: "
         "noisy; pathology-enriched). Patient-disjoint splits:\n")
     add("| split | images | patients | used for |\n|---|---|---|---|")
     add(f"| training | {tr.get('images')} | {tr.get('patients')} | weights (the teacher's training list minus calibration) |")
