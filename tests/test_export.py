@@ -433,3 +433,28 @@ def test_cli_sign_key_signs_the_written_bundle(tmp_path, monkeypatch, capsys):
     report = json.loads((tmp_path / "b.report.json").read_text())
     assert report["bundle"]["signature"]["key_fingerprint"] == fingerprint
     assert report["bundle"]["size_bytes"] == out.stat().st_size
+
+
+def test_parity_tolerance_scales_with_the_tensors_range(monkeypatch):
+    """A ReLU6 feature that is 0 in PyTorch and 1.2e-4 in onnxruntime (a 1e-5 relative rounding of a
+    pre-activation of ~12 crossing zero) passes on a 0-6 tensor; a 1e-3 error there still fails, and
+    on a tensor of range <= 1 the absolute tolerance stays 1e-4."""
+    import export.onnx_export as ox
+
+    logits = np.zeros((2, 3), np.float32)
+    feats = np.zeros((2, 4, 2, 2), np.float32)
+    feats[0, 0, 0, 0] = 6.0
+
+    def run(off: float, scale: float = 1.0):
+        f_ref = feats * scale
+        f_got = f_ref.copy()
+        f_got[1, 2, 1, 1] += off
+        monkeypatch.setattr(ox, "torch_outputs", lambda model, batch: (logits, f_ref))
+        monkeypatch.setattr(ox, "run_onnx", lambda *a, **k: (logits, f_got))
+        return ox.check_parity(None, b"", np.zeros((2, 1, 8, 8), np.float32), SPEC)
+
+    assert run(1.2e-4)["features_atol_scaled"] == pytest.approx(6e-4)
+    with pytest.raises(ParityError):
+        run(1e-3)
+    with pytest.raises(ParityError):
+        run(1.2e-4, scale=1 / 6)
