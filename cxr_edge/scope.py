@@ -37,7 +37,7 @@ __all__ = ["ScopeGate", "ScopeResult", "check_pixels", "check_constant", "check_
 #: limits are split-conformal at a 0.1% false-flag budget each on the 1,070 in-scope non-evaluation NIH images
 #: (the pool minus teacher_val_images.csv minus one image stored inverted): the most extreme of them, rounded
 #: outwards, so P(a rule flags an in-scope image like them) <= 1/1071 each. Recompute with
-#: ``python -m export.scope_fit pixel-limits --split-config docs/results/kd/kd-s0.config.json --exclude
+#: ``python -m export.scope_fit pixel-limits --split-config docs/results/kd-session13/kd-s0.config.json --exclude
 #: 00017625_000.png`` (tests/test_scope_fit.py checks these numbers against it when the data is there).
 PIXEL_RULES: dict[str, float] = {
     #: near-constant (a priori): intensity standard deviation below this (in-scope NIH images: min 0.096) ...

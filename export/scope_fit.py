@@ -23,8 +23,8 @@ onnxruntime from the bundle's own graph, a new scope block, the same graph bytes
 by :func:`cxr_edge.calibrate.write_verified_bundle` (the code ``cxr-edge calibrate`` uses).
 
     python -m export.scope_fit refit --bundle IN.onnx --images FIT.csv --threshold-images CAL.csv --out OUT.onnx
-    python -m export.scope_fit refit --bundle IN.onnx --split-config docs/results/kd/kd-s0.config.json --out OUT.onnx
-    python -m export.scope_fit pixel-limits --split-config docs/results/kd/kd-s0.config.json
+    python -m export.scope_fit refit --bundle IN.onnx --split-config docs/results/kd-session13/kd-s0.config.json --out OUT.onnx
+    python -m export.scope_fit pixel-limits --split-config docs/results/kd-session13/kd-s0.config.json
 
 Exit codes: 0 ok; 2 bad arguments or images; 4 the bundle could not be read or written; 1 other errors.
 

@@ -30,6 +30,12 @@ rm -f build/student.int8.onnx build/student.fp32.onnx
     --out build/student.int8.onnx --report build/default.report.json --overwrite
 # ships INT8 when the gate passed, else the fp32 written by --fallback-fp32 (the report says which)
 cp "$(ls build/student.int8.onnx build/student.fp32.onnx 2>/dev/null | head -1)" cxr_edge/data/default.onnx
+# the scope gate's feature stage under the Budget rule of docs/scope.md (onnxruntime features, the run's own
+# split redrawn, the one training image stored inverted left out); only the scope block and digests change
+"$PY" -m export.scope_fit refit --bundle cxr_edge/data/default.onnx --split-config "$RUNS/$RUN/config.json" \
+    --exclude 00017625_000.png \
+    --exclude-note "displayed inverted (air white; MONOCHROME mix-up in the release): out of scope, visually confirmed" \
+    --out build/default.refit.onnx && mv build/default.refit.onnx cxr_edge/data/default.onnx
 # 4. the shipped bundle on the evaluation split: AUC, operating points, pointing game + baselines
 "$PY" -m models.evaluate score cxr_edge/data/default.onnx --pointing-game --out "$RUNS/shipped_eval.json"
 # 5. speed on this machine (runtime only)

@@ -175,7 +175,7 @@ def test_shipped_pixel_limits_are_what_the_budget_gives_on_the_non_evaluation_im
     need_shared("data", "nih-cxr14-sample", "images")
     need_shared("teachers", "teacher_train_images.csv")
     pytest.importorskip("torch", reason="--split-config redraws the run's split with models.runs (torch)")
-    rc = main(["pixel-limits", "--split-config", str(REPO / "docs" / "results" / "kd" / "kd-s0.config.json"),
+    rc = main(["pixel-limits", "--split-config", str(REPO / "docs" / "results" / "kd-session13" / "kd-s0.config.json"),
                "--exclude", "00017625_000.png", "--json"])
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
