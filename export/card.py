@@ -169,7 +169,7 @@ def build_card(a: argparse.Namespace) -> tuple[str, str]:
         "noisy; pathology-enriched). Patient-disjoint splits:\n")
     add("| split | images | patients | used for |\n|---|---|---|---|")
     add(f"| training | {tr.get('images')} | {tr.get('patients')} | weights (the teacher's training list minus calibration) |")
-    add(f"| calibration | {va.get('images')} | {va.get('patients')} | epoch choice and decision thresholds |")
+    add(f"| calibration | {va.get('images')} | {va.get('patients')} | epoch choice, decision thresholds, choice of the shipped run |")
     add(f"| evaluation | {ev.get('images')} | {ev.get('patients')} | every number below (`teacher_val_images.csv`) |\n")
 
     add("## Accuracy on the evaluation split\n")
