@@ -171,10 +171,11 @@ def check_no_external_data(model_bytes: bytes) -> None:
             _check_graph_data(model_bytes[p:end])
 
 
-def _manifest_digest(body: "bytes | hashlib._Hash", blank_manifest_json: str) -> str:
-    """SHA-256 over the graph bytes and the manifest JSON with ``bundle_sha256`` blank. ``body`` may be
-    a SHA-256 object already fed the graph bytes (the loader hashes them once for both checksums)."""
-    h = body.copy() if hasattr(body, "copy") and not isinstance(body, (bytes, bytearray)) else hashlib.sha256(body)
+def _manifest_digest(body_hash: "hashlib._Hash", blank_manifest_json: str) -> str:
+    """SHA-256 over the graph bytes and the manifest JSON with ``bundle_sha256`` blank. ``body_hash`` is
+    the SHA-256 already fed the graph bytes (``model_sha256``'s), continued on a copy: one pass over the
+    weights gives both checksums."""
+    h = body_hash.copy()
     h.update(b"\x00cxr-edge-manifest\x00")
     h.update(blank_manifest_json.encode("utf-8"))
     return h.hexdigest()
@@ -202,10 +203,10 @@ def embed_manifest(model_bytes: bytes, manifest: Manifest) -> bytes:
     """
     body, metadata = split_model(model_bytes)
     check_no_external_data(body)
-    digest = hashlib.sha256(body).hexdigest()
-    manifest = replace(manifest, model_sha256=digest, bundle_sha256="")
+    body_hash = hashlib.sha256(body)
+    manifest = replace(manifest, model_sha256=body_hash.hexdigest(), bundle_sha256="")
     manifest.validate()
-    manifest = replace(manifest, bundle_sha256=_manifest_digest(body, manifest.to_json()))
+    manifest = replace(manifest, bundle_sha256=_manifest_digest(body_hash, manifest.to_json()))
     metadata.pop(SIGNATURE_KEY, None)
     metadata[MANIFEST_KEY] = manifest.to_json()
     return _assemble(body, metadata)

@@ -38,7 +38,7 @@ Source = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, np.ndarray
 class Prepared:
     """What :meth:`Classifier._prepare` computed for one image: its model input and pixel-rule verdict."""
 
-    tensor: np.ndarray          # C x H x W float32, the preprocessed input
+    tensor: np.ndarray | None   # C x H x W float32, the preprocessed input; None: refused by the pixel rules
     pixel_reasons: list[str]    # the scope gate's pixel rules that flagged it (empty: none, or no gate)
     scope_ms: float
     preprocess_ms: float
@@ -328,13 +328,16 @@ class Classifier:
     def _prepare(self, image: Radiograph) -> Prepared:
         """The per-image work between decoding and the model: the scope gate's pixel rules and the
         preprocessing. Thread-safe and mostly GIL-free, so a decoder thread can do it ahead of the model
-        (:meth:`cxr_edge.engine.Engine.decode`) and the model's thread only runs the graph."""
+        (:meth:`cxr_edge.engine.Engine.decode`) and the model's thread only runs the graph. An image the
+        pixel rules refuse (``scope="refuse"``) is not preprocessed: it never reaches the model."""
         reasons: list[str] = []
         scope_ms = 0.0
         if self.scope_gate is not None:
             ts = time.perf_counter()
             reasons = self.scope_gate.check_pixels(image.pixels, image.info.get("colour_fraction"))
             scope_ms = (time.perf_counter() - ts) * 1e3
+            if reasons and self.scope_mode == "refuse":
+                return Prepared(None, reasons, scope_ms, 0.0)
         t0 = time.perf_counter()
         tensor = preprocess_one(image.pixels, self.manifest.preprocessing)
         return Prepared(tensor, reasons, scope_ms, (time.perf_counter() - t0) * 1e3)

@@ -207,6 +207,7 @@ class _PngLayout:
     interlace: int
     sbit: tuple[int, ...] | None  # the sBIT chunk's values, when one precedes the image data
     idat: tuple[tuple[int, int], ...]  # (start, end) of each IDAT payload
+    plte: bytes  # the PLTE chunk (length, type, payload, CRC) of a palette image, else b""
     minimal: bytes  # signature + IHDR (+ PLTE) + IDAT chunks + IEND: what the decoder is given
 
 
@@ -283,9 +284,9 @@ def _png_header(data: bytes) -> _PngLayout:
     if colour_type == 3 and plte is None:
         raise CorruptImageError("the PNG is a palette image without a palette (PLTE)")
     first, last = idat[0][0] - 8, idat[-1][1] + 4
-    minimal = b"".join((data[:33], data[plte[0]:plte[1]] if colour_type == 3 and plte else b"",
-                        data[first:last], _PNG_IEND))
-    return _PngLayout(width, height, bit_depth, colour_type, interlace, sbit, tuple(idat), minimal)
+    palette = data[plte[0]:plte[1]] if colour_type == 3 and plte else b""
+    minimal = b"".join((data[:33], palette, data[first:last], _PNG_IEND))
+    return _PngLayout(width, height, bit_depth, colour_type, interlace, sbit, tuple(idat), palette, minimal)
 
 
 def _png_filter_offsets(layout: _PngLayout) -> tuple[np.ndarray, int]:
@@ -357,11 +358,7 @@ def _png_stored(layout: _PngLayout, inflated: bytes) -> bytes:
     """The minimal PNG again, its image data re-stored uncompressed (level 0: a copy and a checksum),
     so the decoder only unfilters rows the check has already inflated and verified."""
     head = layout.minimal[:33]  # signature + IHDR
-    plte = b""
-    if layout.colour_type == 3:
-        n = struct.unpack_from(">I", layout.minimal, 33)[0]
-        plte = layout.minimal[33:45 + n]
-    return b"".join((head, plte, _png_chunk(b"IDAT", zlib.compress(inflated, 0)), _PNG_IEND))
+    return b"".join((head, layout.plte, _png_chunk(b"IDAT", zlib.compress(inflated, 0)), _PNG_IEND))
 
 
 def _png_scale(gray: np.ndarray, layout: _PngLayout) -> tuple[int, int, str]:
