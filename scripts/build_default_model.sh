@@ -16,8 +16,10 @@ mkdir -p build
 # 1. teachers and students
 bash scripts/kd_experiment.sh "$RUNS"
 # 2. each teacher on the evaluation split
-if [[ -d "$RUNS/teacher-lite2-f0" ]]; then  # OWN_TEACHER=1 (scripts/kd_experiment.sh)
-  "$PY" -m models.evaluate teacher --reference "$RUNS/$RUN" --runs "$RUNS"/teacher-lite2-f0 "$RUNS"/teacher-lite2-f1 \
+shopt -s nullglob
+own=("$RUNS"/teacher-*-f[0-9])
+if (( ${#own[@]} )); then  # OWN_TEACHER=1 (scripts/kd_experiment.sh): the fold models' mean
+  "$PY" -m models.evaluate teacher --reference "$RUNS/$RUN" --runs "${own[@]}" \
       --out "$RUNS/teacher_own_eval.json"
 fi
 "$PY" -m models.evaluate teacher --reference "$RUNS/$RUN" --csv "$SHARED/teachers/chexnet-ensemble/preds.csv" \

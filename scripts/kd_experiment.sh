@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The default model's experiment, on the NIH sample, ImageNet-initialised networks:
-#   1. (OWN_TEACHER=1) own teacher: EfficientNet-Lite2 at 256 px, 2-fold cross-fitted on the student's
-#      training patients (each fold model also distils the CheXNet-class ensemble where it has rows), so
-#      its out-of-fold probabilities are honest soft labels for every training image -> teacher_oof.csv;
+#   1. (OWN_TEACHER=1) own teacher: TEACHER_MODEL at TEACHER_SIZE px (default EfficientNet-Lite2, 256),
+#      TEACHER_FOLDS-fold cross-fitted on the student's training patients (default 2; each fold model
+#      also distils the CheXNet-class ensemble where it has rows), so its out-of-fold probabilities are
+#      honest soft labels for every training image -> teacher_oof.csv; on other images the teacher is
+#      the mean of its fold models (an ensemble);
 #   2. students: EfficientNet-Lite0 at 224 px, 3 seeds x {plain, KD}; KD from the CheXNet-class ensemble
 #      (and the own teacher with OWN_TEACHER=1: availability-aware averaging, weights 3 : 1), each
 #      teacher's logits first refitted to the training labels per label (--teacher-calibration platt:
@@ -23,6 +25,10 @@ SHARED=${CXR_EDGE_SHARED:-../shared}
 ENSEMBLE=$SHARED/teachers/chexnet-ensemble/preds.csv
 DEVICE=${DEVICE:-cpu}
 OWN_TEACHER=${OWN_TEACHER:-0}
+TEACHER_MODEL=${TEACHER_MODEL:-efficientnet_lite2}
+TEACHER_SIZE=${TEACHER_SIZE:-256}
+TEACHER_FOLDS=${TEACHER_FOLDS:-2}
+TEACHER_TAG=${TEACHER_MODEL#efficientnet_}
 COMMON=(--pretrained --val-fraction 0.15 --epochs "$EPOCHS" --batch-size 32 --lr 6e-4 --head-lr-mult 5
         --weight-decay 0.05 --model-kwargs '{"drop_path_rate": 0.1}' --bootstrap 1000 --device "$DEVICE" --hflip)
 KD=(--teacher-calibration platt --kd-alpha 0.5 --kd-temperature 1)
@@ -37,11 +43,13 @@ run() {  # run NAME ARGS...: skip runs that already finished (resumable experime
 }
 TEACHERS=(--teachers "$ENSEMBLE")
 if [[ $OWN_TEACHER == 1 ]]; then
-  for fold in 0 1; do
-    run "teacher-lite2-f$fold" "${COMMON[@]}" --model efficientnet_lite2 --input-size 256 --n-folds 2 --fold "$fold" \
-        --teachers "$ENSEMBLE" "${KD[@]}" --seed 0
+  folds=()
+  for ((fold = 0; fold < TEACHER_FOLDS; fold++)); do
+    run "teacher-$TEACHER_TAG-f$fold" "${COMMON[@]}" --model "$TEACHER_MODEL" --input-size "$TEACHER_SIZE" \
+        --n-folds "$TEACHER_FOLDS" --fold "$fold" --teachers "$ENSEMBLE" "${KD[@]}" --seed 0
+    folds+=("$RUNS/teacher-$TEACHER_TAG-f$fold")
   done
-  "$PY" -m models.distill oof-csv "$RUNS"/teacher-lite2-f0 "$RUNS"/teacher-lite2-f1 --out "$RUNS/teacher_oof.csv"
+  "$PY" -m models.distill oof-csv "${folds[@]}" --out "$RUNS/teacher_oof.csv"
   TEACHERS=(--teachers "$ENSEMBLE" "$RUNS/teacher_oof.csv" --teacher-weights 3 1)
 fi
 for seed in 0 1 2; do

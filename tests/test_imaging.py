@@ -160,8 +160,18 @@ def png_kinds() -> dict[str, bytes]:
             "multi-idat": encode(".png", gray8(300, 301)), "fast-filters": encode(".png", g, [cv2.IMWRITE_PNG_COMPRESSION, 1])}
 
 
+@pytest.fixture(params=["isal", "zlib"])
+def inflater(request, monkeypatch):
+    """Both inflaters: ISA-L where installed (the default) and the standard library's zlib (the fallback)."""
+    if request.param == "zlib":
+        monkeypatch.setattr(imaging, "_zlib", zlib)
+    elif imaging._zlib is zlib:
+        pytest.skip("isal is not installed here: the zlib fallback is the only inflater")
+    return request.param
+
+
 @pytest.mark.parametrize("kind", sorted(png_kinds()))
-def test_png_inflated_once_decodes_exactly_like_the_compressed_stream(kind, monkeypatch):
+def test_png_inflated_once_decodes_exactly_like_the_compressed_stream(kind, inflater, monkeypatch):
     """The kept-and-re-stored image data (one inflate) must give the very pixels OpenCV gives on the
     original stream; the large-image path (_PNG_KEEP_LIMIT = 0) must not keep the stream at all."""
     data = png_kinds()[kind]
@@ -178,6 +188,16 @@ def test_png_inflated_once_decodes_exactly_like_the_compressed_stream(kind, monk
     assert fast.info == slow.info and fast.bit_depth == slow.bit_depth
     if direct.ndim == 2 and kind != "bilevel":  # gray: the pixels are OpenCV's samples over the container max
         np.testing.assert_array_equal(fast.pixels, direct.astype(np.float32) / (65535 if direct.dtype == np.uint16 else 255))
+
+
+@pytest.mark.parametrize("n", [0, 1, 65534, 65535, 65536, 2 * 65535, 2 * 65535 + 1, 300_007])
+def test_png_restored_stream_is_a_valid_zlib_stream_of_the_same_bytes(n):
+    """The stored-block zlib stream written for OpenCV inflates (with its checksum checked) to exactly
+    the kept bytes, at and around the 65,535-byte block boundary."""
+    data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
+    stored = imaging._zlib_stored(data)
+    assert zlib.decompress(stored) == data
+    assert len(stored) == n + 6 + 5 * max(1, -(-n // 65535))  # header + adler32, 5 bytes per block: no compression
 
 
 def test_png_kept_stream_is_the_checked_one():
@@ -197,7 +217,7 @@ def test_truncated_png_is_corrupt_and_never_decoded(cut, monkeypatch):
         read_image(data[:n])
 
 
-def test_png_with_damaged_image_data_but_valid_structure_is_corrupt():
+def test_png_with_damaged_image_data_but_valid_structure_is_corrupt(inflater):
     """IEND present, chunks intact, but the zlib stream stops half way: the decoder must refuse."""
     img = gray8()
     data = encode(".png", img)
@@ -632,8 +652,8 @@ def test_interlaced_png_row_layout_is_validated_exactly():
 
 
 @pytest.mark.parametrize("damage", ["crc", "filter", "extra_rows", "after_stream", "unknown_critical",
-                                    "split_idat"])
-def test_png_image_data_is_validated_before_the_decoder(damage, monkeypatch):
+                                    "split_idat", "checksum", "not_deflate"])
+def test_png_image_data_is_validated_before_the_decoder(damage, inflater, monkeypatch):
     img = gray8()
     data = encode(".png", img)
     ihdr, idat = png_chunks(data)[0][1], b"".join(p for t, p in png_chunks(data) if t == b"IDAT")
@@ -650,6 +670,8 @@ def test_png_image_data_is_validated_before_the_decoder(damage, monkeypatch):
         "extra_rows": head + png_chunk(b"IDAT", zlib.compress(raw + raw[:500])) + end,
         "after_stream": head + png_chunk(b"IDAT", idat + b"junk") + end,
         "unknown_critical": head + png_chunk(b"CgBI", b"\x00" * 4) + png_chunk(b"IDAT", idat) + end,
+        "checksum": head + png_chunk(b"IDAT", idat[:-1] + bytes([idat[-1] ^ 1])) + end,  # the zlib stream's adler32
+        "not_deflate": head + png_chunk(b"IDAT", b"\x78\x9c" + bytes(range(7, 200))) + end,
     }[damage]
     monkeypatch.setattr(imaging.cv2, "imdecode", lambda *a, **k: pytest.fail("decoder reached"))
     with pytest.raises((CorruptImageError, UnsupportedFormatError)):
