@@ -6,7 +6,9 @@ same "undetermined" rule: fewer than ``--min-positive-patients`` distinct positi
 AUC whose 95% patient-bootstrap interval is not above 0.5, gives a ``null`` threshold. The new
 bundle is the same ONNX graph and weights (same ``model_sha256``) with a new manifest: the new
 thresholds, and ``provenance.recalibration`` recording the rule, counts and per-label numbers
-(no file names, no patient ids).
+(no file names, no patient ids). With ``--temperature``, per-label temperature scaling is refitted
+first (:mod:`cxr_edge.temperature`: folded into the head's weights, so ``model_sha256`` changes and
+``provenance.temperature`` records the total), and the thresholds are fitted on those probabilities.
 
 ``labels.csv``: a header row with ``image`` (the file name; a path's last component is used),
 optionally ``patient_id`` (default: one patient per image), and one column per bundle label,
@@ -256,8 +258,20 @@ def calibrate_main(args) -> int:
     if not probs:
         rep.error(error_object("<inputs>", InvalidArgumentError("no labelled image could be classified")))
         return EXIT_INPUT_FAILED
-    P = np.asarray(probs, dtype=np.float32)
+    P = np.asarray(probs, dtype=np.float64)
+    P_prev = P.astype(np.float32)  # what the previous thresholds saw
     T = np.stack(targets).astype(np.float32)
+    model_bytes = src_path.read_bytes()
+    temp_details = None
+    if args.temperature:
+        from .temperature import apply_temperatures, fit_temperatures
+
+        clipped = np.clip(P, 1e-12, 1 - 1e-12)
+        logits = np.log(clipped) - np.log1p(-clipped)  # the bundle's (already tempered) logits, from float64 outputs
+        temps, temp_details = fit_temperatures(logits, T, labels)
+        P = 1.0 / (1.0 + np.exp(-logits / np.asarray(temps)))
+        model_bytes, manifest = apply_temperatures(model_bytes, manifest, temps, temp_details)
+    P = P.astype(np.float32)
     new, details = choose_thresholds(P, T, labels, method=method, target=target, patient_ids=pids,
                                      min_positive_patients=args.min_positive_patients, n_boot=args.n_boot,
                                      seed=args.seed)
@@ -270,7 +284,7 @@ def calibrate_main(args) -> int:
                                                                   n_boot=args.n_boot, seed=args.seed)
         old = manifest.thresholds[j]
         if old is not None and known.any() and 0 < T[known, j].sum() < known.sum():
-            entry["at_previous_threshold"] = bootstrap_operating_point(T[known, j], P[known, j], old, pid_arr[known],
+            entry["at_previous_threshold"] = bootstrap_operating_point(T[known, j], P_prev[known, j], old, pid_arr[known],
                                                                        n_boot=args.n_boot, seed=args.seed)
         entry["previous_threshold"] = old
     recal = {
@@ -281,7 +295,8 @@ def calibrate_main(args) -> int:
         "min_positive_patients": args.min_positive_patients, "n_boot": args.n_boot, "seed": args.seed,
         "labels_file_sha256": table.sha256, "labels_without_column": table.missing_labels,
         "previous_model_id": manifest.model_id,
-        "previous_thresholds": list(manifest.thresholds),
+        "previous_thresholds": list(engine.manifest.thresholds),
+        "temperature": temp_details,
         "caveat": "operating points are measured on the images the thresholds were fitted on (optimistic)",
         "details": details,
     }
@@ -289,7 +304,7 @@ def calibrate_main(args) -> int:
     provenance["recalibration"] = recal
     new_manifest = dataclasses.replace(manifest, thresholds=tuple(new), provenance=provenance,
                                        model_id=args.model_id or manifest.model_id)
-    written = write_verified_bundle(src_path.read_bytes(), new_manifest, out, sign_key=sign_key)
+    written = write_verified_bundle(model_bytes, new_manifest, out, sign_key=sign_key)
     source_signature = engine.classifier.signature
     dropped = source_signature.signed and sign_key is None
     if dropped:
@@ -301,6 +316,9 @@ def calibrate_main(args) -> int:
                "skipped": skipped, "label_rows_without_image": unmatched_rows,
                "thresholds": dict(zip(labels, new)), "previous_thresholds": dict(zip(labels, manifest.thresholds)),
                "per_label": details["per_label"], "caveat": recal["caveat"],
+               "temperature": None if temp_details is None else {
+                   "temperatures": manifest.provenance["temperature"]["temperatures"],
+                   "mean_ece_before": temp_details["mean_ece_before"], "mean_ece_after": temp_details["mean_ece_after"]},
                "signature": written.signature.to_dict(), "source_signature_dropped": dropped}
     if args.json:
         print(dumps(summary), flush=True)
@@ -309,6 +327,11 @@ def calibrate_main(args) -> int:
               f"undetermined if < {args.min_positive_patients} positive patients or AUC 95% CI includes 0.5")
         print(report_table(labels, manifest.thresholds, new, details["per_label"]))
         print(f"(95% patient-bootstrap intervals, {args.n_boot} resamples; {recal['caveat']})")
+        if temp_details is not None:
+            print("temperature per label: " + ", ".join(f"{n} {e['temperature']:.2f}"
+                                                        for n, e in temp_details["per_label"].items())
+                  + f"; mean ECE on these images {temp_details['mean_ece_before']:.3f} -> "
+                    f"{temp_details['mean_ece_after']:.3f} (optimistic: the fitting images)")
         signed = f"; signed, key {written.signature.key_fingerprint[:16]}..." if written.signature.signed else "; unsigned"
         print(f"wrote {out} (model_id {new_manifest.model_id}{signed}); {failed} image(s) failed, {skipped} skipped, "
               f"{unmatched_rows} label row(s) without an image; {manifest.notice}", file=sys.stderr)

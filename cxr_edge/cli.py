@@ -378,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-positive-patients", type=int, default=10,
                    help="fewer distinct positive patients -> the label is undetermined (default 10)")
     p.add_argument("--n-boot", type=int, default=1000, help="patient-bootstrap resamples (default 1000)")
+    p.add_argument("--temperature", action="store_true",
+                   help="also refit per-label temperature scaling on these images (folded into the head; the "
+                        "thresholds are then fitted on the recalibrated probabilities)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--model-id", default=None, help="model_id of the new bundle (default: the original's)")

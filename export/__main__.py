@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the rule's target for --thresholds sensitivity / specificity")
     e.add_argument("--min-positive-patients", type=int, default=10,
                    help="labels with fewer positive calibration patients get no decision (undetermined)")
+    e.add_argument("--temperature", action="store_true",
+                   help="per-label temperature scaling fitted on the calibration split, folded into the head "
+                        "before quantisation and thresholds (cxr_edge/temperature.py)")
     e.add_argument("--model-id", help="model id written into the manifest (default: architecture-run name)")
     e.add_argument("--opset", type=int, default=18)
     e.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript")
@@ -135,7 +138,7 @@ def config_from_args(args: argparse.Namespace) -> "ExportConfig":
                               max_flip_rate=args.max_flip_rate),
         fallback_fp32=args.fallback_fp32, debug=args.debug_quant,
         threshold_method=args.thresholds, min_sensitivity=args.min_sensitivity,
-        min_positive_patients=args.min_positive_patients,
+        min_positive_patients=args.min_positive_patients, temperature=args.temperature,
         scope=args.scope, scope_k=args.scope_k, scope_quantile=args.scope_quantile,
         ingraph_images=args.ingraph_images, seed=args.seed)
 

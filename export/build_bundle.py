@@ -7,6 +7,8 @@ recorded in the manifest's provenance (``provenance["export"]["config"]``), whic
   2. :func:`quantise_and_gate` (INT8 only): calibrate on real training images, quantise (float CAM head), compare
      INT8 with fp32 on held-out labelled images: AUC drop, CAM agreement, decision flips (QuantizationGateError,
      or with ``fallback_fp32`` ship fp32 and record why in the provenance);
+  2b. :func:`fit_temperatures_step` (``temperature``): per-label temperature scaling fitted on the calibration
+     split, folded into the fp32 graph's head before quantisation (``cxr_edge.temperature``);
   3. :func:`fit_thresholds`: operating points on the shipped model's outputs (calibration split);
   4. :func:`fit_scope_gate`: the input scope gate on the shipped model's pooled features of the training images
      (``export.scope_fit``; on by default when there are enough training images);
@@ -84,6 +86,7 @@ class ExportConfig:
     threshold_method: str = "breakeven"
     min_sensitivity: float = 0.9            # the target of the sensitivity / specificity rules
     min_positive_patients: int = 10         # fewer positive calibration patients: no decision for that label
+    temperature: bool = False               # per-label temperature scaling on the calibration split (in the head)
     # input scope gate (docs/scope.md)
     scope: bool | None = None               # None: fit it from SCOPE_AUTO_MIN_IMAGES training images on
     scope_k: int = SCOPE_K
@@ -254,6 +257,30 @@ def _export_provenance(source: ExportSource, config: ExportConfig, report: dict[
             "calibration_pool": source.calibration_pool.describe() if source.calibration_pool else None,
             "verification_set": source.verification.describe() if source.verification else None,
             "config": config.to_dict()}
+
+
+def fit_temperatures_step(source: ExportSource, config: ExportConfig, graph: ExportedGraph, report: dict[str, Any],
+                          provenance: dict[str, Any], cache: dict) -> ExportedGraph:
+    """Step 2b (``config.temperature``): one temperature per label by maximum likelihood on the calibration
+    (threshold) split's fp32 logits, divided into the head's rows of the graph and of the CAM weights, so
+    quantisation, thresholds and the runtime all see calibrated logits. Refused without a labelled
+    calibration split that is not the evaluation set (a temperature fitted there would flatter its ECE)."""
+    from cxr_edge.temperature import fit_temperatures, scale_head, temperature_record
+
+    tset = source.threshold_set
+    if tset is None or tset.targets is None or tset is source.verification:
+        raise InvalidArgumentError("temperature scaling needs a labelled calibration split apart from the "
+                                   "evaluation images (train with --val-fraction, or give --threshold-images)")
+    if "batch" not in cache:
+        cache["batch"] = load_batch(tset.paths, source.spec)
+    logits = run_onnx(graph.fp32, cache["batch"], [config.logits_output], source.spec.input_name, threads=2)[0]
+    temps, details = fit_temperatures(logits, tset.targets, source.labels)
+    details["set"] = tset.name
+    record = temperature_record(source.labels, [1.0] * len(temps), temps, details)
+    provenance["temperature"] = report["temperature"] = record
+    s = (1.0 / np.asarray(temps, dtype=np.float64))
+    return replace(graph, fp32=scale_head(graph.fp32, config.logits_output, temps),
+                   weights=(graph.weights * s[:, None]).astype(np.float32), bias=(graph.bias * s).astype(np.float32))
 
 
 def fit_thresholds(model_bytes: bytes, source: ExportSource, config: ExportConfig, cache: dict) -> tuple[Any, dict]:
@@ -456,6 +483,8 @@ def export_bundle(source: ExportSource, out: str | os.PathLike, config: ExportCo
     provenance = dict(source.provenance)
     provenance["export"] = _export_provenance(source, config, report)
     cache: dict = {}
+    if config.temperature:
+        graph = fit_temperatures_step(source, config, graph, report, provenance, cache)
     candidate = None
     if config.precision == "int8":
         try:

@@ -276,10 +276,15 @@ class OnnxPredictor(Predictor):
         self.name = self.path.stem
         self._head: tuple[np.ndarray, np.ndarray] | None = None
         self.thresholds = None
+        self.temperatures: list[float] | None = None  # per label, folded into the graph (cxr_edge.temperature)
         if MANIFEST_KEY in split_model(data)[1]:
+            from cxr_edge.temperature import current_temperatures
+
             manifest = read_manifest(data)
             self.spec, self.labels = manifest.preprocessing, manifest.labels
             self.thresholds = manifest.thresholds
+            if "temperature" in manifest.provenance:
+                self.temperatures = current_temperatures(manifest)
             logits_output = manifest.logits_output
             if manifest.cam.method == "weights":
                 features_output = manifest.cam.features_output

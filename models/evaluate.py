@@ -280,6 +280,30 @@ def predict(predictor, images, cache_indices: Sequence[int], batch_size: int = 6
     return np.concatenate(logits) if logits else np.zeros((0, 0), np.float32), feats
 
 
+def calibration_errors(targets: np.ndarray, logits: np.ndarray, label_names: Sequence[str],
+                       temperatures: Sequence[float] | None = None) -> dict:
+    """Expected calibration error (10 equal-width bins) per label of the model's probabilities; for a
+    bundle with temperature scaling also of its untempered probabilities (logits x T), so the card can
+    show what the temperatures did on images they were not fitted on."""
+    from cxr_edge.temperature import ECE_BINS, expected_calibration_error
+
+    z = np.asarray(logits, np.float64)
+    t = np.asarray(targets, np.float64)
+    out: dict = {"bins": ECE_BINS, "per_label": {}}
+    raw = z * np.asarray(temperatures, np.float64) if temperatures is not None else None
+    for j, name in enumerate(label_names):
+        entry = {"ece": round(expected_calibration_error(sigmoid(z[:, j]), t[:, j]), 4)}
+        if raw is not None:
+            entry["ece_without_temperature"] = round(expected_calibration_error(sigmoid(raw[:, j]), t[:, j]), 4)
+            entry["temperature"] = float(temperatures[j])
+        out["per_label"][name] = entry
+    out["mean_ece"] = round(float(np.nanmean([e["ece"] for e in out["per_label"].values()])), 4)
+    if raw is not None:
+        out["mean_ece_without_temperature"] = round(float(np.nanmean(
+            [e["ece_without_temperature"] for e in out["per_label"].values()])), 4)
+    return out
+
+
 def operating_points(targets: np.ndarray, probs: np.ndarray, thresholds: Sequence[float | None],
                      patient_ids: Sequence[str], label_names: Sequence[str], n_boot: int = 1000, seed: int = 0,
                      level: float = 0.95) -> dict:
@@ -479,6 +503,8 @@ def _score(args: argparse.Namespace) -> int:
         pg["baseline_cells_chosen_on"] = f"{len(train_boxes)} boxes of images outside the evaluation set"
         pg["baseline_cells"] = chosen
         metrics["pointing_game"] = pg
+    metrics["calibration"] = calibration_errors(sub.targets, logits, table.label_names,
+                                                getattr(pred, "temperatures", None))
     thresholds = getattr(pred, "thresholds", None)
     if thresholds is not None:
         metrics["operating_points"] = operating_points(sub.targets, sigmoid(logits), thresholds,

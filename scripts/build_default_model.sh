@@ -25,10 +25,10 @@ fi
 "$PY" -m models.evaluate teacher --reference "$RUNS/$RUN" --csv "$SHARED/teachers/chexnet-ensemble/preds.csv" \
     --student "$RUNS/$RUN" --out "$RUNS/teacher_ensemble_eval.json"
 # 3. export: fp32 (benchmark reference) and INT8 through the gate (the shipped default)
-"$PY" -m export --run "$RUNS/$RUN" --format fp32 --model-id "$MODEL_ID" --out build/student.onnx \
+"$PY" -m export --run "$RUNS/$RUN" --format fp32 --temperature --model-id "$MODEL_ID" --out build/student.onnx \
     --report build/student.report.json --overwrite
 rm -f build/student.int8.onnx build/student.fp32.onnx
-"$PY" -m export --run "$RUNS/$RUN" --format int8 --calib-images 200 --float-leading-convs 6 --model-id "$MODEL_ID" --fallback-fp32 \
+"$PY" -m export --run "$RUNS/$RUN" --format int8 --temperature --calib-images 200 --float-leading-convs 6 --model-id "$MODEL_ID" --fallback-fp32 \
     --out build/student.int8.onnx --report build/default.report.json --overwrite
 # ships INT8 when the gate passed, else the fp32 written by --fallback-fp32 (the report says which)
 cp "$(ls build/student.int8.onnx build/student.fp32.onnx 2>/dev/null | head -1)" cxr_edge/data/default.onnx

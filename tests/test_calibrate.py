@@ -152,6 +152,34 @@ def test_calibrate_writes_a_bundle_with_refitted_thresholds(site, capsys):
     assert new.manifest.provenance["architecture"] == "tiny-conv"  # the rest of the provenance is kept
 
 
+def test_calibrate_temperature_refits_the_scale_and_thresholds_on_the_new_probabilities(site, capsys):
+    """--temperature: the new bundle's probabilities are sigmoid(logit / T) of the old ones per label (label_0
+    gets its own T), its thresholds are the rule applied to those, and the
+    manifest records the temperatures; label_2 (3 positives) keeps T = 1."""
+    from cxr_edge import Classifier
+    from cxr_edge.temperature import current_temperatures
+
+    out = site["tmp"] / "hot.onnx"
+    code = main(["calibrate", str(site["folder"]), "--labels", str(site["csv"]), "--out", str(out),
+                 "--model", str(site["bundle"]), "--n-boot", "200", "--threads", "1", "--json", "--temperature"])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    new = Classifier(out, threads=1)
+    temps = current_temperatures(new.manifest)
+    assert abs(temps[0] - 1.0) > 0.05 and temps[2] == 1.0
+    assert report["temperature"]["mean_ece_after"] <= report["temperature"]["mean_ece_before"]
+    p_old, p_new = site["probs"], np.array([[new.predict(p).probabilities[n] for n in new.labels] for p in site["paths"]])
+    logit = np.log(p_old) - np.log1p(-p_old)
+    np.testing.assert_allclose(p_new, 1 / (1 + np.exp(-logit / np.array(temps))), atol=2e-5)
+    targets = (p_old[:, 0] >= np.median(p_old[:, 0])).astype(np.float32)[:, None]
+    expected, _ = op.choose_thresholds(p_new[:, :1].astype(np.float32), targets, ["label_0"],
+                                       patient_ids=[f"P{i // 2:03d}" for i in range(60)], n_boot=200)
+    assert new.manifest.thresholds[0] == pytest.approx(expected[0], abs=1e-5)
+    assert new.manifest.provenance["recalibration"]["temperature"]["per_label"]["label_0"]["temperature"] == \
+        pytest.approx(temps[0], abs=1e-3)
+
+
 def test_calibrate_human_table_and_rules(site, capsys):
     out = site["tmp"] / "spec.onnx"
     code = main(["calibrate", *map(str, site["paths"]), "--labels", str(site["csv"]), "--out", str(out),

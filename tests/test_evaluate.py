@@ -139,6 +139,7 @@ def test_score_cli_with_onnx_bundle_and_compare_cli(tmp_path, capsys):
     pg = res["pointing_game"]
     assert pg["overall"]["n"] == 12 and 0 < pg["overall"]["random_baseline"] < 1
     assert "pointing game" in capsys.readouterr().out
+    assert 0 <= res["calibration"]["mean_ece"] <= 1 and "mean_ece_without_temperature" not in res["calibration"]
     rc = main(["compare", "--a", str(preds), "--b", str(preds), "--bootstrap", "20", "--out", str(tmp_path / "c.json")])
     assert rc == 0 and json.loads((tmp_path / "c.json").read_text())["delta_mean_auc"] == 0
 
@@ -176,3 +177,14 @@ def test_operating_points_count_flags_against_true_labels():
     assert op["flags_per_image"] == pytest.approx(0.75)  # x flags 2, z flags 1, over 4 images
     assert op["true_labels_per_image_all"] == pytest.approx(1.0)
     assert op["true_labels_per_image_decided"] == pytest.approx(0.75)
+
+
+def test_calibration_errors_undo_the_bundles_temperature_for_the_comparison():
+    from models.evaluate import calibration_errors
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2, (4000, 2))
+    t = (rng.random((4000, 2)) < 1 / (1 + np.exp(-z))).astype(np.float64)  # z are calibrated logits
+    cal = calibration_errors(t, z / np.array([1.0, 3.0]), ["a", "b"], temperatures=[1.0, 3.0])
+    assert cal["per_label"]["b"]["ece_without_temperature"] < 0.03 < cal["per_label"]["b"]["ece"]
+    assert cal["per_label"]["a"]["ece"] == cal["per_label"]["a"]["ece_without_temperature"]

@@ -337,7 +337,7 @@ def test_every_cli_flag_reaches_the_config():
         "--calibrate-method", "percentile", "--float-leading-convs", "3", "--max-auc-drop", "1.5",
         "--min-cam-median", "0.5",
         "--max-flip-rate", "0.1", "--fallback-fp32", "--debug-quant", "--thresholds", "youden",
-        "--min-sensitivity", "0.8", "--min-positive-patients", "3", "--scope", "--scope-k", "5",
+        "--min-sensitivity", "0.8", "--min-positive-patients", "3", "--temperature", "--scope", "--scope-k", "5",
         "--scope-quantile", "0.9", "--ingraph-images", "3", "--seed", "4"])
     cfg, default = config_from_args(args), ExportConfig()
     unchanged = {f.name for f in fields(ExportConfig) if getattr(cfg, f.name) == getattr(default, f.name)}
@@ -458,3 +458,36 @@ def test_parity_tolerance_scales_with_the_tensors_range(monkeypatch):
         run(1e-3)
     with pytest.raises(ParityError):
         run(1.2e-4, scale=1 / 6)
+
+
+def test_export_temperature_is_fitted_on_the_calibration_split_and_folded_into_the_head(tmp_path):
+    """--temperature: the bundle's logits are the untempered graph's divided by the recorded T per label
+    (so AUC is unchanged), the manifest's CAM weights still reproduce them (load_bundle's head check),
+    thresholds are chosen on the tempered outputs, and without a calibration split it is refused."""
+    from dataclasses import replace
+
+    from export.build_bundle import ExportConfig, export_bundle
+    from export.source import ImageSet
+
+    src = _toy_source(tmp_path, n=24)
+    rng = np.random.default_rng(1)
+    targets = np.stack([rng.permutation([0.0, 1.0] * 6) for _ in range(3)], axis=1).astype(np.float32)
+    calib = ImageSet("calibration", src.calibration_pool.paths[:12], targets, 12, [f"p{i}" for i in range(12)])
+    src = replace(src, threshold_set=calib)
+    config = ExportConfig(precision="fp32", scope=False, measure_latency=False, min_positive_patients=1)
+    plain = export_bundle(src, tmp_path / "plain.fp32.onnx", config)
+    hot = export_bundle(src, tmp_path / "hot.fp32.onnx", config, temperature=True)
+    a = load_bundle(plain["bundle"]["path"], threads=1)
+    b = load_bundle(hot["bundle"]["path"], threads=1)  # the head check passes: CAM weights scaled alike
+    record = b.manifest.provenance["temperature"]
+    temps = np.array([record["temperatures"][n] for n in src.labels])
+    assert record["fit"]["set"] == "calibration" and set(record["fit"]["per_label"]) == set(src.labels)
+    x = preprocess(synthetic_radiographs(4, 96, seed=9), src.spec)
+    name = src.spec.input_name
+    la = a.session.run(["logits"], {name: x})[0]
+    lb = b.session.run(["logits"], {name: x})[0]
+    assert not np.allclose(temps, 1.0)
+    np.testing.assert_allclose(lb, la / temps, rtol=1e-4, atol=1e-5)
+    assert "temperature" not in a.manifest.provenance
+    with pytest.raises(InvalidArgumentError, match="calibration split"):
+        export_bundle(replace(src, threshold_set=None), tmp_path / "x.fp32.onnx", config, temperature=True)
