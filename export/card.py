@@ -211,25 +211,32 @@ def build_card(a: argparse.Namespace) -> tuple[str, str]:
 
     add("### Teachers\n")
     add("| teacher | what | images | mean AUC | student on the same images |\n|---|---|---|---|---|")
+    folds = [c for c in (_load(p) for p in sorted(runs.glob("teacher-*-f[0-9]/config.json"))) if c]
+    fold_desc = (f"{folds[0]['model']}, {folds[0]['input_size']} px, {folds[0]['n_folds']}-fold cross-fitted"
+                 if folds else "cross-fitted fold models")
     if own:
         t = own.get("teacher", {})
-        add(f"| own: EfficientNet-Lite2, 256 px, 2-fold cross-fitted | mean probability of the two fold models | "
+        add(f"| own: {fold_desc} | mean probability of the {len(folds) or 'fold'} fold models | "
             f"{t.get('images_covered')} | {_mean_ci(own)} | {_mean_ci(student)} |")
     if ext:
         t = ext.get("teacher", {})
         add(f"| CheXNet-class ensemble (3 x DenseNet-121, full NIH training fold; cached probabilities) | "
             f"`chexnet-ensemble/preds.csv` | {t.get('images_covered')} of {t.get('images_in_split')} (rows it has) | "
             f"{_mean_ci(ext)} | {_mean_ci(ext.get('student_on_same_images'))} |")
-    add("\nThe own teacher's fold models each trained on half of the training patients (and distilled the ensemble "
-        "where it has rows); each training image's soft label comes from the fold model that never saw it "
-        "(out-of-fold, `runs/kd/teacher_oof.csv`), so soft labels are honest, not memorised. The ensemble was "
+    share = f"{folds[0]['n_folds'] - 1} of {folds[0]['n_folds']} parts" if folds else "part"
+    weights = cfg.get("teacher_weights") or []
+    add(("\n" + (f"The own teacher's fold models each trained on {share} of the training patients (and distilled the "
+                 "ensemble where it has rows); each training image's soft label comes from the fold model that never saw "
+                 "it (out-of-fold, `teacher_oof.csv`), so soft labels are honest, not memorised"
+                 + (f"; KD averages the teachers' logits with weights {' : '.join(str(w) for w in weights)} (ensemble : "
+                    "own) where both have the image. " if weights else ". ")) if folds else "\n") + "The ensemble was "
         "trained on ~78k NIH images outside this pool; it covers 540 of the training images. CheXNet-ensemble "
         "attribution: J. Zech, reproduce-chexnet (BSD-3-Clause), and the fork haooyuee/reproduce-chexnet-nih-chexphoto; "
         "Rajpurkar et al., CheXNet, 2017.\n")
 
     add("### Knowledge distillation: 3 seeds per arm\n")
     add("Same recipe, same splits; the only difference is the KD term. Command: `python -m models.evaluate compare "
-        "--a runs/kd/plain-s* --b runs/kd/kd-s*`.\n")
+        f"--a {a.runs}/plain-s* --b {a.runs}/kd-s*`.\n")
     add("| arm | mean AUC per seed (evaluation split, PyTorch fp32) | average |\n|---|---|---|")
     for arm, rows in (("plain (BCE + box guidance)", plain), ("KD (+ box guidance)", kd)):
         rows = [r for r in rows if r]
@@ -241,8 +248,14 @@ def build_card(a: argparse.Namespace) -> tuple[str, str]:
         add(f"\nKD gain (paired patient bootstrap over the seed pairs): **{100 * gain['delta_mean_auc']:+.2f} points** "
             f"of mean AUC, 95% CI [{100 * gain['ci_low']:+.2f}, {100 * gain['ci_high']:+.2f}], "
             f"P(gain <= 0) = {gain['p_le_zero']}.")
-    add(f"The shipped run (`{a.run}`, the first KD seed) was fixed before any run finished: no seed was picked on "
-        "the evaluation split.\n")
+    selection = _load(runs / "selection.json")
+    if selection:
+        cal = selection.get("calibration_mean_auc", {})
+        add(f"The shipped run (`{selection.get('chosen')}`) was chosen by a rule fixed before any run finished: "
+            f"{selection.get('rule')} ({', '.join(f'{k} {v:.3f}' for k, v in sorted(cal.items()))}); the evaluation "
+            "split chose nothing.\n")
+    else:
+        add(f"The shipped run is `{a.run}` (no selection.json: chosen by hand, see the closing notes).\n")
 
     th = prov.get("thresholds", {})
     op = student.get("operating_points")
@@ -276,7 +289,7 @@ def build_card(a: argparse.Namespace) -> tuple[str, str]:
         add("## INT8 verification gate\n")
         c = g.get("criteria", {})
         add(f"On {g.get('images')} evaluation images (fp32 vs INT8 of the same export; "
-            f"`python -m export --run runs/kd/{a.run} --format int8`):\n")
+            f"`python -m export --run {a.runs}/{a.run} --format int8 --temperature`):\n")
         add("| check | value | limit | \n|---|---|---|")
         add(f"| mean AUC change (INT8 - fp32), points | {-g['mean_auc_drop_points']:+.2f} | |change| <= {c.get('max_auc_drop')} |")
         if g.get("decision_flip_rate") is not None:
@@ -357,8 +370,9 @@ def build_card(a: argparse.Namespace) -> tuple[str, str]:
     add("- **Heatmaps** show where the evidence for a label sits as the model learned it, on a coarse grid; they are "
         "not segmentations, and a hit in the pointing game is not a diagnosis.")
     add("\n## Reproduce\n")
-    add("```bash\nbash scripts/kd_experiment.sh runs/kd 8          # own teacher (2 folds), 3 seeds x {plain, KD}, KD gain\n"
-        "bash scripts/build_default_model.sh runs/kd kd-s0  # teacher evals, export + gate, evaluation, bench, this card\n```")
+    add(f"```bash\n{a.reproduce}\n```" if a.reproduce else
+        "```bash\nbash scripts/build_default_model.sh RUNS  # experiment, selection, export + gate, evaluation, bench, "
+        "this card\n```")
     return m.model_id, "\n".join(lines) + "\n"
 
 
@@ -374,6 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--bench", help="cxr-edge-bench --json output")
     p.add_argument("--scope-eval", help="scripts/scope_eval.py --json output")
     p.add_argument("--cam-grid", default="7x7")
+    p.add_argument("--reproduce", help="the command line(s) that rebuild this model, for the card's last section")
     p.add_argument("--out", help="default: cxr_edge/data/<model_id>.md")
     args = p.parse_args(argv)
     model_id, text = build_card(args)

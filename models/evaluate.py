@@ -519,6 +519,33 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def calibration_auc(run: str | os.PathLike) -> float:
+    """The calibration-split mean AUC of the checkpoint a run shipped ('best on validation': the highest
+    epoch's; a run without validation has none and cannot be selected this way)."""
+    import torch
+
+    path = Path(run) / "last.pt"
+    if not path.is_file():
+        raise InvalidArgumentError(f"{run}: no last.pt (not a finished models.train run)")
+    history = torch.load(path, map_location="cpu", weights_only=False).get("history") or []
+    values = [h["val_mean_auc"] for h in history if h.get("val_mean_auc") is not None]
+    if not values:
+        raise InvalidArgumentError(f"{run}: no calibration-split AUC in its history (trained without --val-fraction?)")
+    return float(max(values))
+
+
+def _select(args: argparse.Namespace) -> int:
+    """Pre-registered rule: ship the run with the highest calibration-split mean AUC (ties: the first named)."""
+    scores = {Path(r).name: round(calibration_auc(r), 5) for r in args.runs}
+    chosen = max(scores, key=lambda k: scores[k])
+    out = {"rule": "highest calibration-split mean AUC of the chosen checkpoint (the evaluation split is not read)",
+           "calibration_mean_auc": scores, "chosen": chosen}
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    for name, v in sorted(scores.items(), key=lambda kv: -kv[1]):
+        print(f"{name:<24} calibration mean AUC {v:.4f}{'   <- chosen' if name == chosen else ''}")
+    return 0
+
+
 def _teacher(args: argparse.Namespace) -> int:
     """AUC of a teacher on the evaluation images it covers: the mean probability of several runs'
     predictions (a cross-fitted ensemble) and/or a CSV of cached probabilities (rows it has)."""
@@ -618,10 +645,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--bootstrap", type=int, default=1000)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", required=True)
+    sel = sub.add_parser("select", help="choose the run to ship by its calibration-split AUC (never the evaluation's)")
+    sel.add_argument("runs", nargs="+", help="run directories (each with last.pt from models.train)")
+    sel.add_argument("--out", required=True, help="selection JSON (rule, every run's calibration AUC, the choice)")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "teacher":
             return _teacher(args)
+        if args.cmd == "select":
+            return _select(args)
         return _score(args) if args.cmd == "score" else _compare(args)
     except CxrEdgeError as exc:  # bad arguments, a bad label file (LabelFileError), an unreadable image
         print(f"error: {exc}", file=sys.stderr)

@@ -4,17 +4,23 @@
 # split), evaluation of the shipped bundle (AUC, operating points, pointing game with baselines),
 # the runtime bench, and the model card. Every step skips work already done, so a rerun resumes.
 # Usage: bash scripts/build_default_model.sh [RUNS_DIR] [RUN_NAME]     (about 80 minutes on 2 CPU cores;
-# DEVICE=cuda trains on a GPU)
+# DEVICE=cuda trains on a GPU). Without RUN_NAME the shipped run is chosen by the pre-registered rule
+# (python -m models.evaluate select: the highest calibration-split AUC of the 6 students; selection.json).
+# The experiment's own knobs (OWN_TEACHER, TEACHER_MODEL, ...) pass through to scripts/kd_experiment.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-runs/kd}
-RUN=${2:-kd-s0}
+RUN=${2:-}
 PY=${PYTHON:-.venv/bin/python}
 SHARED=${CXR_EDGE_SHARED:-../shared}
-MODEL_ID=${MODEL_ID:-efficientnet_lite0-kd-s0}
 mkdir -p build
-# 1. teachers and students
+# 1. teachers and students, and the shipped run (calibration split only)
 bash scripts/kd_experiment.sh "$RUNS"
+if [[ -z $RUN ]]; then
+  "$PY" -m models.evaluate select "$RUNS"/plain-s[0-9] "$RUNS"/kd-s[0-9] --out "$RUNS/selection.json"
+  RUN=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["chosen"])' "$RUNS/selection.json")
+fi
+MODEL_ID=${MODEL_ID:-efficientnet_lite0-$RUN}
 # 2. each teacher on the evaluation split
 shopt -s nullglob
 own=("$RUNS"/teacher-*-f[0-9])
@@ -48,10 +54,12 @@ cp "$(ls build/student.int8.onnx build/student.fp32.onnx 2>/dev/null | head -1)"
 # 7. the model card, from the JSON files above
 "$PY" -m export.card --runs "$RUNS" --run "$RUN" --bundle cxr_edge/data/default.onnx --report build/default.report.json \
     --student-eval "$RUNS/shipped_eval.json" $([[ -f "$RUNS/teacher_own_eval.json" ]] && echo --own-teacher-eval "$RUNS/teacher_own_eval.json") \
-    --ensemble-eval "$RUNS/teacher_ensemble_eval.json" --bench build/bench.json --scope-eval "$RUNS/scope_eval.json"
+    --ensemble-eval "$RUNS/teacher_ensemble_eval.json" --bench build/bench.json --scope-eval "$RUNS/scope_eval.json" \
+    --reproduce "$(env | grep -E '^(OWN_TEACHER|TEACHER_[A-Z]+)=' | sort | tr '\n' ' ')bash scripts/build_default_model.sh $RUNS"
 # 8. the recorded results (small JSON files) for the repository
-mkdir -p docs/results/kd
-for f in "$RUNS"/*.json; do cp "$f" docs/results/kd/; done
-for r in "$RUNS"/*/; do n=$(basename "$r"); cp "$r/metrics.json" "docs/results/kd/$n.metrics.json"; \
-  cp "$r/config.json" "docs/results/kd/$n.config.json"; done
-cp build/default.report.json build/bench.json build/bench.md docs/results/kd/
+OUT=docs/results/$(basename "$RUNS")
+mkdir -p "$OUT"
+for f in "$RUNS"/*.json; do cp "$f" "$OUT/"; done
+for r in "$RUNS"/*/; do n=$(basename "$r"); cp "$r/metrics.json" "$OUT/$n.metrics.json"; \
+  cp "$r/config.json" "$OUT/$n.config.json"; done
+cp build/default.report.json build/bench.json build/bench.md "$OUT/"
