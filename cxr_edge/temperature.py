@@ -104,15 +104,9 @@ def fit_temperatures(logits: np.ndarray, targets: np.ndarray, labels: Sequence[s
                            **({"note": note} if note else {})}
     return temps, {"method": "temperature", "objective": "mean BCE (maximum likelihood), per label",
                    "range": [T_MIN, T_MAX], "min_class_count": min_class_count, "ece_bins": ECE_BINS,
-                   "per_label": per_label, **mean_ece(z, t, temps)}
-
-
-def mean_ece(logits: np.ndarray, targets: np.ndarray, temps: Sequence[float]) -> dict[str, float]:
-    """Mean over labels of the ECE before (T = 1) and after dividing by ``temps``."""
-    z, t = np.asarray(logits, dtype=np.float64), np.asarray(targets, dtype=np.float64)
-    before = [expected_calibration_error(sigmoid(z[:, j]), t[:, j]) for j in range(z.shape[1])]
-    after = [expected_calibration_error(sigmoid(z[:, j] / temps[j]), t[:, j]) for j in range(z.shape[1])]
-    return {"mean_ece_before": round(float(np.nanmean(before)), 4), "mean_ece_after": round(float(np.nanmean(after)), 4)}
+                   "per_label": per_label,
+                   "mean_ece_before": round(float(np.nanmean([e["ece_before"] for e in per_label.values()])), 4),
+                   "mean_ece_after": round(float(np.nanmean([e["ece_after"] for e in per_label.values()])), 4)}
 
 
 def _head_gemm(graph: bytes, logits_output: str) -> tuple[str, str, bool]:
@@ -197,6 +191,15 @@ def scale_head(model_bytes: bytes, logits_output: str, temps: Sequence[float]) -
     return bytes(out)
 
 
+def scale_rows(weights: np.ndarray, bias: np.ndarray | None, temps: Sequence[float]
+               ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The head's W (labels x C) and b with label c's row divided by ``temps[c]`` (what :func:`scale_head`
+    does to the graph), float32: the CAM weights that keep matching the scaled graph."""
+    s = 1.0 / np.asarray(temps, dtype=np.float64)
+    return ((np.asarray(weights) * s[:, None]).astype(np.float32),
+            None if bias is None else (np.asarray(bias) * s).astype(np.float32))
+
+
 def current_temperatures(manifest: Manifest) -> list[float]:
     """The temperatures already folded into a bundle's head (1 for every label when none were)."""
     rec = manifest.provenance.get("temperature") or {}
@@ -220,11 +223,10 @@ def apply_temperatures(model_bytes: bytes, manifest: Manifest, temps: Sequence[f
     if len(temps) != len(manifest.labels):
         raise InvalidArgumentError(f"{len(temps)} temperatures for {len(manifest.labels)} labels")
     scaled = scale_head(model_bytes, manifest.logits_output, temps)
-    s = 1.0 / np.asarray(temps, dtype=np.float64)
     cam = manifest.cam
     if cam.weights is not None:
-        cam = dataclasses.replace(cam, weights=(cam.weights * s[:, None]).astype(np.float32),
-                                  bias=None if cam.bias is None else (cam.bias * s).astype(np.float32))
+        weights, bias = scale_rows(cam.weights, cam.bias, temps)
+        cam = dataclasses.replace(cam, weights=weights, bias=bias)
     provenance = dict(manifest.provenance)
     provenance["temperature"] = temperature_record(manifest.labels, current_temperatures(manifest), temps, details)
     return scaled, dataclasses.replace(manifest, cam=cam, provenance=provenance)

@@ -265,7 +265,7 @@ def fit_temperatures_step(source: ExportSource, config: ExportConfig, graph: Exp
     (threshold) split's fp32 logits, divided into the head's rows of the graph and of the CAM weights, so
     quantisation, thresholds and the runtime all see calibrated logits. Refused without a labelled
     calibration split that is not the evaluation set (a temperature fitted there would flatter its ECE)."""
-    from cxr_edge.temperature import fit_temperatures, scale_head, temperature_record
+    from cxr_edge.temperature import fit_temperatures, scale_head, scale_rows, temperature_record
 
     tset = source.threshold_set
     if tset is None or tset.targets is None or tset is source.verification:
@@ -278,9 +278,8 @@ def fit_temperatures_step(source: ExportSource, config: ExportConfig, graph: Exp
     details["set"] = tset.name
     record = temperature_record(source.labels, [1.0] * len(temps), temps, details)
     provenance["temperature"] = report["temperature"] = record
-    s = (1.0 / np.asarray(temps, dtype=np.float64))
-    return replace(graph, fp32=scale_head(graph.fp32, config.logits_output, temps),
-                   weights=(graph.weights * s[:, None]).astype(np.float32), bias=(graph.bias * s).astype(np.float32))
+    weights, bias = scale_rows(graph.weights, graph.bias, temps)
+    return replace(graph, fp32=scale_head(graph.fp32, config.logits_output, temps), weights=weights, bias=bias)
 
 
 def fit_thresholds(model_bytes: bytes, source: ExportSource, config: ExportConfig, cache: dict) -> tuple[Any, dict]:
