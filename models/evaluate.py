@@ -16,17 +16,15 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import os
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
-from scipy.stats import rankdata
 
 from cxr_edge.cam import class_activation_map
 from cxr_edge.errors import CxrEdgeError, InvalidArgumentError
@@ -41,8 +39,8 @@ log = logging.getLogger(__name__)
 # ============================================================================ AUC
 # AUC, patient bootstrap and intervals: one implementation, the runtime's (numpy only; also used by
 # export thresholds and `cxr-edge calibrate`), re-exported here for the toolchain.
-from cxr_edge.operating_points import (_interval, auc_per_label, bootstrap_auc, patient_resamples, sigmoid,  # noqa: E402,F401,E501
-                                       roc_auc)
+from cxr_edge.operating_points import (_interval, auc_per_label, bootstrap_auc, patient_resamples,  # noqa: E402,F401
+                                       roc_auc, sigmoid)
 
 
 # ============================================================================ degenerate predictions
@@ -521,9 +519,12 @@ def _score(args: argparse.Namespace) -> int:
 
 def calibration_auc(run: str | os.PathLike) -> float:
     """The calibration-split mean AUC of the checkpoint a run shipped ('best on validation': the highest
-    epoch's; a run without validation has none and cannot be selected this way)."""
+    epoch's; a run without validation has none and cannot be selected this way; a soup: its soup.json)."""
     import torch
 
+    soup = Path(run) / "soup.json"
+    if soup.is_file():  # a weight average (models.soup) records the calibration AUC of what it wrote
+        return float(json.loads(soup.read_text())["calibration_mean_auc"])
     path = Path(run) / "last.pt"
     if not path.is_file():
         raise InvalidArgumentError(f"{run}: no last.pt (not a finished models.train run)")
