@@ -102,6 +102,8 @@ class PixelSummary:
     p99: float
     skew: float
     thumb: np.ndarray  # 64 x 64 float64, area average of the (stretched) image
+    #: derived numbers (region grid, layout scores) computed once, since several rules read them
+    derived: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def _check_2d(pixels: np.ndarray) -> np.ndarray:
@@ -169,7 +171,9 @@ def inversion_score(pixels: np.ndarray | PixelSummary, *,
     image (1 - x) flips the sign of every term.
     """
     s = summarize(pixels)
-    g = _block_mean(s.thumb, _REGION_GRID)
+    g = s.derived.get("regions")
+    if g is None:
+        g = s.derived["regions"] = _block_mean(s.thumb, _REGION_GRID)
     n = _REGION_GRID
 
     def region(y0: float, y1: float, x0: float, x1: float) -> float:
@@ -201,16 +205,16 @@ _ORIENTATIONS = (("upside down (flipped vertically)", lambda t: t[::-1]),
 def layout_scores(pixels: np.ndarray | PixelSummary) -> tuple[float, float, str]:
     """(c0, c_best, how): the image's correlation with :data:`CHEST_TEMPLATE` (on a 16 x 16 area thumbnail,
     stretched like the model's input), the best correlation after undoing a flip/rotation, and which one."""
-    t = _block_mean(summarize(pixels).thumb, CHEST_TEMPLATE.shape[0])
-    sd = float(t.std())
-    t = (t - t.mean()) / sd if sd > 1e-9 else np.zeros_like(t)
-    c0 = float((t * CHEST_TEMPLATE).mean())
-    best, how = -np.inf, ""
-    for name, f in _ORIENTATIONS:
-        c = float((f(t) * CHEST_TEMPLATE).mean())
-        if c > best:
-            best, how = c, name
-    return c0, best, how
+    s = summarize(pixels)
+    if "layout" not in s.derived:  # check_orientation and check_layout both ask
+        t = _block_mean(s.thumb, CHEST_TEMPLATE.shape[0])
+        sd = float(t.std())
+        t = (t - t.mean()) / sd if sd > 1e-9 else np.zeros_like(t)
+        views = np.stack([t] + [f(t) for _, f in _ORIENTATIONS])
+        corr = np.einsum("kij,ij->k", views, CHEST_TEMPLATE.astype(np.float64)) / CHEST_TEMPLATE.size
+        k = int(np.argmax(corr[1:]))  # the first of equals, as the loop this replaced
+        s.derived["layout"] = (float(corr[0]), float(corr[1 + k]), _ORIENTATIONS[k][0])
+    return s.derived["layout"]
 
 
 def check_orientation(pixels: np.ndarray | PixelSummary, *, margin: float = PIXEL_RULES["orientation_margin"],
