@@ -126,8 +126,66 @@ def _calibration_section(add, record: dict[str, Any] | None, cal: dict[str, Any]
     add("")
 
 
+class _Recorded:
+    """One experiment's JSON files, from its runs folder (``NAME/metrics.json``) or from the flat copy that
+    ``scripts/build_default_model.sh`` keeps in ``docs/results/EXP`` (``NAME.metrics.json``): the card of a
+    model built in one experiment can cite the KD table and teachers of an earlier, recorded one."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def _path(self, name: str, kind: str) -> Path:
+        nested = self.root / name / f"{kind}.json"
+        return nested if nested.is_file() else self.root / f"{name}.{kind}.json"
+
+    def metrics(self, name: str) -> dict[str, Any] | None:
+        return _load(self._path(name, "metrics"))
+
+    def config(self, name: str) -> dict[str, Any] | None:
+        return _load(self._path(name, "config"))
+
+    def file(self, name: str) -> dict[str, Any] | None:
+        return _load(self.root / name)
+
+    def names(self, pattern: str) -> list[str]:
+        """Run names matching a glob (``kd-s*``), in either layout."""
+        nested = {p.parent.name for p in self.root.glob(f"{pattern}/metrics.json")}
+        flat = {p.name[:-len(".metrics.json")] for p in self.root.glob(f"{pattern}.metrics.json")}
+        return sorted(nested | flat)
+
+
+def _soup_section(add, soup: dict[str, Any] | None, runs: _Recorded, selection: dict[str, Any] | None,
+                  shipped: dict[str, Any]) -> None:
+    """Weight averaging: the ingredients, the soups tried, and what the calibration split chose."""
+    if not soup:
+        return
+    add("## Weight averaging (model soup)\n")
+    add(f"The shipped network is one student: {soup['describe']} (`python -m models.soup`). Runs fine-tuned from the "
+        "same ImageNet weights with one recipe stay in one loss basin, so the mean of their weights is a network of "
+        "the same size and speed as each of them (Wortsman et al., Model soups, ICML 2022).\n")
+    cal = (selection or {}).get("calibration_mean_auc", {})
+    add("| candidate | calibration mean AUC | evaluation mean AUC [95% CI] |\n|---|---|---|")
+    for name in sorted(cal, key=lambda k: -cal[k]):
+        add(f"| {name}{' (shipped)' if name == (selection or {}).get('chosen') else ''} | {cal[name]:.3f} | "
+            f"{_mean_ci(runs.metrics(name))} |")
+    ens = runs.file("ensemble5_eval.json")
+    if ens:
+        add(f"| reference: mean probability of the {len(ens.get('teacher', {}).get('runs', []))} seeds (that many "
+            f"networks) | | {_mean_ci(ens)} |")
+    name = Path(shipped.get("out_dir", "")).name
+    gain = runs.file(f"gain_{name}.json")
+    if gain:
+        add(f"\nThe shipped soup minus each of its ingredients, paired on the evaluation images (mean over the "
+            f"{len(gain.get('per_seed', []))} pairs): **{100 * gain['delta_mean_auc']:+.2f} points** [95% CI "
+            f"{100 * gain['ci_low']:+.2f}, {100 * gain['ci_high']:+.2f}], P(gain <= 0) = {gain['p_le_zero']}.")
+    add("")
+
+
 def build_card(a: argparse.Namespace) -> tuple[str, str]:
     runs = Path(a.runs)
+    here = _Recorded(runs)
+    kd_src = _Recorded(a.kd_results) if a.kd_results else here  # KD table and own teacher
+    kd_dir = a.kd_results or a.runs
     bundle = load_bundle(a.bundle, threads=1)
     m = bundle.manifest
     prov = m.provenance
@@ -136,11 +194,17 @@ def build_card(a: argparse.Namespace) -> tuple[str, str]:
     student = _load(a.student_eval) or {}
     own = _load(a.own_teacher_eval)
     ext = _load(a.ensemble_eval)
-    gain = _load(runs / "kd_gain.json")
+    gain = kd_src.file("kd_gain.json")
     cfg = _load(runs / a.run / "config.json") or {}
-    plain_same = _load(runs / f"plain-s{cfg.get('seed', 0)}" / "metrics.json")
-    kd = [_load(p) for p in sorted(runs.glob("kd-s*/metrics.json"))]
-    plain = [_load(p) for p in sorted(runs.glob("plain-s*/metrics.json"))]
+    soup = _load(runs / a.run / "soup.json")
+    selection = _load(runs / "selection.json")
+    if soup:  # compare with the ingredient the calibration split ranks first
+        best = max(soup["ingredients"], key=lambda i: i["calibration_mean_auc"])
+        single_name, plain_same = f"best single ingredient ({Path(best['run']).name})", here.metrics(Path(best["run"]).name)
+    else:
+        single_name, plain_same = "plain student (same seed)", here.metrics(f"plain-s{cfg.get('seed', 0)}")
+    kd = [kd_src.metrics(n) for n in kd_src.names("kd-s*")]
+    plain = [kd_src.metrics(n) for n in kd_src.names("plain-s[0-9]")]  # the KD experiment's plain arm
     spec = m.preprocessing
     td = prov.get("training_data", {})
     pre = prov.get("pretrained") or {}
@@ -166,7 +230,9 @@ def build_card(a: argparse.Namespace) -> tuple[str, str]:
     if cfg:
         add(f"- Training: {cfg['epochs']} epochs, batch {cfg['batch_size']}, AdamW lr {cfg['lr']} (classifier x"
             f"{cfg.get('head_lr_mult', 1)}), weight decay {cfg['weight_decay']}, {cfg['schedule']} schedule, dropout "
-            f"{cfg['drop_rate']}, model kwargs {cfg.get('model_kwargs')}, seed {cfg['seed']}, CPU (2 cores); "
+            f"{cfg['drop_rate']}, model kwargs {cfg.get('model_kwargs')}, "
+            + (f"seeds {', '.join(Path(i['run']).name for i in soup['ingredients'] if i['in_soup'])} (averaged, below)"
+               if soup else f"seed {cfg['seed']}") + ", CPU (2 cores); "
             f"augmentation: affine (scale +-{cfg['aug_scale']}, rotation +-{cfg['aug_rotate']} deg, shift "
             f"+-{cfg['aug_shift']}), gamma, contrast; "
             + ("random horizontal flips." if cfg.get("hflip") else "no flips.")
@@ -201,7 +267,7 @@ def build_card(a: argparse.Namespace) -> tuple[str, str]:
     add("95% CIs from 1,000 patient-bootstrap resamples. Command: `python -m models.evaluate score "
         "cxr_edge/data/default.onnx --pointing-game` (shipped bundle) and `python -m models.evaluate teacher ...` "
         "(teachers), as in `scripts/build_default_model.sh`.\n")
-    add(f"| label | shipped student ({prov.get('precision')}) | own teacher | plain student (same seed) |")
+    add(f"| label | shipped student ({prov.get('precision')}) | own teacher | {single_name} |")
     add("|---|---|---|---|")
     for label in m.labels:
         add(f"| {label} | {_ci(student.get('per_label', {}).get(label))} | "
@@ -211,7 +277,7 @@ def build_card(a: argparse.Namespace) -> tuple[str, str]:
 
     add("### Teachers\n")
     add("| teacher | what | images | mean AUC | student on the same images |\n|---|---|---|---|---|")
-    folds = [c for c in (_load(p) for p in sorted(runs.glob("teacher-*-f[0-9]/config.json"))) if c]
+    folds = [c for c in (kd_src.config(n) for n in kd_src.names("teacher-*-f[0-9]")) if c]
     fold_desc = (f"{folds[0]['model']}, {folds[0]['input_size']} px, {folds[0]['n_folds']}-fold cross-fitted"
                  if folds else "cross-fitted fold models")
     if own:
@@ -235,8 +301,9 @@ def build_card(a: argparse.Namespace) -> tuple[str, str]:
         "Rajpurkar et al., CheXNet, 2017.\n")
 
     add("### Knowledge distillation: 3 seeds per arm\n")
-    add("Same recipe, same splits; the only difference is the KD term. Command: `python -m models.evaluate compare "
-        f"--a {a.runs}/plain-s* --b {a.runs}/kd-s*`.\n")
+    add(("" if kd_src is here else f"From the recorded experiment `{kd_dir}` (the shipped model's recipe is its plain "
+         "arm's). ") + "Same recipe, same splits; the only difference is the KD term. Command: `python -m models.evaluate "
+        f"compare --a RUNS/plain-s* --b RUNS/kd-s*` (`{kd_dir}/kd_gain.json`).\n")
     add("| arm | mean AUC per seed (evaluation split, PyTorch fp32) | average |\n|---|---|---|")
     for arm, rows in (("plain (BCE + box guidance)", plain), ("KD (+ box guidance)", kd)):
         rows = [r for r in rows if r]
@@ -248,7 +315,6 @@ def build_card(a: argparse.Namespace) -> tuple[str, str]:
         add(f"\nKD gain (paired patient bootstrap over the seed pairs): **{100 * gain['delta_mean_auc']:+.2f} points** "
             f"of mean AUC, 95% CI [{100 * gain['ci_low']:+.2f}, {100 * gain['ci_high']:+.2f}], "
             f"P(gain <= 0) = {gain['p_le_zero']}.")
-    selection = _load(runs / "selection.json")
     if selection:
         cal = selection.get("calibration_mean_auc", {})
         add(f"The shipped run (`{selection.get('chosen')}`) was chosen by a rule fixed before any run finished: "
@@ -256,6 +322,8 @@ def build_card(a: argparse.Namespace) -> tuple[str, str]:
             "split chose nothing.\n")
     else:
         add(f"The shipped run is `{a.run}` (no selection.json: chosen by hand, see the closing notes).\n")
+
+    _soup_section(add, soup, here, selection, cfg)
 
     th = prov.get("thresholds", {})
     op = student.get("operating_points")
@@ -380,6 +448,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m export.card", description=__doc__.splitlines()[0])
     p.add_argument("--runs", required=True, help="experiment folder (kd-s*/, plain-s*/, kd_gain.json)")
     p.add_argument("--run", required=True, help="the shipped run's folder name inside --runs")
+    p.add_argument("--kd-results", help="a recorded experiment (docs/results/EXP) for the KD table and the own "
+                   "teacher, when --runs has no KD arm")
     p.add_argument("--bundle", required=True)
     p.add_argument("--report", required=True, help="export verification report JSON")
     p.add_argument("--student-eval", required=True, help="models.evaluate score JSON of the bundle (--pointing-game)")

@@ -7,6 +7,9 @@
 # DEVICE=cuda trains on a GPU). Without RUN_NAME the shipped run is chosen by the pre-registered rule
 # (python -m models.evaluate select: the highest calibration-split AUC of the 6 students; selection.json).
 # The experiment's own knobs (OWN_TEACHER, TEACHER_MODEL, ...) pass through to scripts/kd_experiment.sh.
+# SOUP=1 runs scripts/soup_experiment.sh instead (five plain seeds and their weight averages; the
+# candidates are the seeds and the soups) and cites the KD table and own teacher of the recorded
+# experiment KD_RESULTS (default docs/results/kd2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-runs/kd}
@@ -14,19 +17,28 @@ RUN=${2:-}
 PY=${PYTHON:-.venv/bin/python}
 SHARED=${CXR_EDGE_SHARED:-../shared}
 mkdir -p build
+SOUP=${SOUP:-0}
+KD_RESULTS=${KD_RESULTS:-docs/results/kd2}
 # 1. teachers and students, and the shipped run (calibration split only)
-bash scripts/kd_experiment.sh "$RUNS"
+if [[ $SOUP == 1 ]]; then
+  bash scripts/soup_experiment.sh "$RUNS"  # writes selection.json over the seeds and the soups
+else
+  bash scripts/kd_experiment.sh "$RUNS"
+  KD_RESULTS=""
+  [[ -n $RUN ]] || "$PY" -m models.evaluate select "$RUNS"/plain-s[0-9] "$RUNS"/kd-s[0-9] --out "$RUNS/selection.json"
+fi
 if [[ -z $RUN ]]; then
-  "$PY" -m models.evaluate select "$RUNS"/plain-s[0-9] "$RUNS"/kd-s[0-9] --out "$RUNS/selection.json"
   RUN=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["chosen"])' "$RUNS/selection.json")
 fi
 MODEL_ID=${MODEL_ID:-efficientnet_lite0-$RUN}
 # 2. each teacher on the evaluation split
 shopt -s nullglob
 own=("$RUNS"/teacher-*-f[0-9])
+OWN_EVAL=$RUNS/teacher_own_eval.json
 if (( ${#own[@]} )); then  # OWN_TEACHER=1 (scripts/kd_experiment.sh): the fold models' mean
-  "$PY" -m models.evaluate teacher --reference "$RUNS/$RUN" --runs "${own[@]}" \
-      --out "$RUNS/teacher_own_eval.json"
+  "$PY" -m models.evaluate teacher --reference "$RUNS/$RUN" --runs "${own[@]}" --out "$OWN_EVAL"
+elif [[ -n $KD_RESULTS ]]; then
+  OWN_EVAL=$KD_RESULTS/teacher_own_eval.json  # recorded with that experiment (same evaluation split)
 fi
 "$PY" -m models.evaluate teacher --reference "$RUNS/$RUN" --csv "$SHARED/teachers/chexnet-ensemble/preds.csv" \
     --student "$RUNS/$RUN" --out "$RUNS/teacher_ensemble_eval.json"
@@ -53,13 +65,14 @@ cp "$(ls build/student.int8.onnx build/student.fp32.onnx 2>/dev/null | head -1)"
 "$PY" scripts/scope_eval.py --bundle cxr_edge/data/default.onnx --json "$RUNS/scope_eval.json" --timing
 # 7. the model card, from the JSON files above
 "$PY" -m export.card --runs "$RUNS" --run "$RUN" --bundle cxr_edge/data/default.onnx --report build/default.report.json \
-    --student-eval "$RUNS/shipped_eval.json" $([[ -f "$RUNS/teacher_own_eval.json" ]] && echo --own-teacher-eval "$RUNS/teacher_own_eval.json") \
+    --student-eval "$RUNS/shipped_eval.json" $([[ -f "$OWN_EVAL" ]] && echo --own-teacher-eval "$OWN_EVAL") \
+    $([[ -n $KD_RESULTS ]] && echo --kd-results "$KD_RESULTS") \
     --ensemble-eval "$RUNS/teacher_ensemble_eval.json" --bench build/bench.json --scope-eval "$RUNS/scope_eval.json" \
-    --reproduce "$(env | grep -E '^(OWN_TEACHER|TEACHER_[A-Z]+)=' | sort | tr '\n' ' ')bash scripts/build_default_model.sh $RUNS"
+    --reproduce "$(env | grep -E '^(OWN_TEACHER|TEACHER_[A-Z]+|SOUP|KD_RESULTS)=' | sort | tr '\n' ' ')bash scripts/build_default_model.sh $RUNS"
 # 8. the recorded results (small JSON files) for the repository
 OUT=docs/results/$(basename "$RUNS")
 mkdir -p "$OUT"
 for f in "$RUNS"/*.json; do cp "$f" "$OUT/"; done
 for r in "$RUNS"/*/; do n=$(basename "$r"); cp "$r/metrics.json" "$OUT/$n.metrics.json"; \
-  cp "$r/config.json" "$OUT/$n.config.json"; done
+  cp "$r/config.json" "$OUT/$n.config.json"; if [[ -f $r/soup.json ]]; then cp "$r/soup.json" "$OUT/$n.soup.json"; fi; done
 cp build/default.report.json build/bench.json build/bench.md "$OUT/"

@@ -16,6 +16,7 @@
 # calibration = a patient-wise 15% of teacher_train_images.csv (--val-fraction 0.15, split seed 0): the
 # epoch and the thresholds are chosen there; students train on the rest.
 # Usage: bash scripts/kd_experiment.sh [RUNS_DIR] [EPOCHS]   (about 60 minutes on 2 CPU cores; +30 with OWN_TEACHER=1)
+# ARMS="plain" trains only the plain arm, SEEDS="0 1 2 3 4" other seeds (scripts/soup_experiment.sh uses both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-runs/kd}
@@ -29,6 +30,8 @@ TEACHER_MODEL=${TEACHER_MODEL:-efficientnet_lite2}
 TEACHER_SIZE=${TEACHER_SIZE:-256}
 TEACHER_FOLDS=${TEACHER_FOLDS:-2}
 TEACHER_TAG=${TEACHER_MODEL#efficientnet_}
+ARMS=${ARMS:-kd plain}
+SEEDS=${SEEDS:-0 1 2}
 COMMON=(--pretrained --val-fraction 0.15 --epochs "$EPOCHS" --batch-size 32 --lr 6e-4 --head-lr-mult 5
         --weight-decay 0.05 --model-kwargs '{"drop_path_rate": 0.1}' --bootstrap 1000 --device "$DEVICE" --hflip)
 KD=(--teacher-calibration platt --kd-alpha 0.5 --kd-temperature 1)
@@ -52,9 +55,13 @@ if [[ $OWN_TEACHER == 1 ]]; then
   "$PY" -m models.distill oof-csv "${folds[@]}" --out "$RUNS/teacher_oof.csv"
   TEACHERS=(--teachers "$ENSEMBLE" "$RUNS/teacher_oof.csv" --teacher-weights 3 1)
 fi
-for seed in 0 1 2; do
-  run "kd-s$seed" "${COMMON[@]}" --model efficientnet_lite0 --input-size 224 --seed "$seed" --box-beta 0.1 \
-      "${TEACHERS[@]}" "${KD[@]}"
+for seed in $SEEDS; do
+  if [[ " $ARMS " == *" kd "* ]]; then
+    run "kd-s$seed" "${COMMON[@]}" --model efficientnet_lite0 --input-size 224 --seed "$seed" --box-beta 0.1 \
+        "${TEACHERS[@]}" "${KD[@]}"
+  fi
   run "plain-s$seed" "${COMMON[@]}" --model efficientnet_lite0 --input-size 224 --seed "$seed" --box-beta 0.1
 done
-"$PY" -m models.evaluate compare --a "$RUNS"/plain-s[0-9] --b "$RUNS"/kd-s[0-9] --out "$RUNS/kd_gain.json"
+if [[ " $ARMS " == *" kd "* ]]; then
+  "$PY" -m models.evaluate compare --a "$RUNS"/plain-s[0-9] --b "$RUNS"/kd-s[0-9] --out "$RUNS/kd_gain.json"
+fi

@@ -1,0 +1,42 @@
+"""Model card helpers: recorded experiments in either layout, and the soup section."""
+from __future__ import annotations
+
+import json
+
+from export.card import _Recorded, _soup_section
+
+
+def _metrics(auc: float) -> dict:
+    return {"mean_auc": auc, "mean_ci_low": auc - 0.03, "mean_ci_high": auc + 0.03}
+
+
+def test_recorded_runs_are_read_from_run_folders_and_from_flat_copies(tmp_path):
+    (tmp_path / "nested" / "kd-s0").mkdir(parents=True)
+    (tmp_path / "nested" / "kd-s0" / "metrics.json").write_text(json.dumps(_metrics(0.7)))
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "kd-s1.metrics.json").write_text(json.dumps(_metrics(0.6)))
+    (tmp_path / "flat" / "kd-s1.config.json").write_text(json.dumps({"seed": 1}))
+    (tmp_path / "flat" / "plain-s1.metrics.json").write_text(json.dumps(_metrics(0.65)))
+    nested, flat = _Recorded(tmp_path / "nested"), _Recorded(tmp_path / "flat")
+    assert nested.names("kd-s*") == ["kd-s0"] and nested.metrics("kd-s0")["mean_auc"] == 0.7
+    assert flat.names("kd-s*") == ["kd-s1"] and flat.config("kd-s1") == {"seed": 1}
+    assert flat.metrics("kd-s0") is None and flat.names("plain-s[0-9]") == ["plain-s1"]
+
+
+def test_soup_section_lists_every_candidate_and_the_paired_gain(tmp_path):
+    runs = _Recorded(tmp_path)
+    for name, auc in (("plain-s0", 0.70), ("soup-uniform", 0.74)):
+        (tmp_path / f"{name}.metrics.json").write_text(json.dumps(_metrics(auc)))
+    (tmp_path / "gain_soup-uniform.json").write_text(json.dumps(
+        {"delta_mean_auc": 0.02, "ci_low": 0.005, "ci_high": 0.035, "p_le_zero": 0.01, "per_seed": [{}, {}]}))
+    lines: list[str] = []
+    soup = {"describe": "uniform soup of 2 runs (plain-s0, plain-s1)"}
+    selection = {"chosen": "soup-uniform", "calibration_mean_auc": {"plain-s0": 0.73, "soup-uniform": 0.75}}
+    _soup_section(lines.append, soup, runs, selection, {"out_dir": "runs/soup/soup-uniform"})
+    text = "\n".join(lines)
+    assert "| soup-uniform (shipped) | 0.750 | 0.740 [0.710, 0.770] |" in text
+    assert "| plain-s0 | 0.730 | 0.700" in text
+    assert "+2.00 points** [95% CI +0.50, +3.50]" in text and "2 pairs" in text
+    lines.clear()
+    _soup_section(lines.append, None, runs, selection, {})
+    assert lines == []
