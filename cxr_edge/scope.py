@@ -132,8 +132,22 @@ def summarize(pixels: np.ndarray | PixelSummary) -> PixelSummary:
     part = np.partition(q, (lo_i, hi_i))
     big = max(1, int(np.ceil(max(h, w) / 512)))
     src = np.ascontiguousarray(pixels[::big, ::big] if big > 1 else pixels, dtype=np.float32)
-    thumb = cv2.resize(src, (_THUMB, _THUMB), interpolation=cv2.INTER_AREA).astype(np.float64)
+    thumb = _area_thumbnail(src, _THUMB).astype(np.float64)
     return PixelSummary(h, w, std, float(part[lo_i]), float(part[hi_i]), skew, thumb)
+
+
+def _area_thumbnail(src: np.ndarray, side: int) -> np.ndarray:
+    """``cv2.resize(src, (side, side), INTER_AREA)`` as two one-axis passes, the longer axis first.
+
+    Area weights are separable, so the result is the same to float rounding (<= 3e-7 on pool images),
+    and about twice as fast: OpenCV's integer-factor path often serves the first pass (512 -> 64 rows),
+    and the second, generic pass sees ``side / h`` of the pixels."""
+    h, w = src.shape
+    if h >= w:
+        rows = cv2.resize(src, (w, side), interpolation=cv2.INTER_AREA)
+        return cv2.resize(rows, (side, side), interpolation=cv2.INTER_AREA)
+    cols = cv2.resize(src, (side, h), interpolation=cv2.INTER_AREA)
+    return cv2.resize(cols, (side, side), interpolation=cv2.INTER_AREA)
 
 
 def _block_mean(a: np.ndarray, n: int) -> np.ndarray:
