@@ -160,9 +160,10 @@ def _soup_section(add, soup: dict[str, Any] | None, runs: _Recorded, selection: 
     if not soup:
         return
     add("## Weight averaging (model soup)\n")
-    add(f"The shipped network is one student: {soup['describe']} (`python -m models.soup`). Runs fine-tuned from the "
-        "same ImageNet weights with one recipe stay in one loss basin, so the mean of their weights is a network of "
-        "the same size and speed as each of them (Wortsman et al., Model soups, ICML 2022).\n")
+    add(f"The shipped network is one student: {soup['describe']} (`python -m models.soup`), the same size and speed "
+        "as each ingredient. The premise (Wortsman et al., Model soups, ICML 2022): runs fine-tuned from the same "
+        "pretrained weights stay in one loss basin, so their weight mean keeps part of an ensemble's gain; the "
+        "paired gain below says how far that held here.\n")
     cal = (selection or {}).get("calibration_mean_auc", {})
     add("| candidate | calibration mean AUC | evaluation mean AUC [95% CI] |\n|---|---|---|")
     for name in sorted(cal, key=lambda k: -cal[k]):
