@@ -160,10 +160,18 @@ def _soup_section(add, soup: dict[str, Any] | None, runs: _Recorded, selection: 
     if not soup:
         return
     add("## Weight averaging (model soup)\n")
-    add(f"The shipped network is one student: {soup['describe']} (`python -m models.soup`), the same size and speed "
-        "as each ingredient. The premise (Wortsman et al., Model soups, ICML 2022): runs fine-tuned from the same "
-        "pretrained weights stay in one loss basin, so their weight mean keeps part of an ensemble's gain; the "
-        "paired gain below says how far that held here.\n")
+    kept = [Path(i["run"]).name for i in soup["ingredients"] if i["in_soup"]]
+    bn = ("BatchNorm statistics re-estimated on the clean (and flipped) training images" if soup["bn"] == "recompute"
+          else "BatchNorm buffers averaged")
+    if len(kept) == 1:
+        what = (f"the {soup['recipe']} soup kept one ingredient: `{kept[0]}`'s weights with its {bn} (every weight "
+                "average with another seed scored lower on the calibration split)")
+    else:
+        what = f"the {soup['recipe']} weight average of {', '.join(f'`{k}`' for k in kept)}, {bn}"
+    add(f"The shipped network is one student, the size and speed of each ingredient: {what} (`python -m models.soup`). "
+        "The premise (Wortsman et al., Model soups, ICML 2022): runs fine-tuned from the same pretrained weights stay "
+        "in one loss basin, so their weight mean keeps part of an ensemble's gain; the table and the paired gain below "
+        "say how far that held here.\n")
     cal = (selection or {}).get("calibration_mean_auc", {})
     add("| candidate | calibration mean AUC | evaluation mean AUC [95% CI] |\n|---|---|---|")
     for name in sorted(cal, key=lambda k: -cal[k]):

@@ -195,8 +195,10 @@ def make_soup(runs: Sequence[str | Path], out: str | Path, recipe: str = "unifor
                           "kept": kept})
             if kept:
                 chosen, model, best = chosen + [k], trial, auc
-    describe = (f"{recipe} soup of {len(chosen)} runs ({', '.join(Path(runs[k]).name for k in chosen)}), "
-                f"BN statistics {'re-estimated on the training images' if bn == 'recompute' else 'averaged'}")
+    names = ", ".join(Path(runs[k]).name for k in chosen)
+    bn_text = f"BN statistics {'re-estimated on the training images' if bn == 'recompute' else 'averaged'}"
+    describe = (f"{recipe} soup of {len(chosen)} runs ({names}), {bn_text}" if len(chosen) > 1 else
+                f"{recipe} soup that kept 1 run ({names}): its weights, {bn_text}")
     soup_cfg = cfg.replace(out_dir=str(out))
     out.mkdir(parents=True, exist_ok=True)
     soup_cfg.save(out / "config.json")

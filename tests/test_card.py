@@ -30,13 +30,20 @@ def test_soup_section_lists_every_candidate_and_the_paired_gain(tmp_path):
     (tmp_path / "gain_soup-uniform.json").write_text(json.dumps(
         {"delta_mean_auc": 0.02, "ci_low": 0.005, "ci_high": 0.035, "p_le_zero": 0.01, "per_seed": [{}, {}]}))
     lines: list[str] = []
-    soup = {"describe": "uniform soup of 2 runs (plain-s0, plain-s1)"}
+    soup = {"recipe": "uniform", "bn": "average",
+            "ingredients": [{"run": "runs/x/plain-s0", "in_soup": True}, {"run": "runs/x/plain-s1", "in_soup": True}]}
     selection = {"chosen": "soup-uniform", "calibration_mean_auc": {"plain-s0": 0.73, "soup-uniform": 0.75}}
     _soup_section(lines.append, soup, runs, selection, {"out_dir": "runs/soup/soup-uniform"})
     text = "\n".join(lines)
     assert "| soup-uniform (shipped) | 0.750 | 0.740 [0.710, 0.770] |" in text
     assert "| plain-s0 | 0.730 | 0.700" in text
     assert "+2.00 points** [95% CI +0.50, +3.50]" in text and "2 pairs" in text
+    assert "weight average of `plain-s0`, `plain-s1`, BatchNorm buffers averaged" in text
+    lines.clear()
+    soup = {"recipe": "greedy", "bn": "recompute",
+            "ingredients": [{"run": "runs/x/plain-s0", "in_soup": False}, {"run": "runs/x/plain-s1", "in_soup": True}]}
+    _soup_section(lines.append, soup, runs, selection, {})
+    assert "kept one ingredient: `plain-s1`'s weights with its BatchNorm statistics re-estimated" in lines[1]
     lines.clear()
     _soup_section(lines.append, None, runs, selection, {})
     assert lines == []
