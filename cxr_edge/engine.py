@@ -96,13 +96,17 @@ def cam_file_name(source: Any, label: str) -> str:
 
 CAM_CHOICES = ("positive", "top", "all")
 
-def decode_workers(prefetch: int) -> int:
-    """Decoder threads for a prefetch depth: up to one per core (decoding is most of the work per image).
+def decode_workers(prefetch: int, model_threads: int | None = None) -> int:
+    """Decoder threads for a prefetch depth: at most one per core the model's threads leave free (at least one).
 
-    Measured on 2 cores, 1024 px PNGs (benchmarks/firmware_loop.py): one decoder beside a 1-thread
-    model gave 1.3x the one-at-a-time rate, two decoders 1.5-1.6x; see :func:`pipelined_model_threads`.
+    Measured on 2 cores, 1024 px PNGs (benchmarks/firmware_loop.py): while decoding a 1024 px PNG took
+    longer than the 1-thread model, two decoders beat one (1.5-1.6x vs 1.3x the one-at-a-time rate); with
+    the ISA-L inflate it is shorter (9.5 vs 10.4 ms), and one decoder beside the model beat two, which
+    oversubscribed the cores (1.51x vs 1.47x, best of 5 rounds; see :func:`pipelined_model_threads`).
     """
-    return max(1, min(prefetch, os.cpu_count() or 2))
+    cores = os.cpu_count() or 2
+    free = cores - model_threads if model_threads else cores
+    return max(1, min(prefetch, free))
 
 
 def pipelined_model_threads(threads: int | None, n_inputs: int, prefetch: int) -> int | None:
@@ -280,7 +284,8 @@ class Engine:
                 yield self.decode(source, keep_image=keep_image)
             return
         it = iter(sources)
-        pool = ThreadPoolExecutor(max_workers=workers or decode_workers(prefetch), thread_name_prefix="cxr-decode")
+        pool = ThreadPoolExecutor(max_workers=workers or decode_workers(prefetch, self.classifier.bundle.threads),
+                                  thread_name_prefix="cxr-decode")
         pending: deque = deque()
         try:
             for source in it:

@@ -412,8 +412,9 @@ class Server:
         """Serve until :attr:`stop_event` is set, then drain and clean up (see the module docstring)."""
         for _ in range(self.workers):
             self._threads.append(self._spawn(self._work))
-        self._decoders = [self._spawn(self._decode_stage) for _ in range(decode_workers(self.prefetch))] \
-            if self.prefetch else []
+        model_threads = self.workers * (self.engine.classifier.bundle.threads or 1)
+        self._decoders = [self._spawn(self._decode_stage)
+                          for _ in range(decode_workers(self.prefetch, model_threads))] if self.prefetch else []
         if self._listener is not None:
             self._spawn(self._accept)
         if stdio:

@@ -151,13 +151,18 @@ def test_prefetch_is_validated(tiny_bundle, bad):
         list(Engine(tiny_bundle, threads=1).decoded(["x"], prefetch=bad))
 
 
-def test_decode_workers_one_per_core_at_most(monkeypatch):
+def test_decode_workers_one_per_free_core_at_most(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert decode_workers(1) == 1 and decode_workers(2) == 2 and decode_workers(8) == 2
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert decode_workers(2) == 2 and decode_workers(64) == 16
     monkeypatch.setattr("os.cpu_count", lambda: None)
     assert decode_workers(3) == 2
+    # the cores the model's threads take are not offered to decoders, but one decoder always runs
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert decode_workers(2, model_threads=1) == 1 and decode_workers(2, model_threads=2) == 1
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert decode_workers(8, model_threads=2) == 6 and decode_workers(3, model_threads=2) == 3
 
 
 def test_pipelined_runs_give_the_model_one_thread_unless_told():
