@@ -111,6 +111,7 @@ class TrainConfig:
     grad_clip: float = 0.0
     ema_decay: float = 0.0             # >0: evaluate/ship an exponential moving average of the weights (per step)
     seed: int = 0
+    init_seed: int = -1                # >=0 and != seed: the head's random init from this seed, data order and augmentation from seed (runs that share an init, for soups)
     # --- runtime
     device: str = "cpu"
     amp: bool = False                  # bf16 autocast

@@ -36,8 +36,9 @@ from torch import nn
 from cxr_edge.errors import CxrEdgeError, InvalidArgumentError
 from models.config import TrainConfig
 
-# fields that may differ between the ingredients of one soup (everything else is the recipe)
-INGREDIENT_FIELDS = frozenset({"seed", "out_dir"})
+# fields that may differ between the ingredients of one soup (everything else is the recipe); soup.json
+# records each ingredient's initial-weights seed, which decides whether they can share a basin
+INGREDIENT_FIELDS = frozenset({"seed", "init_seed", "out_dir"})
 
 
 def average_states(states: Sequence[dict]) -> dict:
@@ -217,9 +218,10 @@ def make_soup(runs: Sequence[str | Path], out: str | Path, recipe: str = "unifor
     record = {"recipe": recipe, "bn": bn, "describe": describe,
               "rule": "greedy: ingredients in order of calibration-split AUC, each kept when the soup's "
                       "calibration-split AUC does not drop" if recipe == "greedy" else "uniform: every ingredient",
-              "ingredients": [{"run": str(r), "model_final_sha256": file_sha256(p),
+              "ingredients": [{"run": str(r), "model_final_sha256": file_sha256(p), "seed": c.seed,
+                               "init_seed": c.init_seed if c.init_seed >= 0 else c.seed,
                                "calibration_mean_auc": round(a, 5), "in_soup": k in chosen}
-                              for k, (r, p, a) in enumerate(zip(runs, paths, ingredient_auc))],
+                              for k, (r, p, a, c) in enumerate(zip(runs, paths, ingredient_auc, configs))],
               "steps": steps, "calibration_mean_auc": round(best, 5),
               "bn_images": int(len(data.ci["train"])) if bn == "recompute" else 0}
     (out / "soup.json").write_text(json.dumps(record, indent=2) + "\n")

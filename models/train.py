@@ -416,8 +416,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise InvalidArgumentError("no training batches: too few training images for the batch size")
 
     # ---- model, optimiser, schedule
-    seed_everything(cfg.seed)
+    shared_init = cfg.init_seed >= 0 and cfg.init_seed != cfg.seed
+    seed_everything(cfg.init_seed if shared_init else cfg.seed)
     model = build_model(cfg, len(labels), pretrained=cfg.pretrained and ckpt is None).to(d.device)
+    if shared_init:  # the initial weights are init_seed's; everything random after them is seed's
+        seed_everything(cfg.seed)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(cfg, model)

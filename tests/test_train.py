@@ -357,3 +357,20 @@ def test_ema_weights_are_the_average_shipped_and_resume_exactly(tmp_path):
     resumed = _train(tiny_config(tmp_path / "b", data, epochs=2, ema_decay=0.9, resume=True))
     b = torch.load(resumed.run_dir / "model_final.pt", weights_only=True)["model"]
     assert all(torch.equal(final["model"][k], b[k]) for k in b)
+
+
+def test_init_seed_shares_the_initial_weights_and_nothing_else(tmp_path):
+    """--init-seed: two runs with other seeds but one init seed start from the same weights (seen after
+    a step of a negligible learning rate), while plain seeds start apart; the data order still follows
+    --seed (their losses differ)."""
+    data = make_fake_sample(tmp_path / "d")
+
+    def head(name: str, **kw):
+        r = _train(tiny_config(tmp_path / name, data, epochs=1, lr=1e-12, **kw))
+        return torch.load(r.run_dir / "model_final.pt", weights_only=True)["model"]["classifier.weight"], r
+
+    a, ra = head("a", seed=1, init_seed=0)
+    b, rb = head("b", seed=2, init_seed=0)
+    c, _ = head("c", seed=2)
+    assert torch.allclose(a, b, atol=1e-9) and not torch.allclose(b, c, atol=1e-3)
+    assert ra.history[0]["loss"] != rb.history[0]["loss"]
