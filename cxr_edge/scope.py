@@ -102,8 +102,7 @@ class PixelSummary:
     p99: float
     skew: float
     thumb: np.ndarray  # 64 x 64 float64, area average of the (stretched) image
-    #: derived numbers (region grid, layout scores) computed once, since several rules read them
-    derived: dict = field(default_factory=dict, compare=False, repr=False)
+    layout: tuple[float, float, str]  # :func:`layout_scores`, computed once: two rules read it
 
 
 def _check_2d(pixels: np.ndarray) -> np.ndarray:
@@ -133,7 +132,7 @@ def summarize(pixels: np.ndarray | PixelSummary) -> PixelSummary:
     big = max(1, int(np.ceil(max(h, w) / 512)))
     src = np.ascontiguousarray(pixels[::big, ::big] if big > 1 else pixels, dtype=np.float32)
     thumb = _area_thumbnail(src, _THUMB).astype(np.float64)
-    return PixelSummary(h, w, std, float(part[lo_i]), float(part[hi_i]), skew, thumb)
+    return PixelSummary(h, w, std, float(part[lo_i]), float(part[hi_i]), skew, thumb, _layout(thumb))
 
 
 def _area_thumbnail(src: np.ndarray, side: int) -> np.ndarray:
@@ -185,9 +184,7 @@ def inversion_score(pixels: np.ndarray | PixelSummary, *,
     image (1 - x) flips the sign of every term.
     """
     s = summarize(pixels)
-    g = s.derived.get("regions")
-    if g is None:
-        g = s.derived["regions"] = _block_mean(s.thumb, _REGION_GRID)
+    g = _block_mean(s.thumb, _REGION_GRID)
     n = _REGION_GRID
 
     def region(y0: float, y1: float, x0: float, x1: float) -> float:
@@ -219,16 +216,18 @@ _ORIENTATIONS = (("upside down (flipped vertically)", lambda t: t[::-1]),
 def layout_scores(pixels: np.ndarray | PixelSummary) -> tuple[float, float, str]:
     """(c0, c_best, how): the image's correlation with :data:`CHEST_TEMPLATE` (on a 16 x 16 area thumbnail,
     stretched like the model's input), the best correlation after undoing a flip/rotation, and which one."""
-    s = summarize(pixels)
-    if "layout" not in s.derived:  # check_orientation and check_layout both ask
-        t = _block_mean(s.thumb, CHEST_TEMPLATE.shape[0])
-        sd = float(t.std())
-        t = (t - t.mean()) / sd if sd > 1e-9 else np.zeros_like(t)
-        views = np.stack([t] + [f(t) for _, f in _ORIENTATIONS])
-        corr = np.einsum("kij,ij->k", views, CHEST_TEMPLATE.astype(np.float64)) / CHEST_TEMPLATE.size
-        k = int(np.argmax(corr[1:]))  # the first of equals, as the loop this replaced
-        s.derived["layout"] = (float(corr[0]), float(corr[1 + k]), _ORIENTATIONS[k][0])
-    return s.derived["layout"]
+    return summarize(pixels).layout
+
+
+def _layout(thumb: np.ndarray) -> tuple[float, float, str]:
+    """:func:`layout_scores` of a 64 x 64 thumbnail."""
+    t = _block_mean(thumb, CHEST_TEMPLATE.shape[0])
+    sd = float(t.std())
+    t = (t - t.mean()) / sd if sd > 1e-9 else np.zeros_like(t)
+    views = np.stack([t] + [f(t) for _, f in _ORIENTATIONS])
+    corr = np.einsum("kij,ij->k", views, CHEST_TEMPLATE.astype(np.float64)) / CHEST_TEMPLATE.size
+    k = int(np.argmax(corr[1:]))  # the first of equals wins
+    return float(corr[0]), float(corr[1 + k]), _ORIENTATIONS[k][0]
 
 
 def check_orientation(pixels: np.ndarray | PixelSummary, *, margin: float = PIXEL_RULES["orientation_margin"],

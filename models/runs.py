@@ -36,6 +36,17 @@ def image_paths(table, rows=None) -> list[Path]:
     return [Path(paths[int(i)]) for i in (range(len(table)) if rows is None else rows)]
 
 
+def cache_parts(table, parts: dict[str, np.ndarray], dtype: str = "auto", workers: int = 2):
+    """Decode the images of several row sets once: (``models.data.ImageCache`` of their union, each set's
+    rows as indices into that cache). Training and ``models.soup`` read their splits through it."""
+    from models.data import ImageCache
+
+    needed = np.unique(np.concatenate([np.asarray(v, dtype=np.int64) for v in parts.values()]))
+    images = ImageCache(image_paths(table, needed), [table.image_ids[i] for i in needed], dtype, workers=workers)
+    pos = {int(r): k for k, r in enumerate(needed)}
+    return images, {k: np.array([pos[int(r)] for r in v], dtype=np.int64) for k, v in parts.items()}
+
+
 def split_indices(cfg: TrainConfig, table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(train, val, eval) row indices of the table; patient-disjoint.
 

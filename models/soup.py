@@ -92,8 +92,7 @@ class _Data:
     """The recipe's images: training rows (for BN), calibration rows (for greedy), evaluation rows (report)."""
 
     def __init__(self, cfg: TrainConfig, threads: int) -> None:
-        from models.data import ImageCache
-        from models.runs import fold_indices, image_paths, load_table, split_indices
+        from models.runs import cache_parts, fold_indices, load_table, split_indices
 
         self.table = load_table(cfg)
         train, val, evaluation = split_indices(cfg, self.table)
@@ -102,11 +101,7 @@ class _Data:
             raise InvalidArgumentError("the ingredients have no calibration split (--val-fraction 0): "
                                        "nothing to choose or report a soup on without the evaluation split")
         self.rows = {"train": train, "val": val, "eval": evaluation}
-        needed = np.unique(np.concatenate(list(self.rows.values())))
-        self.images = ImageCache(image_paths(self.table, needed), [self.table.image_ids[i] for i in needed],
-                                 cfg.cache_dtype, workers=threads)
-        pos = {int(r): k for k, r in enumerate(needed)}
-        self.ci = {k: np.array([pos[int(r)] for r in v], dtype=np.int64) for k, v in self.rows.items()}
+        self.images, self.ci = cache_parts(self.table, self.rows, cfg.cache_dtype, workers=threads)
         self.spec = cfg.student_spec()
 
     def train_batches(self, batch_size: int, hflip: bool) -> list[np.ndarray]:
@@ -166,16 +161,16 @@ def make_soup(runs: Sequence[str | Path], out: str | Path, recipe: str = "unifor
     val_targets = data.table.targets[data.rows["val"]]
     batches = data.train_batches(cfg.eval_batch_size, cfg.hflip) if bn == "recompute" else []
 
-    def cook(states: Sequence[dict]) -> nn.Module:
+    def cook(states: Sequence[dict], reestimate: bool = bn == "recompute") -> nn.Module:
         model = build_model(cfg, len(labels))
         model.load_state_dict(average_states(states))
-        if bn == "recompute":
+        if reestimate:
             recompute_batchnorm(model, batches)
         return model.eval()
 
     # each ingredient as it was trained (its own BN statistics): the order greedy adds them in
-    ingredient_auc = [_mean_auc(val_targets, _logits(_load(cfg, labels, c["model"]), data, "val", cfg.eval_batch_size))
-                      for c in ckpts]
+    ingredient_auc = [_mean_auc(val_targets, _logits(cook([c["model"]], reestimate=False), data, "val",
+                                                     cfg.eval_batch_size)) for c in ckpts]
     order = sorted(range(len(ckpts)), key=lambda k: -ingredient_auc[k])
     steps = []
     if recipe == "uniform":
@@ -227,14 +222,6 @@ def make_soup(runs: Sequence[str | Path], out: str | Path, recipe: str = "unifor
     (out / "soup.json").write_text(json.dumps(record, indent=2) + "\n")
     print(format_table(metrics, title=f"{out}: {describe}; evaluation on {len(sub)} held-out images"), flush=True)
     return record
-
-
-def _load(cfg: TrainConfig, labels: Sequence[str], state: dict) -> nn.Module:
-    from models.runs import build_model
-
-    model = build_model(cfg, len(labels))
-    model.load_state_dict(state)
-    return model.eval()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -55,8 +55,8 @@ from models.distill import (CsvTeacher, Predictor, TorchPredictor, attention_map
                             platt_recalibrate)
 from models.evaluate import (auc_per_label, degenerate_predictions, evaluate_logits, format_table, predict,
                              warn_degenerate)
-from models.runs import (build_model, fold_indices, image_paths, load_run_model, load_table,  # noqa: F401
-                         read_image_list, split_indices)
+from models.runs import (build_model, cache_parts, fold_indices, load_run_model,  # noqa: F401
+                         load_table, read_image_list, split_indices)
 
 
 # ============================================================================ plumbing
@@ -332,14 +332,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     labels = list(table.label_names)
     train_rows, val_rows, eval_rows = split_indices(cfg, table)
     train_rows, oof_rows = fold_indices(cfg, table, train_rows)
-    needed = np.unique(np.concatenate([train_rows, val_rows, eval_rows, oof_rows]))
-    ids = [table.image_ids[i] for i in needed]
-    images = ImageCache(image_paths(table, needed), ids, cfg.cache_dtype, workers=threads)
-    pos = {int(r): k for k, r in enumerate(needed)}
-    train_ci = np.array([pos[int(r)] for r in train_rows], dtype=np.int64)
-    val_ci = np.array([pos[int(r)] for r in val_rows], dtype=np.int64)
-    eval_ci = np.array([pos[int(r)] for r in eval_rows], dtype=np.int64)
-    oof_ci = np.array([pos[int(r)] for r in oof_rows], dtype=np.int64)
+    images, ci = cache_parts(table, {"train": train_rows, "val": val_rows, "eval": eval_rows, "oof": oof_rows},
+                             cfg.cache_dtype, workers=threads)
+    train_ci, val_ci, eval_ci, oof_ci = ci["train"], ci["val"], ci["eval"], ci["oof"]
     if d.main:
         print(f"data: {cfg.dataset} ({len(labels)} labels, label set {cfg.label_set}"
               + (f", skipped {dict(table.skipped)}" if any(table.skipped.values()) else "") + "); "
