@@ -306,6 +306,46 @@ def evaluate_model(model: nn.Module, spec, images: ImageCache, cache_idx: Sequen
     return logits
 
 
+def _mean_auc(targets: np.ndarray, logits: np.ndarray) -> float | None:
+    auc = auc_per_label(targets, logits)
+    return round(float(np.nanmean(auc)), 5) if np.isfinite(auc).any() else None
+
+
+def _final_evaluation(cfg: TrainConfig, run: Path, model: nn.Module, suffix: str, *, table, labels, spec, images,
+                      eval_rows, eval_ci, oof_rows, oof_ci, device, has_val: bool, info: dict) -> dict:
+    """Write ``model_final.pt``, ``predictions.npz`` (and out-of-fold ones) and ``metrics.json`` of ``run``:
+    its best validation epoch when it has one (``model_best.pt``), else ``model`` (the last epoch)."""
+    chosen, eval_model = "last" + (f" ({suffix.lstrip(', ')})" if suffix else ""), model
+    final_state = eval_model.state_dict()
+    if has_val and (run / "model_best.pt").is_file():
+        best_ckpt = torch.load(run / "model_best.pt", map_location="cpu", weights_only=True)
+        eval_model = build_model(cfg, len(labels)).to(device)
+        eval_model.load_state_dict(best_ckpt["model"])
+        final_state, chosen = eval_model.state_dict(), f"best on validation (epoch {best_ckpt['epoch']})" + suffix
+    _atomic_save({"model": final_state, "config": cfg.to_dict(), "labels": labels, "epoch": cfg.epochs,
+                  "checkpoint": chosen}, run / "model_final.pt")
+    logits = evaluate_model(eval_model, spec, images, eval_ci, device, cfg.eval_batch_size)
+    sub = table.subset(eval_rows)
+    np.savez(run / "predictions.npz", image_ids=np.array(sub.image_ids), logits=logits, targets=sub.targets,
+             patient_ids=np.array(sub.patient_ids), label_names=np.array(labels))
+    if len(oof_ci):
+        oof_logits = evaluate_model(eval_model, spec, images, oof_ci, device, cfg.eval_batch_size)
+        np.savez(run / "oof_predictions.npz", image_ids=np.array([table.image_ids[r] for r in oof_rows]),
+                 logits=oof_logits, label_names=np.array(labels), fold=cfg.fold, n_folds=cfg.n_folds)
+    metrics = evaluate_logits(sub.targets, logits, sub.patient_ids, labels, n_boot=cfg.bootstrap, seed=0,
+                              context=f"{run.name}: {len(eval_rows)} held-out evaluation images")
+    metrics.update({"dataset": cfg.dataset, "label_set": cfg.label_set, "model": cfg.model,
+                    "pretrained": info["pretrained"], "checkpoint": chosen, "n_folds": cfg.n_folds, "fold": cfg.fold,
+                    "epochs": cfg.epochs, "teachers": info["teachers"], "split": cfg.split,
+                    "input_size": cfg.input_size, "kd_alpha": cfg.kd_alpha, "kd_temperature": cfg.kd_temperature,
+                    "at_beta": cfg.at_beta, "seed": cfg.seed, "seconds_per_epoch": info["seconds_per_epoch"],
+                    "world_size": info["world_size"], "threads": info["threads"]})
+    (run / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    print(format_table(metrics, title=f"{run}: evaluation on {len(eval_rows)} held-out images ({chosen} epoch)"),
+          flush=True)
+    return metrics
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) one training run; returns the run dir and the trained (unwrapped) model."""
     cfg.validate()
@@ -439,6 +479,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         net = torch.compile(net)
 
     best = max((h.get("val_mean_auc") or -1.0 for h in history), default=-1.0)
+    best_raw = max((h.get("raw_val_mean_auc") or -1.0 for h in history), default=-1.0)
+    twin, twin_cfg = run / "raw", cfg.replace(ema_decay=0.0, out_dir=str(run / "raw"))
+    if ema is not None and d.main:
+        twin.mkdir(exist_ok=True)
+        twin_cfg.save(twin / "config.json")
     spec = cfg.student_spec()
     need_maps = cfg.at_beta > 0
     for epoch in range(start_epoch, cfg.epochs):
@@ -488,18 +533,24 @@ def train(cfg: TrainConfig) -> TrainResult:
         shipped = ema.module if ema is not None else model  # what is validated, checkpointed and exported
         if len(val_ci) and d.main:
             vl = evaluate_model(shipped, spec, images, val_ci, d.device, cfg.eval_batch_size)
-            auc = auc_per_label(table.targets[val_rows], vl)
-            record["val_mean_auc"] = round(float(np.nanmean(auc)), 5) if np.isfinite(auc).any() else None
+            record["val_mean_auc"] = _mean_auc(table.targets[val_rows], vl)
             degenerate = degenerate_predictions(vl, labels, table.targets[val_rows])
             if degenerate:
                 record["val_degenerate_labels"] = sorted(degenerate)
                 warn_degenerate(degenerate, f"epoch {epoch + 1} validation ({len(val_rows)} images)")
+            if ema is not None:  # the raw weights too: the run's plain twin picks its epoch the same way
+                record["raw_val_mean_auc"] = _mean_auc(
+                    table.targets[val_rows], evaluate_model(model, spec, images, val_ci, d.device, cfg.eval_batch_size))
         history.append(record)
         if d.main:
             if record.get("val_mean_auc") is not None and record["val_mean_auc"] > best:
                 best = record["val_mean_auc"]
                 _atomic_save({"model": shipped.state_dict(), "config": cfg.to_dict(), "labels": labels,
                               "epoch": epoch + 1}, run / "model_best.pt")
+            if record.get("raw_val_mean_auc") is not None and record["raw_val_mean_auc"] > best_raw:
+                best_raw = record["raw_val_mean_auc"]
+                _atomic_save({"model": model.state_dict(), "config": twin_cfg.to_dict(), "labels": labels,
+                              "epoch": epoch + 1}, twin / "model_best.pt")
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                      "epoch": epoch + 1, "config": cfg.to_dict(), "history": history, "labels": labels,
                      "rng": rng_state(), **({"ema": ema.state_dict()} if ema is not None else {})}
@@ -518,36 +569,17 @@ def train(cfg: TrainConfig) -> TrainResult:
     metrics = None
     d.barrier()
     if d.main:
-        chosen = "last" if ema is None else f"last (EMA of the weights, decay {cfg.ema_decay})"
-        eval_model = ema.module if ema is not None else model
-        final_state = eval_model.state_dict()
-        if len(val_ci) and (run / "model_best.pt").is_file():
-            best_ckpt = torch.load(run / "model_best.pt", map_location="cpu", weights_only=True)
-            eval_model = build_model(cfg, len(labels)).to(d.device)
-            eval_model.load_state_dict(best_ckpt["model"])
-            final_state, chosen = eval_model.state_dict(), f"best on validation (epoch {best_ckpt['epoch']})" + (
-                f", EMA of the weights (decay {cfg.ema_decay})" if ema is not None else "")
-        _atomic_save({"model": final_state, "config": cfg.to_dict(), "labels": labels, "epoch": cfg.epochs,
-                      "checkpoint": chosen}, run / "model_final.pt")
-        logits = evaluate_model(eval_model, spec, images, eval_ci, d.device, cfg.eval_batch_size)
-        sub = table.subset(eval_rows)
-        np.savez(run / "predictions.npz", image_ids=np.array(sub.image_ids), logits=logits, targets=sub.targets,
-                 patient_ids=np.array(sub.patient_ids), label_names=np.array(labels))
-        if len(oof_ci):
-            oof_logits = evaluate_model(eval_model, spec, images, oof_ci, d.device, cfg.eval_batch_size)
-            np.savez(run / "oof_predictions.npz", image_ids=np.array([table.image_ids[r] for r in oof_rows]),
-                     logits=oof_logits, label_names=np.array(labels), fold=cfg.fold, n_folds=cfg.n_folds)
-        metrics = evaluate_logits(sub.targets, logits, sub.patient_ids, labels, n_boot=cfg.bootstrap, seed=0,
-                                  context=f"{run.name}: {len(eval_rows)} held-out evaluation images")
-        metrics.update({"dataset": cfg.dataset, "label_set": cfg.label_set, "model": cfg.model, "pretrained": getattr(model, "pretrained_source", None) or cfg.pretrained,
-                        "checkpoint": chosen, "n_folds": cfg.n_folds, "fold": cfg.fold, "epochs": cfg.epochs, "teachers": teacher_info,
-                        "split": cfg.split, "input_size": cfg.input_size, "kd_alpha": cfg.kd_alpha,
-                        "kd_temperature": cfg.kd_temperature, "at_beta": cfg.at_beta, "seed": cfg.seed,
-                        "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in history])), 2)
-                        if history else None, "world_size": d.world, "threads": threads})
-        (run / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
-        print(format_table(metrics, title=f"{run}: evaluation on {len(eval_rows)} held-out images ({chosen} epoch)"),
-              flush=True)
+        final = ema.module if ema is not None else model
+        suffix = f", EMA of the weights (decay {cfg.ema_decay})" if ema is not None else ""
+        parts = dict(table=table, labels=labels, spec=spec, images=images, eval_rows=eval_rows, eval_ci=eval_ci,
+                     oof_rows=oof_rows, oof_ci=oof_ci, device=d.device, has_val=len(val_ci) > 0,
+                     info={"teachers": teacher_info, "world_size": d.world, "threads": threads,
+                           "pretrained": getattr(model, "pretrained_source", None) or cfg.pretrained,
+                           "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in history])), 2)
+                           if history else None})
+        metrics = _final_evaluation(cfg, run, final, suffix, **parts)
+        if ema is not None:  # the same trajectory's raw weights: a paired no-EMA control at no training cost
+            _final_evaluation(twin_cfg, twin, model, ", raw weights of the EMA run", **parts)
     d.barrier()
     return TrainResult(run, model, history, metrics, finished=True)
 

@@ -16,7 +16,8 @@
 # calibration = a patient-wise 15% of teacher_train_images.csv (--val-fraction 0.15, split seed 0): the
 # epoch and the thresholds are chosen there; students train on the rest.
 # Usage: bash scripts/kd_experiment.sh [RUNS_DIR] [EPOCHS]   (about 60 minutes on 2 CPU cores; +30 with OWN_TEACHER=1)
-# ARMS="plain" trains only the plain arm, SEEDS="0 1 2 3 4" other seeds (scripts/soup_experiment.sh uses both).
+# ARMS="plain" trains only the plain arm, SEEDS="0 1 2 3 4" other seeds (scripts/soup_experiment.sh uses both);
+# ARMS="ema" the weight-EMA arm (EMA_DECAY, default 0.99), whose runs hold their plain twins (scripts/ema_experiment.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-runs/kd}
@@ -60,7 +61,13 @@ for seed in $SEEDS; do
     run "kd-s$seed" "${COMMON[@]}" --model efficientnet_lite0 --input-size 224 --seed "$seed" --box-beta 0.1 \
         "${TEACHERS[@]}" "${KD[@]}"
   fi
-  run "plain-s$seed" "${COMMON[@]}" --model efficientnet_lite0 --input-size 224 --seed "$seed" --box-beta 0.1
+  if [[ " $ARMS " == *" ema "* ]]; then  # its raw/ folder is the plain run of the seed (scripts/ema_experiment.sh)
+    run "ema-s$seed" "${COMMON[@]}" --model efficientnet_lite0 --input-size 224 --seed "$seed" --box-beta 0.1 \
+        --ema-decay "${EMA_DECAY:-0.99}"
+  fi
+  if [[ " $ARMS " == *" plain "* ]]; then
+    run "plain-s$seed" "${COMMON[@]}" --model efficientnet_lite0 --input-size 224 --seed "$seed" --box-beta 0.1
+  fi
 done
 if [[ " $ARMS " == *" kd "* ]]; then
   "$PY" -m models.evaluate compare --a "$RUNS"/plain-s[0-9] --b "$RUNS"/kd-s[0-9] --out "$RUNS/kd_gain.json"

@@ -359,6 +359,24 @@ def test_ema_weights_are_the_average_shipped_and_resume_exactly(tmp_path):
     assert all(torch.equal(final["model"][k], b[k]) for k in b)
 
 
+def test_ema_run_writes_its_raw_twin_identical_to_a_plain_run(tmp_path):
+    """An EMA run's raw/ folder is the plain run of the same seed (EMA never touches the trajectory), with
+    its own best validation epoch: a paired no-EMA control from one training run."""
+    data = make_fake_sample(tmp_path / "d", n_images=40, n_patients=20)
+    kw = dict(epochs=3, val_fraction=0.25)
+    ema = _train(tiny_config(tmp_path / "e", data, ema_decay=0.5, **kw))
+    plain = _train(tiny_config(tmp_path / "p", data, **kw))
+    twin = ema.run_dir / "raw"
+    a, b = np.load(twin / "predictions.npz"), np.load(plain.run_dir / "predictions.npz")
+    assert np.array_equal(a["logits"], b["logits"]) and np.array_equal(a["image_ids"], b["image_ids"])
+    assert not np.array_equal(np.load(ema.run_dir / "predictions.npz")["logits"], a["logits"])
+    cfg = TrainConfig.load(twin / "config.json")
+    assert cfg.ema_decay == 0 and cfg.math_diff(TrainConfig.load(plain.run_dir / "config.json")) == ["out_dir"]
+    m = json.loads((twin / "metrics.json").read_text())
+    assert "raw weights" in m["checkpoint"]
+    assert m["checkpoint"].split(",")[0] == json.loads((plain.run_dir / "metrics.json").read_text())["checkpoint"]
+
+
 def test_init_seed_shares_the_initial_weights_and_nothing_else(tmp_path):
     """--init-seed: two runs with other seeds but one init seed start from the same weights (seen after
     a step of a negligible learning rate), while plain seeds start apart; the data order still follows
