@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -209,6 +210,25 @@ def test_json_schema_of_a_tiny_run(tiny_bundle, tmp_path, capsys):
     phases = cold["phases_ms_from_process_start"]
     assert 0 < phases["interpreter_ms"] <= phases["import_ms"] <= phases["session_ms"] <= phases["first_prediction_ms"]
     assert cold["peak_rss_mib"] > 0 and cold["cold_start_ms"] == phases["first_prediction_ms"]
+
+
+def test_cold_start_counts_modules_compiled_from_source(tiny_bundle, tmp_path, monkeypatch):
+    """The cold start says when it paid for compiling Python sources (no .pyc: an editable install under
+    PYTHONDONTWRITEBYTECODE), which a wheel install never pays: an empty bytecode cache that may not be
+    written counts every module; the same cache once written counts none."""
+    from cxr_edge.bench.coldstart import cold_start_once
+    from cxr_edge.bench.pipeline import synthetic_radiograph
+
+    image = tmp_path / "x.png"
+    cv2.imwrite(str(image), synthetic_radiograph(256))
+    monkeypatch.setenv("PYTHONPYCACHEPREFIX", str(tmp_path / "pyc"))
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    never = cold_start_once(str(tiny_bundle), str(image), 1, None)
+    assert never["dont_write_bytecode"] and never["compiled_from_source"] == never["python_modules"] > 50
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE")
+    cold_start_once(str(tiny_bundle), str(image), 1, None)  # writes the cache
+    cached = cold_start_once(str(tiny_bundle), str(image), 1, None)
+    assert not cached["dont_write_bytecode"] and cached["compiled_from_source"] == 0
 
 
 def test_scope_gate_cost_is_reported_for_a_bundle_with_a_gate(scoped_bundle, tmp_path, capsys):

@@ -36,6 +36,10 @@ try:
     t_session = time.monotonic_ns()
     clf.predict(args["image"], keep_image=False)
     t_first = time.monotonic_ns()
+    import os
+    sources = [m for m in list(sys.modules.values())
+               if getattr(getattr(m, "__spec__", None), "cached", None) and str(m.__spec__.origin).endswith(".py")]
+    from_source = sum(1 for m in sources if not os.path.exists(m.__spec__.cached))
 except Exception as exc:
     print(json.dumps({"error": type(exc).__name__ + ": " + str(exc)}))
     sys.exit(1)
@@ -54,7 +58,8 @@ try:
 except OSError:
     pass
 print(json.dumps({"t_start": t_start, "t_import": t_import, "t_session": t_session, "t_first": t_first,
-                  "ru_maxrss_kib": rss_kib, "vmhwm_kib": hwm_kib}))
+                  "ru_maxrss_kib": rss_kib, "vmhwm_kib": hwm_kib, "python_modules": len(sources),
+                  "compiled_from_source": from_source, "dont_write_bytecode": bool(sys.flags.dont_write_bytecode)}))
 """
 
 
@@ -84,7 +89,9 @@ def cold_start_once(model: str, image: str, threads: int, providers: Sequence[st
     return {"interpreter_ms": ms("t_start"), "import_ms": ms("t_import"), "session_ms": ms("t_session"),
             "first_prediction_ms": ms("t_first"), "process_exit_ms": (t_exit - t0) / 1e6,
             "peak_rss_mib": rss / 1024 if rss else None,
-            "peak_rss_source": "VmHWM" if result["vmhwm_kib"] else "ru_maxrss"}
+            "peak_rss_source": "VmHWM" if result["vmhwm_kib"] else "ru_maxrss",
+            "compiled_from_source": result["compiled_from_source"], "python_modules": result["python_modules"],
+            "dont_write_bytecode": result["dont_write_bytecode"]}
 
 
 def cold_start(model: str, image: str, threads: int, providers: Sequence[str] | None,
@@ -100,7 +107,12 @@ def cold_start(model: str, image: str, threads: int, providers: Sequence[str] | 
                                                              "first_prediction_ms")},
         "cold_start_ms": med["first_prediction_ms"],
         "peak_rss_mib": med.get("peak_rss_mib"), "peak_rss_source": runs[0]["peak_rss_source"],
+        # Python modules the child compiled from source (no .pyc beside them): an editable install under
+        # PYTHONDONTWRITEBYTECODE pays this on every start, an installed wheel (pip compiles it) does not
+        "compiled_from_source": max(r["compiled_from_source"] for r in runs),
+        "python_modules": runs[0]["python_modules"], "dont_write_bytecode": runs[0]["dont_write_bytecode"],
         "method": ("fresh `python -c` per repeat: import onnxruntime + cxr_edge, Classifier(model) (checksum, "
                    "manifest, head self-check), first predict() on the image file; cumulative ms from spawn; "
-                   "peak RSS = VmHWM of that process (ru_maxrss where /proc is absent)"),
+                   "peak RSS = VmHWM of that process (ru_maxrss where /proc is absent); compiled_from_source = imported "
+                   "modules without bytecode (compiled at every start)"),
     }

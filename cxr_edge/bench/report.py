@@ -35,7 +35,8 @@ JSON schema ``cxr-edge-bench/1`` (``--json out.json``); times in milliseconds, s
   ``cam_available``,
   ``cold_start`` (optional): ``repeats``, ``threads``, ``cold_start_ms``, ``phases_ms_from_process_start``
   (``interpreter_ms``, ``import_ms``, ``session_ms``, ``first_prediction_ms``, cumulative), ``peak_rss_mib``,
-  ``median`` (all medians), ``method``; or ``error`` when the fresh process could not run (e.g. under
+  ``median`` (all medians), ``compiled_from_source`` / ``python_modules`` (imported modules that had no
+  bytecode, so the start compiled them), ``dont_write_bytecode``, ``method``; or ``error`` when the fresh process could not run (e.g. under
   qemu-user, which cannot spawn a child interpreter)
 - ``skipped``: list of ``model``, ``format``, ``path``, ``reason``
 - ``recommendations``: per model with FP32 and INT8: ``model``, ``recommended_format``, ``int8_speedup``

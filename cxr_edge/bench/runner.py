@@ -256,6 +256,14 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> 
             notes.append(f"MACs of {Path(m['path']).name}: {m['graph']['reason']}")
         if m.get("format_note"):
             notes.append(f"{Path(m['path']).name}: {m['format_note']}")
+        cold = m.get("cold_start") or {}
+        if cold.get("compiled_from_source"):
+            notes.append(
+                f"cold start of {Path(m['path']).name} includes compiling {cold['compiled_from_source']} of "
+                f"{cold['python_modules']} Python modules from source at every start (no .pyc beside them"
+                + (": PYTHONDONTWRITEBYTECODE is set" if cold.get("dont_write_bytecode") else "")
+                + "); an installed wheel has bytecode (pip compiles it), so this overstates a user's cold start: "
+                "scripts/fresh_runtime_bench.sh measures that one")
     notes += machine.get("notes", [])
     load = _load_average()
     if load is not None and load_start is not None:
