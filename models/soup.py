@@ -130,9 +130,10 @@ def _mean_auc(targets: np.ndarray, logits: np.ndarray) -> float:
 
 
 def make_soup(runs: Sequence[str | Path], out: str | Path, recipe: str = "uniform", bn: str = "recompute",
-              threads: int = 2) -> dict:
+              threads: int = 2, input_size: int = 0) -> dict:
     """Average the runs' final weights (see the module docstring); writes the soup's run directory and
-    returns its ``soup.json`` record."""
+    returns its ``soup.json`` record. ``input_size`` > 0 runs the soup at another input size than the
+    ingredients were trained at (BN statistics re-estimated there, as FixRes does; the config says it)."""
     from models.evaluate import evaluate_logits, format_table
     from models.runs import build_model
     from models.distill import file_sha256
@@ -154,6 +155,13 @@ def make_soup(runs: Sequence[str | Path], out: str | Path, recipe: str = "unifor
         paths.append(p)
     configs = [TrainConfig.from_dict(c["config"]) for c in ckpts]
     cfg = shared_recipe(configs)
+    trained_size = cfg.input_size
+    if input_size:
+        if input_size < 32 or input_size % 32:
+            raise InvalidArgumentError(f"--input-size must be a multiple of 32 (the network's stride), got {input_size}")
+        if bn != "recompute":
+            raise InvalidArgumentError("--input-size needs --bn recompute: the statistics change with the input size")
+        cfg = cfg.replace(input_size=input_size)
     labels = list(ckpts[0]["labels"])
     if any(list(c["labels"]) != labels for c in ckpts):
         raise InvalidArgumentError("the ingredients have different label lists")
@@ -195,6 +203,8 @@ def make_soup(runs: Sequence[str | Path], out: str | Path, recipe: str = "unifor
     bn_text = f"BN statistics {'re-estimated on the training images' if bn == 'recompute' else 'averaged'}"
     describe = (f"{recipe} soup of {len(chosen)} runs ({names}), {bn_text}" if len(chosen) > 1 else
                 f"{recipe} soup that kept 1 run ({names}): its weights, {bn_text}")
+    if cfg.input_size != trained_size:
+        describe += f", run at {cfg.input_size} px (trained at {trained_size} px)"
     soup_cfg = cfg.replace(out_dir=str(out))
     out.mkdir(parents=True, exist_ok=True)
     soup_cfg.save(out / "config.json")
@@ -218,7 +228,8 @@ def make_soup(runs: Sequence[str | Path], out: str | Path, recipe: str = "unifor
                                "calibration_mean_auc": round(a, 5), "in_soup": k in chosen}
                               for k, (r, p, a, c) in enumerate(zip(runs, paths, ingredient_auc, configs))],
               "steps": steps, "calibration_mean_auc": round(best, 5),
-              "bn_images": int(len(data.ci["train"])) if bn == "recompute" else 0}
+              "bn_images": int(len(data.ci["train"])) if bn == "recompute" else 0,
+              "input_size": cfg.input_size, "trained_input_size": trained_size}
     (out / "soup.json").write_text(json.dumps(record, indent=2) + "\n")
     print(format_table(metrics, title=f"{out}: {describe}; evaluation on {len(sub)} held-out images"), flush=True)
     return record
@@ -232,9 +243,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--bn", choices=("recompute", "average"), default="recompute",
                    help="BatchNorm statistics: re-estimated on the training images, or the ingredients' mean")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--input-size", type=int, default=0,
+                   help="run the soup at this input size (default: the ingredients'); BN re-estimated there")
     args = p.parse_args(argv)
     try:
-        make_soup(args.runs, args.out, args.recipe, args.bn, args.threads)
+        make_soup(args.runs, args.out, args.recipe, args.bn, args.threads, args.input_size)
     except CxrEdgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

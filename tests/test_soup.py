@@ -77,3 +77,31 @@ def test_a_soup_of_two_runs_is_their_weight_mean_and_reads_like_a_run(tmp_path):
     other = _train(tiny_config(tmp_path / "r9", data, seed=2, val_fraction=0.3, lr=5e-3)).run_dir
     with pytest.raises(InvalidArgumentError, match="another recipe"):
         make_soup([runs[0], other], tmp_path / "bad", threads=1)
+
+
+def test_a_one_run_soup_at_another_input_size_re_estimates_bn_there_and_says_so(tmp_path):
+    """--input-size: the run's weights at another resolution (FixRes-style test-size change), BN statistics
+    re-estimated at that size; the config, checkpoint text and soup.json carry the size, export sees it, and
+    a size the network's stride does not divide, or keeping the trained BN statistics, is refused."""
+    from export.source import source_from_run
+
+    data = make_fake_sample(tmp_path / "d", n_images=32, n_patients=16)
+    run = _train(tiny_config(tmp_path / "r", data, val_fraction=0.3)).run_dir
+    same = make_soup([run], tmp_path / "same", threads=1)
+    rec = make_soup([run], tmp_path / "big", threads=1, input_size=64)
+    assert rec["input_size"] == 64 and rec["trained_input_size"] == 32 and same["input_size"] == 32
+    cfg = TrainConfig.load(tmp_path / "big" / "config.json")
+    assert cfg.input_size == 64 and not [f for f in cfg.math_diff(TrainConfig.load(run / "config.json"))
+                                         if f not in ("input_size", "out_dir")]
+    a = torch.load(tmp_path / "same" / "model_final.pt", weights_only=True)
+    b = torch.load(tmp_path / "big" / "model_final.pt", weights_only=True)
+    assert "run at 64 px (trained at 32 px)" in b["checkpoint"]
+    bn_mean = [k for k in a["model"] if k.endswith("running_mean")]
+    assert bn_mean and not all(torch.allclose(a["model"][k], b["model"][k]) for k in bn_mean)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"] if "running" not in k
+               and "num_batches" not in k)  # weights untouched
+    assert source_from_run(tmp_path / "big").spec.input_size[-1] == 64
+    with pytest.raises(InvalidArgumentError, match="multiple of 32"):
+        make_soup([run], tmp_path / "odd", threads=1, input_size=100)
+    with pytest.raises(InvalidArgumentError, match="needs --bn recompute"):
+        make_soup([run], tmp_path / "avg", threads=1, input_size=64, bn="average")
