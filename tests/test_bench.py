@@ -212,23 +212,26 @@ def test_json_schema_of_a_tiny_run(tiny_bundle, tmp_path, capsys):
     assert cold["peak_rss_mib"] > 0 and cold["cold_start_ms"] == phases["first_prediction_ms"]
 
 
-def test_cold_start_counts_modules_compiled_from_source(tiny_bundle, tmp_path, monkeypatch):
-    """The cold start says when it paid for compiling Python sources (no .pyc: an editable install under
-    PYTHONDONTWRITEBYTECODE), which a wheel install never pays: an empty bytecode cache that may not be
-    written counts every module; the same cache once written counts none."""
-    from cxr_edge.bench.coldstart import cold_start_once
+def test_cold_start_measures_an_installed_start_and_counts_what_as_is_compiled(tiny_bundle, tmp_path,
+                                                                             monkeypatch):
+    """Where the environment never writes bytecode (an editable install under PYTHONDONTWRITEBYTECODE, as
+    on this project's machines) every start compiles the sources, which an installed wheel never pays:
+    ``as-is`` counts every module compiled, ``installed`` (the default) measures starts that compile none."""
+    from cxr_edge.bench.coldstart import cold_start
     from cxr_edge.bench.pipeline import synthetic_radiograph
 
     image = tmp_path / "x.png"
     cv2.imwrite(str(image), synthetic_radiograph(256))
-    monkeypatch.setenv("PYTHONPYCACHEPREFIX", str(tmp_path / "pyc"))
+    monkeypatch.setenv("PYTHONPYCACHEPREFIX", str(tmp_path / "empty"))  # no bytecode anywhere
     monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
-    never = cold_start_once(str(tiny_bundle), str(image), 1, None)
-    assert never["dont_write_bytecode"] and never["compiled_from_source"] == never["python_modules"] > 50
-    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE")
-    cold_start_once(str(tiny_bundle), str(image), 1, None)  # writes the cache
-    cached = cold_start_once(str(tiny_bundle), str(image), 1, None)
-    assert not cached["dont_write_bytecode"] and cached["compiled_from_source"] == 0
+    as_is = cold_start(str(tiny_bundle), str(image), 1, None, repeats=1, bytecode="as-is")
+    assert as_is["dont_write_bytecode"] and as_is["compiled_from_source"] == as_is["python_modules"] > 50
+    installed = cold_start(str(tiny_bundle), str(image), 1, None, repeats=1)
+    assert installed["bytecode"] == "installed" and installed["compiled_from_source"] == 0
+    assert not installed["dont_write_bytecode"] and installed["python_modules"] == as_is["python_modules"]
+    assert not (tmp_path / "empty").exists()  # the private cache went elsewhere, and is gone
+    with pytest.raises(ValueError, match="bytecode"):
+        cold_start(str(tiny_bundle), str(image), 1, None, repeats=1, bytecode="warm")
 
 
 def test_scope_gate_cost_is_reported_for_a_bundle_with_a_gate(scoped_bundle, tmp_path, capsys):

@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="image for the end-to-end split and cold start (default: a synthetic "
                    "1024x1024 8-bit PNG)")
     p.add_argument("--cold-repeats", type=int, default=5, help="fresh processes for cold start (0 = skip)")
+    p.add_argument("--cold-bytecode", choices=("installed", "as-is"), default="installed",
+                   help="cold start with every module loading from bytecode, as after pip install (default), or "
+                   "with this environment as it is (e.g. an editable install that compiles its sources at every "
+                   "start under PYTHONDONTWRITEBYTECODE)")
     p.add_argument("--split-repeats", type=int, default=10, help="repeats of the end-to-end split (0 = skip)")
     p.add_argument("--json", metavar="OUT", help="write the full result (schema cxr-edge-bench/1); '-' = stdout")
     p.add_argument("--markdown", action="store_true", help="print markdown tables instead of plain text")
@@ -93,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             models = [str(default_bundle_path())]
         cfg = BenchConfig(models=models, formats=args.format, threads=args.threads or _default_threads(),
                           batches=args.batch, providers=providers, runs=args.runs, warmup=args.warmup,
-                          image=args.image, cold_repeats=args.cold_repeats, split_repeats=args.split_repeats)
+                          image=args.image, cold_repeats=args.cold_repeats, cold_bytecode=args.cold_bytecode,
+                          split_repeats=args.split_repeats)
         result = run_bench(cfg, log=log)
     except (InvalidArgumentError, ImageError) as exc:
         print(f"cxr-edge-bench: error [{exc.code}]: {exc}", file=sys.stderr)

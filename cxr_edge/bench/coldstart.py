@@ -63,22 +63,29 @@ print(json.dumps({"t_start": t_start, "t_import": t_import, "t_session": t_sessi
 """
 
 
-def _child_env() -> dict[str, str]:
-    """The child must import this very cxr_edge (working tree or installed), whatever the cwd."""
+BYTECODE_MODES = ("installed", "as-is")
+
+
+def _child_env(pycache: str | None = None) -> dict[str, str]:
+    """The child must import this very cxr_edge (working tree or installed), whatever the cwd.
+    ``pycache``: a bytecode cache folder the child may write (PYTHONPYCACHEPREFIX), for ``installed``."""
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if pycache is not None:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = pycache
     return env
 
 
 def cold_start_once(model: str, image: str, threads: int, providers: Sequence[str] | None,
-                    timeout_s: float = 600.0) -> dict[str, float]:
+                    timeout_s: float = 600.0, pycache: str | None = None) -> dict[str, float]:
     """One fresh process: milliseconds from spawn to each phase, and peak RSS in MiB."""
     payload = json.dumps({"model": str(model), "image": str(image), "threads": threads,
                           "providers": list(providers) if providers else None})
     t0 = time.monotonic_ns()
     proc = subprocess.run([sys.executable, "-c", _CHILD, payload], capture_output=True, text=True,
-                          env=_child_env(), timeout=timeout_s)
+                          env=_child_env(pycache), timeout=timeout_s)
     t_exit = time.monotonic_ns()
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     result = json.loads(lines[-1]) if lines else {"error": (proc.stderr or "no output").strip()[-500:]}
@@ -95,13 +102,31 @@ def cold_start_once(model: str, image: str, threads: int, providers: Sequence[st
 
 
 def cold_start(model: str, image: str, threads: int, providers: Sequence[str] | None,
-               repeats: int) -> dict[str, Any]:
-    """Median over ``repeats`` fresh processes of each cumulative phase time (ms from process start)."""
-    runs = [cold_start_once(model, image, threads, providers) for _ in range(repeats)]
+               repeats: int, bytecode: str = "installed") -> dict[str, Any]:
+    """Median over ``repeats`` fresh processes of each cumulative phase time (ms from process start).
+
+    ``bytecode="installed"`` measures what an installed package pays: every module loads from bytecode, as
+    after ``pip install`` (which compiles it), also where this environment would compile the sources at
+    every start (an editable install under PYTHONDONTWRITEBYTECODE): one unmeasured start first fills a
+    private bytecode cache (PYTHONPYCACHEPREFIX in a temporary folder). ``"as-is"``: the environment
+    unchanged; ``compiled_from_source`` says what that cost."""
+    import shutil
+    import tempfile
+
+    if bytecode not in BYTECODE_MODES:
+        raise ValueError(f"bytecode must be one of {BYTECODE_MODES}, got {bytecode!r}")
+    cache = tempfile.mkdtemp(prefix="cxr-edge-pyc-") if bytecode == "installed" else None
+    try:
+        if cache is not None:
+            cold_start_once(model, image, threads, providers, pycache=cache)  # fills the cache, not measured
+        runs = [cold_start_once(model, image, threads, providers, pycache=cache) for _ in range(repeats)]
+    finally:
+        if cache is not None:
+            shutil.rmtree(cache, ignore_errors=True)
     keys = [k for k in runs[0] if isinstance(runs[0][k], float)]
     med = {k: float(np.median([r[k] for r in runs])) for k in keys}
     return {
-        "repeats": repeats, "threads": threads,
+        "repeats": repeats, "threads": threads, "bytecode": bytecode,
         "median": med,
         "phases_ms_from_process_start": {k: med[k] for k in ("interpreter_ms", "import_ms", "session_ms",
                                                              "first_prediction_ms")},
@@ -113,6 +138,8 @@ def cold_start(model: str, image: str, threads: int, providers: Sequence[str] | 
         "python_modules": runs[0]["python_modules"], "dont_write_bytecode": runs[0]["dont_write_bytecode"],
         "method": ("fresh `python -c` per repeat: import onnxruntime + cxr_edge, Classifier(model) (checksum, "
                    "manifest, head self-check), first predict() on the image file; cumulative ms from spawn; "
-                   "peak RSS = VmHWM of that process (ru_maxrss where /proc is absent); compiled_from_source = imported "
-                   "modules without bytecode (compiled at every start)"),
+                   "peak RSS = VmHWM of that process (ru_maxrss where /proc is absent); bytecode 'installed' = modules "
+                   "load from bytecode as after pip install (a private cache filled by one unmeasured start), "
+                   "'as-is' = the environment unchanged; compiled_from_source = imported modules without "
+                   "bytecode (compiled at every start)"),
     }

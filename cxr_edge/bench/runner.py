@@ -46,6 +46,7 @@ class BenchConfig:
     warmup: int = 5
     image: str | None = None
     cold_repeats: int = 5
+    cold_bytecode: str = "installed"  # coldstart.BYTECODE_MODES
     split_repeats: int = 10
 
     def validate(self) -> None:
@@ -229,7 +230,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> 
                 log(f"  cold start x{cfg.cold_repeats} (threads={top_threads})")
                 try:
                     entry["cold_start"] = cold_start(variant.path, image, top_threads, cfg.providers,
-                                                     cfg.cold_repeats)
+                                                     cfg.cold_repeats, cfg.cold_bytecode)
                 except (BundleError, OSError, subprocess.SubprocessError) as exc:
                     # e.g. under qemu-user a child python cannot be spawned; the rest stays valid
                     entry["cold_start"] = {"error": str(exc), "repeats": 0}
@@ -262,8 +263,12 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> 
                 f"cold start of {Path(m['path']).name} includes compiling {cold['compiled_from_source']} of "
                 f"{cold['python_modules']} Python modules from source at every start (no .pyc beside them"
                 + (": PYTHONDONTWRITEBYTECODE is set" if cold.get("dont_write_bytecode") else "")
-                + "); an installed wheel has bytecode (pip compiles it), so this overstates a user's cold start: "
-                "scripts/fresh_runtime_bench.sh measures that one")
+                + "): --cold-bytecode as-is measured this environment unchanged; an installed wheel has "
+                "bytecode (pip compiles it), which the default --cold-bytecode installed measures")
+    if any((m.get("cold_start") or {}).get("repeats") for m in models):
+        notes.append("cold start: " + ("every module loads from bytecode, as after pip install (--cold-bytecode "
+                                       "installed)" if cfg.cold_bytecode == "installed" else
+                                       "this environment as it is (--cold-bytecode as-is)"))
     notes += machine.get("notes", [])
     load = _load_average()
     if load is not None and load_start is not None:
@@ -278,6 +283,6 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> 
         "load_average": {"start": load_start, "end": load},
         "settings": {"formats": cfg.formats if cfg.formats is not None else "named files + fp32/int8 siblings", "threads": cfg.threads, "batches": cfg.batches,
                      "providers": cfg.providers, "runs": cfg.runs, "warmup": cfg.warmup,
-                     "cold_repeats": cfg.cold_repeats, "split_repeats": cfg.split_repeats, "image": image_desc},
+                     "cold_repeats": cfg.cold_repeats, "cold_bytecode": cfg.cold_bytecode, "split_repeats": cfg.split_repeats, "image": image_desc},
         "models": models, "skipped": skipped, "recommendations": recs, "notes": notes,
     }
