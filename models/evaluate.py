@@ -525,11 +525,17 @@ def calibration_auc(run: str | os.PathLike) -> float:
     soup = Path(run) / "soup.json"
     if soup.is_file():  # a weight average (models.soup) records the calibration AUC of what it wrote
         return float(json.loads(soup.read_text())["calibration_mean_auc"])
-    path = Path(run) / "last.pt"
+    metrics = Path(run) / "metrics.json"  # runs since session 18 (and an EMA run's raw/ twin) record it there
+    recorded = json.loads(metrics.read_text()).get("calibration_mean_auc") if metrics.is_file() else None
+    if recorded is not None:
+        return float(recorded)
+    path, key = Path(run) / "last.pt", "val_mean_auc"
+    if not path.is_file() and Path(run).name == "raw" and (Path(run).parent / "last.pt").is_file():
+        path, key = Path(run).parent / "last.pt", "raw_val_mean_auc"  # an EMA run's twin, in its parent's history
     if not path.is_file():
         raise InvalidArgumentError(f"{run}: no last.pt (not a finished models.train run)")
     history = torch.load(path, map_location="cpu", weights_only=False).get("history") or []
-    values = [h["val_mean_auc"] for h in history if h.get("val_mean_auc") is not None]
+    values = [h[key] for h in history if h.get(key) is not None]
     if not values:
         raise InvalidArgumentError(f"{run}: no calibration-split AUC in its history (trained without --val-fraction?)")
     return float(max(values))
@@ -537,7 +543,12 @@ def calibration_auc(run: str | os.PathLike) -> float:
 
 def _select(args: argparse.Namespace) -> int:
     """Pre-registered rule: ship the run with the highest calibration-split mean AUC (ties: the first named)."""
-    scores = {Path(r).name: round(calibration_auc(r), 5) for r in args.runs}
+    parts = [Path(r).resolve().parts for r in args.runs]
+    for k in range(1, max(map(len, parts)) + 1):  # the shortest path tails that tell the runs apart
+        names = ["/".join(q[-k:]) for q in parts]  # (several EMA runs' raw/ twins: by their parents)
+        if len(set(names)) == len(names):
+            break
+    scores = {n: round(calibration_auc(r), 5) for n, r in zip(names, args.runs)}
     chosen = max(scores, key=lambda k: scores[k])
     out = {"rule": "highest calibration-split mean AUC of the chosen checkpoint (the evaluation split is not read)",
            "calibration_mean_auc": scores, "chosen": chosen}

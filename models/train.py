@@ -312,9 +312,11 @@ def _mean_auc(targets: np.ndarray, logits: np.ndarray) -> float | None:
 
 
 def _final_evaluation(cfg: TrainConfig, run: Path, model: nn.Module, suffix: str, *, table, labels, spec, images,
-                      eval_rows, eval_ci, oof_rows, oof_ci, device, has_val: bool, info: dict) -> dict:
+                      eval_rows, eval_ci, oof_rows, oof_ci, device, has_val: bool, info: dict,
+                      calibration: float | None) -> dict:
     """Write ``model_final.pt``, ``predictions.npz`` (and out-of-fold ones) and ``metrics.json`` of ``run``:
-    its best validation epoch when it has one (``model_best.pt``), else ``model`` (the last epoch)."""
+    its best validation epoch when it has one (``model_best.pt``), else ``model`` (the last epoch).
+    ``calibration``: that epoch's calibration-split mean AUC (``models.evaluate select`` reads it)."""
     chosen, eval_model = "last" + (f" ({suffix.lstrip(', ')})" if suffix else ""), model
     final_state = eval_model.state_dict()
     if has_val and (run / "model_best.pt").is_file():
@@ -339,7 +341,8 @@ def _final_evaluation(cfg: TrainConfig, run: Path, model: nn.Module, suffix: str
                     "epochs": cfg.epochs, "teachers": info["teachers"], "split": cfg.split,
                     "input_size": cfg.input_size, "kd_alpha": cfg.kd_alpha, "kd_temperature": cfg.kd_temperature,
                     "at_beta": cfg.at_beta, "seed": cfg.seed, "seconds_per_epoch": info["seconds_per_epoch"],
-                    "world_size": info["world_size"], "threads": info["threads"]})
+                    "world_size": info["world_size"], "threads": info["threads"],
+                    "calibration_mean_auc": calibration if has_val and (run / "model_best.pt").is_file() else None})
     (run / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     print(format_table(metrics, title=f"{run}: evaluation on {len(eval_rows)} held-out images ({chosen} epoch)"),
           flush=True)
@@ -577,9 +580,11 @@ def train(cfg: TrainConfig) -> TrainResult:
                            "pretrained": getattr(model, "pretrained_source", None) or cfg.pretrained,
                            "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in history])), 2)
                            if history else None})
-        metrics = _final_evaluation(cfg, run, final, suffix, **parts)
+        best_of = lambda key: max((h[key] for h in history if h.get(key) is not None), default=None)  # noqa: E731
+        metrics = _final_evaluation(cfg, run, final, suffix, calibration=best_of("val_mean_auc"), **parts)
         if ema is not None:  # the same trajectory's raw weights: a paired no-EMA control at no training cost
-            _final_evaluation(twin_cfg, twin, model, ", raw weights of the EMA run", **parts)
+            _final_evaluation(twin_cfg, twin, model, ", raw weights of the EMA run",
+                              calibration=best_of("raw_val_mean_auc"), **parts)
     d.barrier()
     return TrainResult(run, model, history, metrics, finished=True)
 

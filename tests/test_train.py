@@ -374,6 +374,20 @@ def test_ema_run_writes_its_raw_twin_identical_to_a_plain_run(tmp_path):
     assert cfg.ema_decay == 0 and cfg.math_diff(TrainConfig.load(plain.run_dir / "config.json")) == ["out_dir"]
     m = json.loads((twin / "metrics.json").read_text())
     assert "raw weights" in m["checkpoint"]
+    from models.evaluate import calibration_auc
+    history = torch.load(ema.run_dir / "last.pt", weights_only=False)["history"]
+    assert calibration_auc(twin) == m["calibration_mean_auc"] == max(h["raw_val_mean_auc"] for h in history)
+    assert calibration_auc(plain.run_dir) == m["calibration_mean_auc"]  # the same trajectory, the same epoch
+    assert calibration_auc(ema.run_dir) == max(h["val_mean_auc"] for h in history)
+    m.pop("calibration_mean_auc")  # a twin written before the field existed: read from its parent's history
+    (twin / "metrics.json").write_text(json.dumps(m))
+    assert calibration_auc(twin) == max(h["raw_val_mean_auc"] for h in history)
+    from models.evaluate import main as evaluate_main
+    other = _train(tiny_config(tmp_path / "e1", data, ema_decay=0.5, seed=1, **kw)).run_dir / "raw"
+    assert evaluate_main(["select", str(twin), str(other), "--out", str(tmp_path / "sel.json")]) == 0
+    sel = json.loads((tmp_path / "sel.json").read_text())  # two folders named raw: named by their parents
+    assert sorted(sel["calibration_mean_auc"]) == ["e/run/raw", "e1/run/raw"] and sel["chosen"] in ("e/run/raw",
+                                                                                                     "e1/run/raw")
     assert m["checkpoint"].split(",")[0] == json.loads((plain.run_dir / "metrics.json").read_text())["checkpoint"]
 
 
