@@ -221,12 +221,13 @@ def folder_throughput(engine, paths: list[str], model: str, threads: int | None,
     return b
 
 
-def two_core_capacity(model: str, png: str, runs: int) -> dict:
+def two_core_capacity(one, model: str, png: str, runs: int) -> dict:
     """What two busy threads deliver on this machine, measured with the pipeline's own two stages (PNG
     decode + pixel rules + preprocessing, and the 1-thread model): each alone, then both at once on two
     threads. A VM's two vCPUs may share a physical core, or memory bandwidth, so two threads need not do
     twice the work; ``pipeline_bound`` (one-at-a-time time / the concurrent period) is the folder speedup
-    this machine allows before any overhead of the pipeline itself."""
+    this machine allows before any overhead of the pipeline itself. ``one``: the one-at-a-time engine (the
+    model on its default threads), the baseline of (b)."""
     import threading
 
     from cxr_edge.engine import Engine
@@ -264,7 +265,6 @@ def two_core_capacity(model: str, png: str, runs: int) -> dict:
 
     t_dec, t_mod = alone(stage_decode), alone(stage_model)
     t_mm, t_dm = together(stage_model, stage_model), together(stage_decode, stage_model)
-    one = engine.__class__(model)  # the one-at-a-time path: the model on its default threads
     for _ in range(3):
         one.predict_object(png)
     t0 = time.perf_counter()
@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_cli_loop:
             result["a_firmware_loop"] = firmware_loop(paths, model, args.threads, tmp)
         result["b_folder_throughput"] = folder_throughput(engine, paths, model, args.threads, tmp, args.rounds)
-        result["b2_two_core_capacity"] = two_core_capacity(model, paths[0], args.repeats)
+        result["b2_two_core_capacity"] = two_core_capacity(engine, model, paths[0], args.repeats)
         result["c_end_to_end"] = end_to_end(engine, paths[0], tmp, args.repeats)
         result["d_serve_overhead"] = serve_overhead(engine, paths[0], model, args.threads, tmp, args.repeats)
     finally:

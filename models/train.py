@@ -318,8 +318,9 @@ def _final_evaluation(cfg: TrainConfig, run: Path, model: nn.Module, suffix: str
     its best validation epoch when it has one (``model_best.pt``), else ``model`` (the last epoch).
     ``calibration``: that epoch's calibration-split mean AUC (``models.evaluate select`` reads it)."""
     chosen, eval_model = "last" + (f" ({suffix.lstrip(', ')})" if suffix else ""), model
-    final_state = eval_model.state_dict()
+    final_state, recorded = eval_model.state_dict(), None
     if has_val and (run / "model_best.pt").is_file():
+        recorded = calibration
         best_ckpt = torch.load(run / "model_best.pt", map_location="cpu", weights_only=True)
         eval_model = build_model(cfg, len(labels)).to(device)
         eval_model.load_state_dict(best_ckpt["model"])
@@ -342,7 +343,7 @@ def _final_evaluation(cfg: TrainConfig, run: Path, model: nn.Module, suffix: str
                     "input_size": cfg.input_size, "kd_alpha": cfg.kd_alpha, "kd_temperature": cfg.kd_temperature,
                     "at_beta": cfg.at_beta, "seed": cfg.seed, "seconds_per_epoch": info["seconds_per_epoch"],
                     "world_size": info["world_size"], "threads": info["threads"],
-                    "calibration_mean_auc": calibration if has_val and (run / "model_best.pt").is_file() else None})
+                    "calibration_mean_auc": recorded})
     (run / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     print(format_table(metrics, title=f"{run}: evaluation on {len(eval_rows)} held-out images ({chosen} epoch)"),
           flush=True)
