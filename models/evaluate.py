@@ -551,11 +551,31 @@ def _select(args: argparse.Namespace) -> int:
     scores = {n: round(calibration_auc(r), 5) for n, r in zip(names, args.runs)}
     chosen = max(scores, key=lambda k: scores[k])
     out = {"rule": "highest calibration-split mean AUC of the chosen checkpoint (the evaluation split is not read)",
-           "calibration_mean_auc": scores, "chosen": chosen}
+           "calibration_mean_auc": scores, "chosen": chosen, "runs": dict(zip(names, map(str, args.runs)))}
+    if args.incumbent:  # the shipped bundle stays unless the choice beats it on the same split
+        incumbent = round(bundle_calibration_auc(args.incumbent), 5)
+        out["incumbent"] = {"bundle": Path(args.incumbent).name, "calibration_mean_auc": incumbent}
+        out["ships"] = scores[chosen] > incumbent
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     for name, v in sorted(scores.items(), key=lambda kv: -kv[1]):
         print(f"{name:<24} calibration mean AUC {v:.4f}{'   <- chosen' if name == chosen else ''}")
+    if args.incumbent:
+        print(f"{'incumbent (shipped)':<24} calibration mean AUC {out['incumbent']['calibration_mean_auc']:.4f}"
+              f"   -> {'the choice ships' if out['ships'] else 'nothing ships (the incumbent stays)'}")
     return 0
+
+
+def bundle_calibration_auc(bundle: str | os.PathLike) -> float:
+    """A shipped bundle's calibration-split mean AUC: export fits its thresholds on that split and records each
+    label's AUC there, so the bundle itself says what a new candidate must beat."""
+    from cxr_edge.bundle import read_manifest
+
+    per_label = (read_manifest(Path(bundle).read_bytes()).provenance.get("thresholds") or {}).get("per_label") or {}
+    aucs = [v["auc"]["auc"] for v in per_label.values() if (v.get("auc") or {}).get("auc") is not None]
+    if not aucs:
+        raise InvalidArgumentError(f"{bundle}: its manifest records no calibration-split AUCs (exported without a "
+                                   "labelled calibration split)")
+    return float(np.mean(aucs))
 
 
 def _teacher(args: argparse.Namespace) -> int:
@@ -660,6 +680,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sel = sub.add_parser("select", help="choose the run to ship by its calibration-split AUC (never the evaluation's)")
     sel.add_argument("runs", nargs="+", help="run directories (each with last.pt from models.train)")
     sel.add_argument("--out", required=True, help="selection JSON (rule, every run's calibration AUC, the choice)")
+    sel.add_argument("--incumbent", help="the shipped bundle: the choice ships only if its calibration AUC is higher")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "teacher":

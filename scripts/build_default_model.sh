@@ -5,11 +5,13 @@
 # the runtime bench, and the model card. Every step skips work already done, so a rerun resumes.
 # Usage: bash scripts/build_default_model.sh [RUNS_DIR] [RUN_NAME]     (about 80 minutes on 2 CPU cores;
 # DEVICE=cuda trains on a GPU). Without RUN_NAME the shipped run is chosen by the pre-registered rule
-# (python -m models.evaluate select: the highest calibration-split AUC of the 6 students; selection.json).
+# (python -m models.evaluate select: the highest calibration-split AUC of the candidates; selection.json).
 # The experiment's own knobs (OWN_TEACHER, TEACHER_MODEL, ...) pass through to scripts/kd_experiment.sh.
-# SOUP=1 runs scripts/soup_experiment.sh instead (five plain seeds and their weight averages; the
-# candidates are the seeds and the soups) and cites the KD table and own teacher of the recorded
-# experiment KD_RESULTS (default docs/results/kd2).
+# EXPERIMENT picks step 1: kd (the default: scripts/kd_experiment.sh), soup (SOUP=1 as before:
+# scripts/soup_experiment.sh, five plain seeds and their weight averages) or ema (scripts/ema_experiment.sh,
+# docs/results/ema/PLAN.md); soup and ema cite the KD table and own teacher of the recorded experiment
+# KD_RESULTS (default docs/results/kd2). Without RUN_NAME the choice ships only if its calibration-split AUC
+# beats the bundle shipped now (select --incumbent); otherwise the script stops and nothing changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-runs/kd}
@@ -17,20 +19,31 @@ RUN=${2:-}
 PY=${PYTHON:-.venv/bin/python}
 SHARED=${CXR_EDGE_SHARED:-../shared}
 mkdir -p build
-SOUP=${SOUP:-0}
+EXPERIMENT=${EXPERIMENT:-$([[ ${SOUP:-0} == 1 ]] && echo soup || echo kd)}
 KD_RESULTS=${KD_RESULTS:-docs/results/kd2}
 # 1. teachers and students, and the shipped run (calibration split only)
-if [[ $SOUP == 1 ]]; then
-  bash scripts/soup_experiment.sh "$RUNS"  # writes selection.json over the seeds and the soups
-else
-  bash scripts/kd_experiment.sh "$RUNS"
-  KD_RESULTS=""
-  [[ -n $RUN ]] || "$PY" -m models.evaluate select "$RUNS"/plain-s[0-9] "$RUNS"/kd-s[0-9] --out "$RUNS/selection.json"
-fi
+case $EXPERIMENT in
+  soup) bash scripts/soup_experiment.sh "$RUNS" ;;  # writes selection.json over the seeds and the soups
+  ema) bash scripts/ema_experiment.sh "$RUNS" ;;  # writes selection.json over the 12 candidates
+  kd) bash scripts/kd_experiment.sh "$RUNS"
+      KD_RESULTS=""
+      [[ -n $RUN ]] || "$PY" -m models.evaluate select "$RUNS"/plain-s[0-9] "$RUNS"/kd-s[0-9] --out "$RUNS/selection.json" ;;
+  *) echo "EXPERIMENT must be kd, soup or ema (got $EXPERIMENT)" >&2; exit 2 ;;
+esac
 if [[ -z $RUN ]]; then
-  RUN=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["chosen"])' "$RUNS/selection.json")
+  # the same candidates against the bundle shipped now (its manifest holds its calibration-split AUCs)
+  if [[ ! -f $RUNS/selection_vs_shipped.json ]]; then  # once: a resumed build must not weigh its own bundle
+    mapfile -t CANDIDATES < <("$PY" -c 'import json, sys; print("\n".join(json.load(open(sys.argv[1]))["runs"].values()))' "$RUNS/selection.json")
+    "$PY" -m models.evaluate select "${CANDIDATES[@]}" --incumbent cxr_edge/data/default.onnx --out "$RUNS/selection_vs_shipped.json"
+  fi
+  if [[ $("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["ships"])' "$RUNS/selection_vs_shipped.json") != True ]]; then
+    echo "nothing ships: no candidate beats the shipped bundle on the calibration split ($RUNS/selection_vs_shipped.json)"
+    exit 0
+  fi
+  RUN=$("$PY" -c 'import json, os, sys; s = json.load(open(sys.argv[1])); print(os.path.relpath(s["runs"][s["chosen"]], sys.argv[2]))' \
+      "$RUNS/selection_vs_shipped.json" "$RUNS")
 fi
-MODEL_ID=${MODEL_ID:-efficientnet_lite0-$RUN}
+MODEL_ID=${MODEL_ID:-efficientnet_lite0-${RUN//\//-}}
 # 2. each teacher on the evaluation split
 shopt -s nullglob
 own=("$RUNS"/teacher-*-f[0-9])

@@ -188,3 +188,28 @@ def test_calibration_errors_undo_the_bundles_temperature_for_the_comparison():
     cal = calibration_errors(t, z / np.array([1.0, 3.0]), ["a", "b"], temperatures=[1.0, 3.0])
     assert cal["per_label"]["b"]["ece_without_temperature"] < 0.03 < cal["per_label"]["b"]["ece"]
     assert cal["per_label"]["a"]["ece"] == cal["per_label"]["a"]["ece_without_temperature"]
+
+
+def test_select_against_an_incumbent_bundle_ships_only_a_higher_calibration_auc(tmp_path, tiny_bundle_factory):
+    """select --incumbent: the shipped bundle's calibration-split AUC (the mean of the per-label AUCs export
+    recorded beside its thresholds) is the bar; a tie or a lower choice ships nothing, and a bundle without
+    those AUCs is a typed refusal (exit 2), not a silent pass."""
+    per_label = {"label_0": {"auc": {"auc": 0.70}}, "label_1": {"auc": {"auc": 0.80}}, "label_2": {"auc": None}}
+    bundle = tiny_bundle_factory(provenance={"thresholds": {"per_label": per_label}})
+    runs = []
+    for name, auc in (("a", 0.74), ("b", 0.76)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"calibration_mean_auc": auc}))
+        runs.append(str(tmp_path / name))
+    out = tmp_path / "sel.json"
+    assert main(["select", *runs, "--incumbent", str(bundle), "--out", str(out)]) == 0
+    sel = json.loads(out.read_text())
+    assert sel["chosen"] == "b" and sel["incumbent"]["calibration_mean_auc"] == 0.75 and sel["ships"] is True
+    assert sel["runs"] == {"a": runs[0], "b": runs[1]}  # what a build script exports, as named
+    assert main(["select", runs[0], "--incumbent", str(bundle), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["ships"] is False  # 0.74 < 0.75: the incumbent stays
+    (tmp_path / "a" / "metrics.json").write_text(json.dumps({"calibration_mean_auc": 0.75}))
+    assert main(["select", runs[0], "--incumbent", str(bundle), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["ships"] is False  # a tie is no improvement
+    bare = tiny_bundle_factory()
+    assert main(["select", runs[0], "--incumbent", str(bare), "--out", str(out)]) == 2
