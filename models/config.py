@@ -48,6 +48,7 @@ class TrainConfig:
     model_kwargs: dict = field(default_factory=dict)
     pretrained: bool = False           # load the registry's ImageNet weights (its pretrained_cfg: file, SHA-256, mean/std)
     head_lr_mult: float = 1.0          # learning-rate multiplier of the (new) classifier vs the backbone
+    layer_decay: float = 1.0           # learning rate x this per backbone stage from the top down (1: off)
     # --- student preprocessing (a cxr_edge PreprocessSpec; the runtime uses the same numbers)
     input_size: int = 128              # student input side (px)
     channels: int = 1
@@ -188,6 +189,7 @@ class TrainConfig:
             (self.kd_temperature > 0, "kd_temperature must be > 0"),
             (self.at_beta >= 0, "at_beta must be >= 0"),
             (self.head_lr_mult > 0, "head_lr_mult must be > 0"),
+            (0.0 < self.layer_decay <= 1.0, "layer_decay must lie in (0, 1]"),
             (self.box_beta >= 0, "box_beta must be >= 0"),
             (0.0 <= self.ema_decay < 1.0, "ema_decay must lie in [0, 1)"),
             (not self.teacher_weights or len(self.teacher_weights) == len(self.teachers),

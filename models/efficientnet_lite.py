@@ -79,9 +79,10 @@ class EfficientNetLite(CamNet):
         self.drop_rate = drop_rate
         self._conv_stem = nn.Conv2d(in_chans, 32, 3, 2, 1, bias=False)
         self._bn0 = _bn(32)
-        plan = []
+        plan, self._stage_sizes = [], []
         for s, (expand, kernel, stride, cin, cout, repeats) in enumerate(STAGES):
             n = repeats if s in (0, len(STAGES) - 1) else int(math.ceil(depth * repeats))
+            self._stage_sizes.append(n)
             cin = 32 if s == 0 else round_filters(cin, width)
             cout = round_filters(cout, width)
             if s == 5:
@@ -96,6 +97,15 @@ class EfficientNetLite(CamNet):
         self.num_features = 1280
         self.classifier = nn.Linear(1280, num_classes)
         init_weights(self)
+
+    def lr_stages(self) -> list[list[nn.Module]]:
+        """The backbone from input to output in learning-rate groups (stem, each stage, head conv), for
+        layer-wise learning-rate decay (``--layer-decay``); the classifier is not among them."""
+        stages, start = [[self._conv_stem, self._bn0]], 0
+        for n in self._stage_sizes:
+            stages.append(list(self._blocks[start:start + n]))
+            start += n
+        return stages + [[self._conv_head, self._bn1]]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self._bn0(self._conv_stem(x)))

@@ -206,17 +206,24 @@ def build_ema(cfg: TrainConfig, model: nn.Module) -> "torch.optim.swa_utils.Aver
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases and normalisation parameters (1-D tensors); the classifier's
-    learning rate is ``head_lr_mult`` x the backbone's (a fresh head on a pretrained backbone)."""
-    head = {id(p) for p in model.classifier.parameters()}
-    groups = []
-    for is_head in (False, True):
-        params = [p for p in model.parameters() if p.requires_grad and (id(p) in head) == is_head]
-        mult = cfg.head_lr_mult if is_head else 1.0
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
-        groups += [{"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr * mult},
-                   {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr * mult}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+    learning rate is ``head_lr_mult`` x the backbone's (a fresh head on a pretrained backbone), and with
+    ``layer_decay`` < 1 each backbone stage below the top one learns ``layer_decay`` x slower than the
+    stage above it (layer-wise decay: the generic ImageNet filters near the input move least)."""
+    mult = {id(p): cfg.head_lr_mult for p in model.classifier.parameters()}
+    if cfg.layer_decay < 1.0:
+        if not hasattr(model, "lr_stages"):
+            raise ValueError(f"--layer-decay needs a model with lr_stages(); {cfg.model} has none")
+        stages = model.lr_stages()
+        for depth, modules in enumerate(reversed(stages)):
+            for m in modules:
+                for p in m.parameters():
+                    mult.setdefault(id(p), cfg.layer_decay ** depth)
+    groups: dict[tuple[float, bool], list] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            groups.setdefault((mult.get(id(p), 1.0), p.ndim > 1), []).append(p)
+    return torch.optim.AdamW([{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0,
+                               "lr": cfg.lr * m} for (m, decay), params in groups.items()], lr=cfg.lr)
 
 
 class WarmupCosine:

@@ -406,3 +406,32 @@ def test_init_seed_shares_the_initial_weights_and_nothing_else(tmp_path):
     c, _ = head("c", seed=2)
     assert torch.allclose(a, b, atol=1e-9) and not torch.allclose(b, c, atol=1e-3)
     assert ra.history[0]["loss"] != rb.history[0]["loss"]
+
+
+def test_layer_decay_scales_each_stage_and_leaves_the_plain_optimizer_unchanged():
+    """--layer-decay d: the head conv learns at lr, each stage below it d x slower (the stem d**8 on
+    EfficientNet-Lite0), the classifier at head_lr_mult x lr, every parameter in exactly one group; d = 1
+    gives the groups of a run without the option (same order, same members), and a model without
+    lr_stages() is refused rather than trained at one rate."""
+    from models.registry import create_model
+    from models.train import build_optimizer
+
+    model = create_model("efficientnet_lite0", num_classes=3)
+    cfg = TrainConfig(model="efficientnet_lite0", lr=1e-3, head_lr_mult=5.0, weight_decay=0.05)
+    plain = build_optimizer(cfg, model)
+    assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in plain.param_groups] == [
+        (1e-3, 0.05, sum(p.ndim > 1 for p in model.parameters()) - 1), (1e-3, 0.0, sum(
+            p.ndim <= 1 for p in model.parameters()) - 1), (5e-3, 0.05, 1), (5e-3, 0.0, 1)]
+    cfg.layer_decay = 0.5
+    opt = build_optimizer(cfg, model)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(lr_of) == len(list(model.parameters()))
+    assert lr_of[id(model._conv_head.weight)] == pytest.approx(1e-3)
+    assert lr_of[id(model._blocks[-1].parameters().__next__())] == pytest.approx(5e-4)  # the last stage
+    assert lr_of[id(model._conv_stem.weight)] == pytest.approx(1e-3 * 0.5 ** 8)  # 7 stages between
+    assert lr_of[id(model._bn0.weight)] == lr_of[id(model._conv_stem.weight)]
+    assert lr_of[id(model.classifier.weight)] == pytest.approx(5e-3)
+    with pytest.raises(ValueError, match="lr_stages"):
+        build_optimizer(TrainConfig(model="eeea_c2", layer_decay=0.5), create_model("eeea_c2", num_classes=3))
+    with pytest.raises(ValueError, match="layer_decay"):
+        TrainConfig(layer_decay=0.0).validate()
