@@ -17,7 +17,8 @@
 # epoch and the thresholds are chosen there; students train on the rest.
 # Usage: bash scripts/kd_experiment.sh [RUNS_DIR] [EPOCHS]   (about 60 minutes on 2 CPU cores; +30 with OWN_TEACHER=1)
 # ARMS="plain" trains only the plain arm, SEEDS="0 1 2 3 4" other seeds (scripts/soup_experiment.sh uses both);
-# ARMS="ema" the weight-EMA arm (EMA_DECAY, default 0.99), whose runs hold their plain twins (scripts/ema_experiment.sh).
+# ARMS="ema" the weight-EMA arm (EMA_DECAY, default 0.99), whose runs hold their plain twins (scripts/ema_experiment.sh);
+# ARMS="llrd" layer-wise learning-rate decay (LAYER_DECAY, default 0.75; scripts/llrd_experiment.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-runs/kd}
@@ -64,6 +65,10 @@ for seed in $SEEDS; do
   if [[ " $ARMS " == *" ema "* ]]; then  # its raw/ folder is the plain run of the seed (scripts/ema_experiment.sh)
     run "ema-s$seed" "${COMMON[@]}" --model efficientnet_lite0 --input-size 224 --seed "$seed" --box-beta 0.1 \
         --ema-decay "${EMA_DECAY:-0.99}"
+  fi
+  if [[ " $ARMS " == *" llrd "* ]]; then  # layer-wise learning-rate decay (scripts/llrd_experiment.sh)
+    run "llrd-s$seed" "${COMMON[@]}" --model efficientnet_lite0 --input-size 224 --seed "$seed" --box-beta 0.1 \
+        --layer-decay "${LAYER_DECAY:-0.75}"
   fi
   if [[ " $ARMS " == *" plain "* ]]; then
     run "plain-s$seed" "${COMMON[@]}" --model efficientnet_lite0 --input-size 224 --seed "$seed" --box-beta 0.1
