@@ -8,9 +8,9 @@
 # (python -m models.evaluate select: the highest calibration-split AUC of the candidates; selection.json).
 # The experiment's own knobs (OWN_TEACHER, TEACHER_MODEL, ...) pass through to scripts/kd_experiment.sh.
 # EXPERIMENT picks step 1: kd (the default: scripts/kd_experiment.sh), soup (SOUP=1 as before:
-# scripts/soup_experiment.sh, five plain seeds and their weight averages) or ema (scripts/ema_experiment.sh,
-# docs/results/ema/PLAN.md); soup and ema cite the KD table and own teacher of the recorded experiment
-# KD_RESULTS (default docs/results/kd2). Without RUN_NAME the choice ships only if its calibration-split AUC
+# scripts/soup_experiment.sh, five plain seeds and their weight averages), ema (scripts/ema_experiment.sh,
+# docs/results/ema/PLAN.md) or llrd (scripts/llrd_experiment.sh, CONTROL=runs/ema); soup, ema and llrd cite
+# the KD table and own teacher of the recorded experiment KD_RESULTS (default docs/results/kd2). Without RUN_NAME the choice ships only if its calibration-split AUC
 # beats the bundle shipped now (select --incumbent); otherwise the script stops and nothing changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,10 +25,11 @@ KD_RESULTS=${KD_RESULTS:-docs/results/kd2}
 case $EXPERIMENT in
   soup) bash scripts/soup_experiment.sh "$RUNS" ;;  # writes selection.json over the seeds and the soups
   ema) bash scripts/ema_experiment.sh "$RUNS" ;;  # writes selection.json over the 12 candidates
+  llrd) bash scripts/llrd_experiment.sh "$RUNS" "${CONTROL:-runs/ema}" ;;  # selection.json over its 6 candidates
   kd) bash scripts/kd_experiment.sh "$RUNS"
       KD_RESULTS=""
       [[ -n $RUN ]] || "$PY" -m models.evaluate select "$RUNS"/plain-s[0-9] "$RUNS"/kd-s[0-9] --out "$RUNS/selection.json" ;;
-  *) echo "EXPERIMENT must be kd, soup or ema (got $EXPERIMENT)" >&2; exit 2 ;;
+  *) echo "EXPERIMENT must be kd, soup, ema or llrd (got $EXPERIMENT)" >&2; exit 2 ;;
 esac
 if [[ -z $RUN ]]; then
   # the same candidates against the bundle shipped now (its manifest holds its calibration-split AUCs)
