@@ -154,29 +154,51 @@ class _Recorded:
         return sorted(nested | flat)
 
 
+def _run_name(run: str, root: Path | None) -> str:
+    """A run as the experiment names it: its path under the runs folder (``ema-s2/raw``), else its folder name."""
+    try:
+        return Path(run).resolve().relative_to(root.resolve()).as_posix() if root else Path(run).name
+    except ValueError:
+        return Path(run).name
+
+
 def _soup_section(add, soup: dict[str, Any] | None, runs: _Recorded, selection: dict[str, Any] | None,
                   shipped: dict[str, Any]) -> None:
-    """Weight averaging: the ingredients, the soups tried, and what the calibration split chose."""
+    """Weight averaging (or one run's BatchNorm re-estimation): the ingredients, the candidates tried, and what
+    the calibration split chose."""
     if not soup:
         return
-    add("## Weight averaging (model soup)\n")
-    kept = [Path(i["run"]).name for i in soup["ingredients"] if i["in_soup"]]
+    kept = [_run_name(i["run"], runs.root) for i in soup["ingredients"] if i["in_soup"]]
     bn = ("BatchNorm statistics re-estimated on the clean (and flipped) training images" if soup["bn"] == "recompute"
           else "BatchNorm buffers averaged")
-    if len(kept) == 1:
-        what = (f"the {soup['recipe']} soup kept one ingredient: `{kept[0]}`'s weights with its {bn} (every weight "
-                "average with another seed scored lower on the calibration split)")
+    bn_only = len(soup["ingredients"]) == 1  # models.soup RUN --out DIR: nothing averaged
+    if bn_only:
+        add("## BatchNorm re-estimation\n")
+        add(f"The shipped network is one run, `{kept[0]}`, with its {bn} (`python -m models.soup RUN --out DIR`: a "
+            "one-ingredient soup, no weights averaged). The running statistics gathered during training saw augmented "
+            "images with drop-path on, which is not what the network sees at run time. Candidates:\n")
     else:
-        what = f"the {soup['recipe']} weight average of {', '.join(f'`{k}`' for k in kept)}, {bn}"
-    add(f"The shipped network is one student, the size and speed of each ingredient: {what} (`python -m models.soup`). "
-        "The premise (Wortsman et al., Model soups, ICML 2022): runs fine-tuned from the same pretrained weights stay "
-        "in one loss basin, so their weight mean keeps part of an ensemble's gain; the table and the paired gain below "
-        "say how far that held here.\n")
+        add("## Weight averaging (model soup)\n")
+        if len(kept) == 1:
+            what = (f"the {soup['recipe']} soup kept one ingredient: `{kept[0]}`'s weights with its {bn} (every weight "
+                    "average with another seed scored lower on the calibration split)")
+        else:
+            what = f"the {soup['recipe']} weight average of {', '.join(f'`{k}`' for k in kept)}, {bn}"
+        add(f"The shipped network is one student, the size and speed of each ingredient: {what} (`python -m models.soup`). "
+            "The premise (Wortsman et al., Model soups, ICML 2022): runs fine-tuned from the same pretrained weights "
+            "stay in one loss basin, so their weight mean keeps part of an ensemble's gain; the table and the paired "
+            "gain below say how far that held here.\n")
     cal = (selection or {}).get("calibration_mean_auc", {})
+    paths = (selection or {}).get("runs", {})  # select records each candidate's folder
+
+    def metrics(name: str) -> dict[str, Any] | None:
+        at = Path(paths[name]) / "metrics.json" if name in paths else None
+        return _load(at) if at is not None and at.is_file() else runs.metrics(name)
+
     add("| candidate | calibration mean AUC | evaluation mean AUC [95% CI] |\n|---|---|---|")
     for name in sorted(cal, key=lambda k: -cal[k]):
         add(f"| {name}{' (shipped)' if name == (selection or {}).get('chosen') else ''} | {cal[name]:.3f} | "
-            f"{_mean_ci(runs.metrics(name))} |")
+            f"{_mean_ci(metrics(name))} |")
     ens = runs.file("ensemble5_eval.json")
     if ens:
         add(f"| reference: mean probability of the {len(ens.get('teacher', {}).get('runs', []))} seeds (that many "
@@ -186,6 +208,10 @@ def _soup_section(add, soup: dict[str, Any] | None, runs: _Recorded, selection: 
     if gain:
         add(f"\nThe shipped soup minus each of its ingredients, paired on the evaluation images (mean over the "
             f"{len(gain.get('per_seed', []))} pairs): **{100 * gain['delta_mean_auc']:+.2f} points** [95% CI "
+            f"{100 * gain['ci_low']:+.2f}, {100 * gain['ci_high']:+.2f}], P(gain <= 0) = {gain['p_le_zero']}.")
+    elif bn_only and (gain := runs.file("gain_bn_raw.json") or runs.file("gain_bn.json")):
+        add(f"\nBatchNorm re-estimation against the same runs as trained, paired on the evaluation images over the "
+            f"experiment's {len(gain.get('per_seed', []))} seeds: **{100 * gain['delta_mean_auc']:+.2f} points** [95% CI "
             f"{100 * gain['ci_low']:+.2f}, {100 * gain['ci_high']:+.2f}], P(gain <= 0) = {gain['p_le_zero']}.")
     add("")
 
@@ -209,7 +235,10 @@ def build_card(a: argparse.Namespace) -> tuple[str, str]:
     selection = _load(runs / "selection.json")
     if soup:  # compare with the ingredient the calibration split ranks first
         best = max(soup["ingredients"], key=lambda i: i["calibration_mean_auc"])
-        single_name, plain_same = f"best single ingredient ({Path(best['run']).name})", here.metrics(Path(best["run"]).name)
+        best_name = _run_name(best["run"], runs)
+        single_name = (f"the same run as trained ({best_name})" if len(soup["ingredients"]) == 1
+                       else f"best single ingredient ({best_name})")
+        plain_same = here.metrics(best_name)
     else:
         single_name, plain_same = "plain student (same seed)", here.metrics(f"plain-s{cfg.get('seed', 0)}")
     kd = [kd_src.metrics(n) for n in kd_src.names("kd-s*")]
@@ -240,7 +269,9 @@ def build_card(a: argparse.Namespace) -> tuple[str, str]:
         add(f"- Training: {cfg['epochs']} epochs, batch {cfg['batch_size']}, AdamW lr {cfg['lr']} (classifier x"
             f"{cfg.get('head_lr_mult', 1)}), weight decay {cfg['weight_decay']}, {cfg['schedule']} schedule, dropout "
             f"{cfg['drop_rate']}, model kwargs {cfg.get('model_kwargs')}, "
-            + (f"seeds {', '.join(Path(i['run']).name for i in soup['ingredients'] if i['in_soup'])} (averaged, below)"
+            + (f"seed {cfg['seed']} (`{_run_name(soup['ingredients'][0]['run'], runs)}`, BatchNorm re-estimated, below)"
+               if soup and len(soup["ingredients"]) == 1 else
+               f"seeds {', '.join(_run_name(i['run'], runs) for i in soup['ingredients'] if i['in_soup'])} (averaged, below)"
                if soup else f"seed {cfg['seed']}") + ", CPU (2 cores); "
             f"augmentation: affine (scale +-{cfg['aug_scale']}, rotation +-{cfg['aug_rotate']} deg, shift "
             f"+-{cfg['aug_shift']}), gamma, contrast; "

@@ -47,3 +47,27 @@ def test_soup_section_lists_every_candidate_and_the_paired_gain(tmp_path):
     lines.clear()
     _soup_section(lines.append, None, runs, selection, {})
     assert lines == []
+
+
+def test_one_run_with_its_batchnorm_re_estimated_is_not_called_a_soup(tmp_path):
+    """A one-ingredient soup (models.soup RUN --out DIR) is BN re-estimation: the card says so, names the run by
+    its path under the runs folder (an EMA run's raw/ twin is ``ema-s2/raw``, not ``raw``), reads each candidate's
+    evaluation AUC from the folder select recorded, and cites the experiment's paired BN gain."""
+    (tmp_path / "ema-s2" / "raw").mkdir(parents=True)
+    (tmp_path / "ema-s2" / "raw" / "metrics.json").write_text(json.dumps(_metrics(0.71)))
+    (tmp_path / "bn-raw-s2").mkdir()
+    (tmp_path / "bn-raw-s2" / "metrics.json").write_text(json.dumps(_metrics(0.72)))
+    (tmp_path / "gain_bn_raw.json").write_text(json.dumps(
+        {"delta_mean_auc": 0.005, "ci_low": -0.01, "ci_high": 0.018, "p_le_zero": 0.29, "per_seed": [{}, {}, {}]}))
+    soup = {"recipe": "uniform", "bn": "recompute", "ingredients": [{"run": str(tmp_path / "ema-s2" / "raw"),
+                                                                     "in_soup": True}]}
+    selection = {"chosen": "ema/bn-raw-s2", "calibration_mean_auc": {"ema/bn-raw-s2": 0.778, "ema-s2/raw": 0.735},
+                 "runs": {"ema/bn-raw-s2": str(tmp_path / "bn-raw-s2"), "ema-s2/raw": str(tmp_path / "ema-s2" / "raw")}}
+    lines: list[str] = []
+    _soup_section(lines.append, soup, _Recorded(tmp_path), selection, {"out_dir": str(tmp_path / "bn-raw-s2")})
+    text = "\n".join(lines)
+    assert "## BatchNorm re-estimation" in text and "model soup" not in text.lower().split("one-ingredient")[0]
+    assert "`ema-s2/raw`" in text and "`raw`" not in text
+    assert "| ema/bn-raw-s2 (shipped) | 0.778 | 0.720 [0.690, 0.750] |" in text
+    assert "| ema-s2/raw | 0.735 | 0.710 [0.680, 0.740] |" in text
+    assert "**+0.50 points** [95% CI -1.00, +1.80]" in text and "3 seeds" in text
