@@ -21,6 +21,17 @@ SHARED=${CXR_EDGE_SHARED:-../shared}
 mkdir -p build
 EXPERIMENT=${EXPERIMENT:-$([[ ${SOUP:-0} == 1 ]] && echo soup || echo kd)}
 KD_RESULTS=${KD_RESULTS:-docs/results/kd2}
+OUT=docs/results/$(basename "$RUNS")
+record_results() {  # the experiment's small JSON files (also when nothing ships); an EMA run's raw/ twin as raw-sK
+  mkdir -p "$OUT"
+  for f in "$RUNS"/*.json; do cp "$f" "$OUT/"; done
+  for r in "$RUNS"/*/ "$RUNS"/*/raw/; do
+    [[ -f $r/metrics.json ]] || continue
+    n=$(basename "$r"); [[ $n == raw ]] && n=raw-$(basename "$(dirname "$r")" | sed 's/^[a-z]*-//')
+    cp "$r/metrics.json" "$OUT/$n.metrics.json"; cp "$r/config.json" "$OUT/$n.config.json"
+    if [[ -f $r/soup.json ]]; then cp "$r/soup.json" "$OUT/$n.soup.json"; fi
+  done
+}
 # 1. teachers and students, and the shipped run (calibration split only)
 case $EXPERIMENT in
   soup) bash scripts/soup_experiment.sh "$RUNS" ;;  # writes selection.json over the seeds and the soups
@@ -39,6 +50,7 @@ if [[ -z $RUN ]]; then
   fi
   if [[ $("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["ships"])' "$RUNS/selection_vs_shipped.json") != True ]]; then
     echo "nothing ships: no candidate beats the shipped bundle on the calibration split ($RUNS/selection_vs_shipped.json)"
+    record_results
     exit 0
   fi
   RUN=$("$PY" -c 'import json, os, sys; s = json.load(open(sys.argv[1])); print(os.path.relpath(s["runs"][s["chosen"]], sys.argv[2]))' \
@@ -82,11 +94,7 @@ cp "$(ls build/student.int8.onnx build/student.fp32.onnx 2>/dev/null | head -1)"
     --student-eval "$RUNS/shipped_eval.json" $([[ -f "$OWN_EVAL" ]] && echo --own-teacher-eval "$OWN_EVAL") \
     $([[ -n $KD_RESULTS ]] && echo --kd-results "$KD_RESULTS") \
     --ensemble-eval "$RUNS/teacher_ensemble_eval.json" --bench build/bench.json --scope-eval "$RUNS/scope_eval.json" \
-    --reproduce "$(env | grep -E '^(OWN_TEACHER|TEACHER_[A-Z]+|SOUP|KD_RESULTS)=' | sort | tr '\n' ' ')bash scripts/build_default_model.sh $RUNS"
+    --reproduce "$(env | grep -E '^(OWN_TEACHER|TEACHER_[A-Z]+|SOUP|EXPERIMENT|CONTROL|KD_RESULTS)=' | sort | tr '\n' ' ')bash scripts/build_default_model.sh $RUNS"
 # 8. the recorded results (small JSON files) for the repository
-OUT=docs/results/$(basename "$RUNS")
-mkdir -p "$OUT"
-for f in "$RUNS"/*.json; do cp "$f" "$OUT/"; done
-for r in "$RUNS"/*/; do n=$(basename "$r"); cp "$r/metrics.json" "$OUT/$n.metrics.json"; \
-  cp "$r/config.json" "$OUT/$n.config.json"; if [[ -f $r/soup.json ]]; then cp "$r/soup.json" "$OUT/$n.soup.json"; fi; done
+record_results
 cp build/default.report.json build/bench.json build/bench.md "$OUT/"
