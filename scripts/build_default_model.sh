@@ -3,15 +3,16 @@
 # evaluations, export (fp32 + INT8 through the verification gate, thresholds on the calibration
 # split), evaluation of the shipped bundle (AUC, operating points, pointing game with baselines),
 # the runtime bench, and the model card. Every step skips work already done, so a rerun resumes.
-# Usage: bash scripts/build_default_model.sh [RUNS_DIR] [RUN_NAME]     (about 80 minutes on 2 CPU cores;
+# Usage: bash scripts/build_default_model.sh [RUNS_DIR] [RUN_NAME]     (about 55-80 minutes on 2 CPU cores;
 # DEVICE=cuda trains on a GPU). Without RUN_NAME the shipped run is chosen by the pre-registered rule
 # (python -m models.evaluate select: the highest calibration-split AUC of the candidates; selection.json).
 # The experiment's own knobs (OWN_TEACHER, TEACHER_MODEL, ...) pass through to scripts/kd_experiment.sh.
 # EXPERIMENT picks step 1: kd (the default: scripts/kd_experiment.sh), soup (SOUP=1 as before:
 # scripts/soup_experiment.sh, five plain seeds and their weight averages), ema (scripts/ema_experiment.sh,
 # docs/results/ema/PLAN.md) or llrd (scripts/llrd_experiment.sh, CONTROL=runs/ema); soup, ema and llrd cite
-# the KD table and own teacher of the recorded experiment KD_RESULTS (default docs/results/kd2). Without RUN_NAME the choice ships only if its calibration-split AUC
-# beats the bundle shipped now (select --incumbent); otherwise the script stops and nothing changes.
+# the KD table and own teacher of the recorded experiment KD_RESULTS (default docs/results/kd2).
+# Without RUN_NAME the choice ships only if its calibration-split AUC beats the bundle shipped now
+# (select --incumbent); otherwise the script records the experiment's results and stops, shipping nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-runs/kd}
