@@ -162,6 +162,11 @@ def _run_name(run: str, root: Path | None) -> str:
         return Path(run).name
 
 
+def _bn_only(soup: dict[str, Any] | None) -> bool:
+    """A one-ingredient soup (``models.soup RUN --out DIR``): one run's BatchNorm re-estimated, nothing averaged."""
+    return bool(soup) and len(soup["ingredients"]) == 1
+
+
 def _soup_section(add, soup: dict[str, Any] | None, runs: _Recorded, selection: dict[str, Any] | None,
                   shipped: dict[str, Any]) -> None:
     """Weight averaging (or one run's BatchNorm re-estimation): the ingredients, the candidates tried, and what
@@ -171,7 +176,7 @@ def _soup_section(add, soup: dict[str, Any] | None, runs: _Recorded, selection: 
     kept = [_run_name(i["run"], runs.root) for i in soup["ingredients"] if i["in_soup"]]
     bn = ("BatchNorm statistics re-estimated on the clean (and flipped) training images" if soup["bn"] == "recompute"
           else "BatchNorm buffers averaged")
-    bn_only = len(soup["ingredients"]) == 1  # models.soup RUN --out DIR: nothing averaged
+    bn_only = _bn_only(soup)
     if bn_only:
         add("## BatchNorm re-estimation\n")
         add(f"The shipped network is one run, `{kept[0]}`, with its {bn} (`python -m models.soup RUN --out DIR`: a "
@@ -236,7 +241,7 @@ def build_card(a: argparse.Namespace) -> tuple[str, str]:
     if soup:  # compare with the ingredient the calibration split ranks first
         best = max(soup["ingredients"], key=lambda i: i["calibration_mean_auc"])
         best_name = _run_name(best["run"], runs)
-        single_name = (f"the same run as trained ({best_name})" if len(soup["ingredients"]) == 1
+        single_name = (f"the same run as trained ({best_name})" if _bn_only(soup)
                        else f"best single ingredient ({best_name})")
         plain_same = here.metrics(best_name)
     else:
@@ -266,13 +271,17 @@ def build_card(a: argparse.Namespace) -> tuple[str, str]:
         f"of the {spec.input_size[0]} px input).")
     add(f"- Bundle: {bundle.size_bytes / 1e6:.2f} MB, precision `{prov.get('precision')}`, sha256 `{m.model_sha256}`.")
     if cfg:
+        if _bn_only(soup):
+            weights_from = f"seed {cfg['seed']} (`{_run_name(soup['ingredients'][0]['run'], runs)}`, BatchNorm re-estimated, below)"
+        elif soup:
+            kept = ", ".join(_run_name(i["run"], runs) for i in soup["ingredients"] if i["in_soup"])
+            weights_from = f"seeds {kept} (averaged, below)"
+        else:
+            weights_from = f"seed {cfg['seed']}"
         add(f"- Training: {cfg['epochs']} epochs, batch {cfg['batch_size']}, AdamW lr {cfg['lr']} (classifier x"
             f"{cfg.get('head_lr_mult', 1)}), weight decay {cfg['weight_decay']}, {cfg['schedule']} schedule, dropout "
             f"{cfg['drop_rate']}, model kwargs {cfg.get('model_kwargs')}, "
-            + (f"seed {cfg['seed']} (`{_run_name(soup['ingredients'][0]['run'], runs)}`, BatchNorm re-estimated, below)"
-               if soup and len(soup["ingredients"]) == 1 else
-               f"seeds {', '.join(_run_name(i['run'], runs) for i in soup['ingredients'] if i['in_soup'])} (averaged, below)"
-               if soup else f"seed {cfg['seed']}") + ", CPU (2 cores); "
+            + f"{weights_from}, CPU (2 cores); "
             f"augmentation: affine (scale +-{cfg['aug_scale']}, rotation +-{cfg['aug_rotate']} deg, shift "
             f"+-{cfg['aug_shift']}), gamma, contrast; "
             + ("random horizontal flips." if cfg.get("hflip") else "no flips.")
