@@ -88,6 +88,20 @@ def warn_degenerate(found: dict, context: str) -> None:
                     "tie-breaking, not from the model (%s)", context, len(found), detail)
 
 
+def scorable_labels(targets: np.ndarray) -> np.ndarray:
+    """Labels with both a positive and a negative image on the full split: the labels every resample
+    averages over (a resample that loses a label's positives scores it NaN and drops it alone)."""
+    return np.nansum(targets == 1, axis=0).astype(bool) & np.nansum(targets == 0, axis=0).astype(bool)
+
+
+def resampled_mean_auc(targets: np.ndarray, scores: np.ndarray, valid: np.ndarray, idx: np.ndarray | None) -> float:
+    """Mean AUC over the ``valid`` labels of the images ``idx`` (a patient resample; None: all images)."""
+    t = targets if idx is None else targets[idx]
+    s = np.asarray(scores, np.float64)
+    auc = np.where(valid, auc_per_label(t, s if idx is None else s[idx]), np.nan)
+    return float(np.nanmean(auc)) if np.isfinite(auc).any() else float("nan")
+
+
 def paired_bootstrap(targets: np.ndarray, scores_a: Sequence[np.ndarray], scores_b: Sequence[np.ndarray],
                      patient_ids: Sequence[str], n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
     """Mean-AUC difference B - A on the same images, averaged over the runs (seeds) of each arm.
@@ -102,17 +116,11 @@ def paired_bootstrap(targets: np.ndarray, scores_a: Sequence[np.ndarray], scores
     for s in (*scores_a, *scores_b):
         if np.shape(s) != targets.shape:
             raise InvalidArgumentError(f"scores {np.shape(s)} do not match targets {targets.shape}")
-    valid = np.nansum(targets == 1, axis=0).astype(bool) & np.nansum(targets == 0, axis=0).astype(bool)
+    valid = scorable_labels(targets)
 
     def mean_aucs(idx: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        t = targets if idx is None else targets[idx]
-
-        def one(s: np.ndarray) -> float:
-            auc = auc_per_label(t, np.asarray(s, np.float64) if idx is None else np.asarray(s, np.float64)[idx])
-            auc = np.where(valid, auc, np.nan)
-            return float(np.nanmean(auc)) if np.isfinite(auc).any() else float("nan")
-
-        return np.array([one(s) for s in scores_a]), np.array([one(s) for s in scores_b])
+        return (np.array([resampled_mean_auc(targets, s, valid, idx) for s in scores_a]),
+                np.array([resampled_mean_auc(targets, s, valid, idx) for s in scores_b]))
 
     a0, b0 = mean_aucs(None)
     deltas = np.full(n_boot, np.nan)

@@ -350,6 +350,7 @@ def _final_evaluation(cfg: TrainConfig, run: Path, model: nn.Module, suffix: str
                     "input_size": cfg.input_size, "kd_alpha": cfg.kd_alpha, "kd_temperature": cfg.kd_temperature,
                     "at_beta": cfg.at_beta, "seed": cfg.seed, "seconds_per_epoch": info["seconds_per_epoch"],
                     "world_size": info["world_size"], "threads": info["threads"],
+                    "train_images": info.get("train_images"), "train_patients": info.get("train_patients"),
                     "calibration_mean_auc": recorded})
     (run / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     print(format_table(metrics, title=f"{run}: evaluation on {len(eval_rows)} held-out images ({chosen} epoch)"),
@@ -585,6 +586,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         parts = dict(table=table, labels=labels, spec=spec, images=images, eval_rows=eval_rows, eval_ci=eval_ci,
                      oof_rows=oof_rows, oof_ci=oof_ci, device=d.device, has_val=len(val_ci) > 0,
                      info={"teachers": teacher_info, "world_size": d.world, "threads": threads,
+                           "train_images": len(train_ci), "train_patients": len(set(table.patient_ids[r]
+                                                                                     for r in train_rows)),
                            "pretrained": getattr(model, "pretrained_source", None) or cfg.pretrained,
                            "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in history])), 2)
                            if history else None})

@@ -18,7 +18,8 @@
 # Usage: bash scripts/kd_experiment.sh [RUNS_DIR] [EPOCHS]   (about 60 minutes on 2 CPU cores; +30 with OWN_TEACHER=1)
 # ARMS="plain" trains only the plain arm, SEEDS="0 1 2 3 4" other seeds (scripts/soup_experiment.sh uses both);
 # ARMS="ema" the weight-EMA arm (EMA_DECAY, default 0.99), whose runs hold their plain twins (scripts/ema_experiment.sh);
-# ARMS="llrd" layer-wise learning-rate decay (LAYER_DECAY, default 0.75; scripts/llrd_experiment.sh).
+# ARMS="llrd" layer-wise learning-rate decay (LAYER_DECAY, default 0.75; scripts/llrd_experiment.sh);
+# ARMS="subK" (K >= 2) the plain arm on (K-1)/K of the training patients (scripts/learning_curve.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-runs/kd}
@@ -70,6 +71,13 @@ for seed in $SEEDS; do
     run "llrd-s$seed" "${COMMON[@]}" --model efficientnet_lite0 --input-size 224 --seed "$seed" --box-beta 0.1 \
         --layer-decay "${LAYER_DECAY:-0.75}"
   fi
+  for arm in $ARMS; do  # subK: the plain recipe on (K-1)/K of the training patients (fold seed % K held out)
+    if [[ $arm =~ ^sub([0-9]+)$ ]]; then
+      k=${BASH_REMATCH[1]}
+      run "$arm-s$seed" "${COMMON[@]}" --model efficientnet_lite0 --input-size 224 --seed "$seed" --box-beta 0.1 \
+          --n-folds "$k" --fold $((seed % k))
+    fi
+  done
   if [[ " $ARMS " == *" plain "* ]]; then
     run "plain-s$seed" "${COMMON[@]}" --model efficientnet_lite0 --input-size 224 --seed "$seed" --box-beta 0.1
   fi
