@@ -213,6 +213,22 @@ _ORIENTATIONS = (("upside down (flipped vertically)", lambda t: t[::-1]),
                  ("upside down (rotated 180 degrees)", lambda t: t[::-1, ::-1]))
 
 
+def _orientation_templates() -> np.ndarray:
+    """5 x 256: row k holds the template's weights on the *given* thumbnail's pixels for view k (as given,
+    then each of :data:`_ORIENTATIONS`), so that ``sum(view_k(t) * T) == rows[k] @ t.ravel()``: one
+    matrix-vector product scores every orientation without building the flipped/rotated copies."""
+    side = CHEST_TEMPLATE.shape[0]
+    index = np.arange(side * side).reshape(side, side)
+    template = CHEST_TEMPLATE.astype(np.float64).ravel()
+    rows = np.empty((1 + len(_ORIENTATIONS), side * side))
+    for k, view in enumerate([lambda t: t] + [f for _, f in _ORIENTATIONS]):
+        rows[k, view(index).ravel()] = template  # view(t)[i, j] is t.flat[view(index)[i, j]]
+    return rows / template.size
+
+
+_VIEW_TEMPLATES = _orientation_templates()
+
+
 def layout_scores(pixels: np.ndarray | PixelSummary) -> tuple[float, float, str]:
     """(c0, c_best, how): the image's correlation with :data:`CHEST_TEMPLATE` (on a 16 x 16 area thumbnail,
     stretched like the model's input), the best correlation after undoing a flip/rotation, and which one."""
@@ -224,8 +240,7 @@ def _layout(thumb: np.ndarray) -> tuple[float, float, str]:
     t = _block_mean(thumb, CHEST_TEMPLATE.shape[0])
     sd = float(t.std())
     t = (t - t.mean()) / sd if sd > 1e-9 else np.zeros_like(t)
-    views = np.stack([t] + [f(t) for _, f in _ORIENTATIONS])
-    corr = np.einsum("kij,ij->k", views, CHEST_TEMPLATE.astype(np.float64)) / CHEST_TEMPLATE.size
+    corr = _VIEW_TEMPLATES @ t.ravel()  # correlation of each view with the template (_orientation_templates)
     k = int(np.argmax(corr[1:]))  # the first of equals wins
     return float(corr[0]), float(corr[1 + k]), _ORIENTATIONS[k][0]
 

@@ -111,6 +111,7 @@ class TrainConfig:
     warmup_frac: float = 0.15
     grad_clip: float = 0.0
     ema_decay: float = 0.0             # >0: evaluate/ship an exponential moving average of the weights (per step)
+    mixup_alpha: float = 0.0           # >0: mixup, each batch blended with a shuffled copy (lam ~ Beta(a, a)), losses blended alike
     seed: int = 0
     init_seed: int = -1                # >=0 and != seed: the head's random init from this seed, data order and augmentation from seed (runs that share an init, for soups)
     # --- runtime
@@ -192,6 +193,7 @@ class TrainConfig:
             (0.0 < self.layer_decay <= 1.0, "layer_decay must lie in (0, 1]"),
             (self.box_beta >= 0, "box_beta must be >= 0"),
             (0.0 <= self.ema_decay < 1.0, "ema_decay must lie in [0, 1)"),
+            (self.mixup_alpha >= 0, "mixup_alpha must be >= 0"),
             (not self.teacher_weights or len(self.teacher_weights) == len(self.teachers),
              "teacher_weights needs one weight per --teachers entry"),
             (self.n_folds == 0 or (self.n_folds >= 2 and 0 <= self.fold < self.n_folds),

@@ -313,6 +313,25 @@ def evaluate_model(model: nn.Module, spec, images: ImageCache, cache_idx: Sequen
     return logits
 
 
+def mixup_draw(rng: np.random.Generator, alpha: float, n: int) -> tuple[float, torch.Tensor | None]:
+    """Mixup's (lam, partner permutation) for one batch of ``n``; (1.0, None) when off (alpha 0) or n < 2."""
+    if alpha <= 0 or n < 2:
+        return 1.0, None
+    return float(rng.beta(alpha, alpha)), torch.from_numpy(rng.permutation(n))
+
+
+def mixed_losses(losses, lam: float, perm: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mixup's loss: ``lam`` x the losses against each image's own targets (and teachers, boxes) plus
+    ``1 - lam`` x those against its partner's. Blending the losses, not the targets, keeps every mask
+    (a label unknown for one image, a box only the partner has) exact: each term masks its own."""
+    own, parts = losses(None)
+    if perm is None:
+        return own, parts
+    other, other_parts = losses(perm)
+    return lam * own + (1.0 - lam) * other, {k: lam * v + (1.0 - lam) * other_parts.get(k, 0.0)
+                                              for k, v in parts.items()}
+
+
 def _mean_auc(targets: np.ndarray, logits: np.ndarray) -> float | None:
     auc = auc_per_label(targets, logits)
     return round(float(np.nanmean(auc)), 5) if np.isfinite(auc).any() else None
@@ -505,26 +524,37 @@ def train(cfg: TrainConfig) -> TrainResult:
         net.train()
         sums: dict[str, float] = defaultdict(float)
         start, cpu_start = time.perf_counter(), time.process_time()
+        mix_rng = np.random.default_rng([cfg.seed, epoch, d.rank, 0x6D6978])  # mixup draws, apart from the rest
         for step, batch in enumerate(loader):
             x = batch["image"].to(d.device, non_blocking=True)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
             y = batch["target"].to(d.device, non_blocking=True)
-            with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-                logits, feats = net(x)
             tl, tm = batch.get("teacher_logits"), batch.get("teacher_maps")
             if teachers:
                 tl, tm = _online_teacher(teachers, batch, d.device, need_maps)
-            loss, parts = distillation_loss(
-                logits.float(), y, None if tl is None else tl.to(d.device), cfg.kd_alpha, cfg.kd_temperature,
-                cfg.teacher_combine, feats if need_maps else None,
-                None if tm is None else [m.to(d.device) for m in tm], cfg.at_beta, cfg.teacher_weights or None,
-                cfg.kd_loss)
-            if cfg.box_beta > 0:
-                bl = box_cam_loss(feats, model.classifier.weight, batch["box_mask"].to(d.device),
-                                  batch["box_has"].to(d.device))
-                loss = loss + cfg.box_beta * bl
-                parts["box"] = float(bl.detach())
+            lam, perm = mixup_draw(mix_rng, cfg.mixup_alpha, x.shape[0])
+            if perm is not None:
+                x = lam * x + (1.0 - lam) * x[perm]
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+                logits, feats = net(x)
+
+            def losses(idx: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+                """The losses against images ``idx``'s targets, teachers and boxes (None: the batch as is)."""
+                pick = (lambda t: t) if idx is None else (lambda t: t[idx])  # noqa: E731
+                total, parts = distillation_loss(
+                    logits.float(), pick(y), None if tl is None else pick(tl.to(d.device)), cfg.kd_alpha,
+                    cfg.kd_temperature, cfg.teacher_combine, feats if need_maps else None,
+                    None if tm is None else [pick(m.to(d.device)) for m in tm], cfg.at_beta,
+                    cfg.teacher_weights or None, cfg.kd_loss)
+                if cfg.box_beta > 0:
+                    bl = box_cam_loss(feats, model.classifier.weight, pick(batch["box_mask"].to(d.device)),
+                                      pick(batch["box_has"].to(d.device)))
+                    total = total + cfg.box_beta * bl
+                    parts["box"] = float(bl.detach())
+                return total, parts
+
+            loss, parts = mixed_losses(losses, lam, perm)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:

@@ -85,6 +85,20 @@ def test_flipped_and_rotated_radiographs_are_flagged(chest, transform, word):
     assert sc.check_orientation(chest) is None
 
 
+def test_layout_scores_are_the_correlations_of_the_flipped_and_rotated_copies(chest):
+    """The one-matrix scoring (_orientation_templates) equals building each view and correlating it."""
+    rng = np.random.default_rng(3)
+    for thumb in [rng.random((64, 64)), sc.summarize(chest).thumb, np.rot90(sc.summarize(chest).thumb)]:
+        t = sc._block_mean(thumb, 16)
+        t = (t - t.mean()) / t.std()
+        views = [t] + [f(t) for _, f in sc._ORIENTATIONS]
+        corr = [float((v * sc.CHEST_TEMPLATE.astype(np.float64)).mean()) for v in views]
+        k = int(np.argmax(corr[1:]))
+        c0, best, how = sc._layout(thumb)
+        assert c0 == pytest.approx(corr[0], abs=1e-12) and best == pytest.approx(corr[1 + k], abs=1e-12)
+        assert how == sc._ORIENTATIONS[k][0]
+
+
 def test_noise_has_no_chest_layout(chest):
     noise = np.random.default_rng(0).random((320, 320)).astype(np.float32)
     assert "no frontal chest layout" in sc.check_layout(noise)
