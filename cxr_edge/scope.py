@@ -47,15 +47,15 @@ PIXEL_RULES: dict[str, float] = {
     #: (a priori) long side / short side above this (chest radiographs: ~0.8-1.25; 14 x 17 in film 1.21)
     "max_aspect": 2.0,
     #: inverted when the inversion score is below minus this (score > 0 for a normal radiograph; conformal:
-    #: the lowest in-scope score is -0.1106; catches 100% of the inverses of those images with the later rules)
-    "inversion_margin": 0.111,
+    #: the lowest in-scope score is -0.1087; catches 100% of the inverses of those images with the later rules)
+    "inversion_margin": 0.109,
     #: skewness weight in the inversion score (radiograph histograms are skewed towards bright; a design choice)
     "inversion_skew_weight": 0.1,
     #: upside down / rotated: a flipped or rotated copy fits the chest template better by more than this
-    #: (conformal: the largest in-scope margin is 0.2319; catches 99.4% of those images' vertical flips)
-    "orientation_margin": 0.232,
-    #: no chest layout: correlation with the chest template below this (conformal: the lowest in-scope is 0.2387)
-    "min_layout": 0.238,
+    #: (conformal: the largest in-scope margin is 0.2232; catches 99.4% of those images' vertical flips)
+    "orientation_margin": 0.224,
+    #: no chest layout: correlation with the chest template below this (conformal: the lowest in-scope is 0.2469)
+    "min_layout": 0.246,
     #: colour photograph (a priori; gray radiographs cannot calibrate it): more than this fraction of pixels has
     #: chroma (max - min channel) > ...
     "colour_fraction": 0.05,
@@ -86,8 +86,8 @@ CHEST_TEMPLATE = np.array([
     -1.53, -0.53,  0.56,  1.25,  1.61,  1.79,  1.87,  1.94,  1.92,  1.81,  1.68,  1.45,  1.07,  0.40, -0.61, -1.56
 ], dtype=np.float32).reshape(16, 16)
 
-_SAMPLE_SIDE = 256  # intensity statistics on a strided sample of at most ~256 x 256 pixels: O(1) cost
-_THUMB = 64         # one area-averaged 64 x 64 thumbnail; the 32 x 32 region grid and 16 x 16 layout derive from it
+_SAMPLE_SIDE = 256  # every statistic reads one strided sample of at most ~256 x 256 pixels: O(1) cost
+_THUMB = 64         # one 64 x 64 area average of that sample; the 32 x 32 region grid and 16 x 16 layout derive from it
 _REGION_GRID = 32
 
 
@@ -113,14 +113,19 @@ def _check_2d(pixels: np.ndarray) -> np.ndarray:
 
 
 def summarize(pixels: np.ndarray | PixelSummary) -> PixelSummary:
-    """Intensity statistics on a strided sample and a 64 x 64 area thumbnail (for images over 512 px,
-    the thumbnail is area-averaged from a strided copy of at most ~512 px a side: same result to ~1e-3)."""
+    """Intensity statistics and the 64 x 64 area thumbnail, all from one strided sample of the image (every
+    k-th pixel, at most ~256 px a side): the image itself is read once, sparsely, whatever its size.
+
+    (An earlier summary took the thumbnail from a second, finer strided copy, up to 512 px a side: a third
+    of the pixel rules' time inside ``predict``. The data-set limits in ``PIXEL_RULES`` were re-derived for
+    this one: docs/results/scope-thumb/PLAN.md.)"""
     if isinstance(pixels, PixelSummary):
         return pixels
     pixels = _check_2d(pixels)
     h, w = pixels.shape
     step = max(1, int(np.ceil(max(h, w) / _SAMPLE_SIDE)))
-    s = np.asarray(pixels[::step, ::step], dtype=np.float32).ravel()
+    sample = np.ascontiguousarray(pixels[::step, ::step], dtype=np.float32)
+    s = sample.ravel()
     mean = float(s.mean(dtype=np.float64))
     d = s - np.float32(mean)
     var = float(np.dot(d, d)) / d.size
@@ -129,9 +134,7 @@ def summarize(pixels: np.ndarray | PixelSummary) -> PixelSummary:
     q = s[:: 4] if s.size >= 4 * 4096 else s  # percentiles from >= 4k values of the sample
     lo_i, hi_i = int(0.01 * (q.size - 1)), int(0.99 * (q.size - 1))
     part = np.partition(q, (lo_i, hi_i))
-    big = max(1, int(np.ceil(max(h, w) / 512)))
-    src = np.ascontiguousarray(pixels[::big, ::big] if big > 1 else pixels, dtype=np.float32)
-    thumb = _area_thumbnail(src, _THUMB).astype(np.float64)
+    thumb = _area_thumbnail(sample, _THUMB).astype(np.float64)
     return PixelSummary(h, w, std, float(part[lo_i]), float(part[hi_i]), skew, thumb, _layout(thumb))
 
 
@@ -139,7 +142,7 @@ def _area_thumbnail(src: np.ndarray, side: int) -> np.ndarray:
     """``cv2.resize(src, (side, side), INTER_AREA)`` as two one-axis passes, the longer axis first.
 
     Area weights are separable, so the result is the same to float rounding (<= 3e-7 on pool images),
-    and about twice as fast: OpenCV's integer-factor path often serves the first pass (512 -> 64 rows),
+    and about twice as fast: OpenCV's integer-factor path often serves the first pass (256 -> 64 rows),
     and the second, generic pass sees ``side / h`` of the pixels."""
     h, w = src.shape
     if h >= w:

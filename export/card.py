@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -493,7 +494,49 @@ def build_card(a: argparse.Namespace) -> tuple[str, str]:
     return m.model_id, "\n".join(lines) + "\n"
 
 
+SCOPE_HEADING = "## Input scope gate"
+
+
+def rescope_card(card: str, sc, se: dict[str, Any], source: str, date: str) -> str:
+    """``card`` with its scope-gate section rendered anew from the bundle's scope block ``sc`` and a newer
+    ``scripts/scope_eval.py`` JSON ``se`` (named ``source``): for a change to the gate alone (its pixel
+    rules), which leaves every other number of the card as the build wrote it."""
+    start = card.find(SCOPE_HEADING + "\n")
+    if start < 0:
+        raise ValueError(f"the card has no '{SCOPE_HEADING}' section")
+    end = card.find("\n## ", start + len(SCOPE_HEADING))
+    lines: list[str] = []
+    _scope_section(lines.append, sc, se)
+    lines.insert(2, f"_This section was re-rendered on {date} by `python -m export.card rescope` from `{source}` "
+                    "after a change to the gate alone; the rest of the card is as the build wrote it._\n")
+    section = "\n".join(lines).rstrip("\n") + "\n"
+    return card[:start] + section + (card[end:] if end >= 0 else "")
+
+
+def _rescope_main(argv: Sequence[str]) -> int:
+    import datetime
+
+    p = argparse.ArgumentParser(prog="python -m export.card rescope",
+                                description="re-render only the card's scope-gate section")
+    p.add_argument("--card", required=True, help="the model card (.md) to update in place")
+    p.add_argument("--bundle", required=True, help="the bundle whose manifest holds the scope block")
+    p.add_argument("--scope-eval", required=True, help="scripts/scope_eval.py --json output")
+    args = p.parse_args(argv)
+    sc = load_bundle(args.bundle, threads=1).manifest.scope
+    if sc is None:
+        print(f"error: {args.bundle} has no scope block", file=sys.stderr)
+        return 2
+    card = Path(args.card)
+    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    card.write_text(rescope_card(card.read_text(), sc, _load(args.scope_eval) or {}, args.scope_eval, today))
+    print(f"wrote {card}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["rescope"]:
+        return _rescope_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m export.card", description=__doc__.splitlines()[0])
     p.add_argument("--runs", required=True, help="experiment folder (kd-s*/, plain-s*/, kd_gain.json)")
     p.add_argument("--run", required=True, help="the shipped run's folder name inside --runs")

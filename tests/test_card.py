@@ -1,9 +1,13 @@
-"""Model card helpers: recorded experiments in either layout, and the soup section."""
+"""Model card helpers: recorded experiments in either layout, the soup section, re-rendering the scope section."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-from export.card import _Recorded, _soup_section
+import pytest
+
+from cxr_edge.bundle import load_bundle
+from export.card import _Recorded, _soup_section, main, rescope_card
 
 
 def _metrics(auc: float) -> dict:
@@ -71,3 +75,27 @@ def test_one_run_with_its_batchnorm_re_estimated_is_not_called_a_soup(tmp_path):
     assert "| ema/bn-raw-s2 (shipped) | 0.778 | 0.720 [0.690, 0.750] |" in text
     assert "| ema-s2/raw | 0.735 | 0.710 [0.680, 0.740] |" in text
     assert "**+0.50 points** [95% CI -1.00, +1.80]" in text and "3 seeds" in text
+
+
+def test_rescope_replaces_only_the_scope_section_and_says_so(tmp_path):
+    bundle = Path(__file__).resolve().parents[1] / "cxr_edge" / "data" / "default.onnx"
+    sc = load_bundle(bundle, threads=1).manifest.scope
+    card = ("# card\n\n## Speed\n\nfast\n\n## Input scope gate\n\nold text, old limits\n\n## Limitations\n\nmany\n")
+    se = {"pixel_rules": {"min_std": 0.02, "min_range": 0.08, "max_aspect": 2.0, "inversion_margin": 0.123,
+                          "orientation_margin": 0.2, "min_layout": 0.25, "colour_fraction": 0.05},
+          "rows": [{"kind": "nih-eval (positives)", "role": "positive", "n": 100, "flagged": 0.01,
+                    "by_pixels": 0.01, "by_features": 0.0},
+                   {"kind": "rot90", "role": "held-out", "n": 10, "flagged": 0.9, "by_pixels": 0.9,
+                    "by_features": 0.5}]}
+    new = rescope_card(card, sc, se, "x/scope_eval.json", "2026-12-03")
+    assert new.startswith("# card\n\n## Speed\n\nfast\n\n## Input scope gate\n")
+    assert new.endswith("\n## Limitations\n\nmany\n") and "old text" not in new
+    assert "inverted (score < -0.123)" in new and "| rot90 | held-out | 10 | 90.0%" in new
+    assert "re-rendered on 2026-12-03" in new and "`x/scope_eval.json`" in new
+    with pytest.raises(ValueError, match="no '## Input scope gate' section"):
+        rescope_card("# card\n", sc, se, "x", "d")
+    path = tmp_path / "card.md"
+    path.write_text(card)
+    (tmp_path / "se.json").write_text(json.dumps(se))
+    assert main(["rescope", "--card", str(path), "--bundle", str(bundle), "--scope-eval", str(tmp_path / "se.json")]) == 0
+    assert "inverted (score < -0.123)" in path.read_text() and path.read_text().endswith("many\n")
