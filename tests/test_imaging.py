@@ -724,6 +724,23 @@ def test_non_finite_pixels_are_refused_whatever_reader_produced_them(monkeypatch
         imaging.to_unit_range(np.array([[0.0, np.inf]]), 0.0, 1.0)
 
 
+@pytest.mark.parametrize("arr, hi", [
+    (np.arange(256, dtype=np.uint8).reshape(16, 16), 255),             # 8-bit, every value
+    (np.array([[0, 4095, 4096, 65535]], dtype=np.uint16), 4095),        # samples above the declared maximum
+    (np.array([[-5, 0, 100, 4095]], dtype=np.int16), 4095),             # signed, below zero
+    (np.array([[0, 1, 2]], dtype=np.uint8), 0.5),                       # a divisor below 1: the general path
+    (np.array([[16777217, 3, 0]], dtype=np.int64), 16777217),           # not representable in float32
+])
+def test_integer_fast_path_of_to_unit_range_equals_divide_then_clip(arr, hi):
+    """The fast path skips the clip when no sample lies outside [0, hi]: the result must be the same bits
+    as dividing in float32 and clipping to [0, 1] always."""
+    expected = np.clip(np.divide(arr, np.float32(hi), dtype=np.float32), 0.0, 1.0)
+    out = imaging.to_unit_range(arr, 0, hi)
+    assert out.dtype == np.float32 and out.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(out, expected)
+    assert out.min() >= 0.0 and out.max() <= 1.0
+
+
 def test_shared_names_still_importable_from_imaging():
     from cxr_edge import radiograph
 
