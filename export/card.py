@@ -3,7 +3,8 @@
 No number in the card is typed by hand: each comes from the bundle's manifest, the export report,
 ``models.evaluate`` outputs or a ``cxr-edge-bench --json`` file, and the card names the command
 behind each. ``python -m export.card --help`` lists the inputs; ``scripts/build_default_model.sh``
-runs it last.
+runs it last. ``python -m export.card rescope --card C --bundle B --scope-eval J`` re-renders only the
+scope-gate section, for a change to the gate alone (the section then says so).
 """
 from __future__ import annotations
 
