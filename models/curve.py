@@ -28,7 +28,7 @@ import numpy as np
 
 from cxr_edge.errors import CxrEdgeError, InvalidArgumentError
 from models.evaluate import (_f, _interval, load_predictions, patient_resamples, resampled_mean_auc,
-                             scorable_labels)
+                             scorable_labels, write_json)
 
 
 def fit_log2(n_images: np.ndarray, aucs: np.ndarray) -> tuple[float, float]:
@@ -120,8 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"(95% CI {n_lo} to {n_hi if n_hi is not None else 'never'}; {res['n_patients']} evaluation patients, "
           f"{res['n_boot']} resamples)")
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=2, allow_nan=False) + "\n")
-        print(f"wrote {args.out}")
+        write_json(args.out, res)
     return 0
 
 

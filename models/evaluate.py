@@ -450,6 +450,12 @@ def load_predictions(run_or_file: str | os.PathLike) -> dict:
 
 
 # ============================================================================ CLI
+def write_json(path: str | os.PathLike, result: dict) -> None:
+    """A result file as every subcommand writes it (strict JSON: a NaN is a bug, not a value), and says so."""
+    Path(path).write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    print(f"wrote {path}")
+
+
 def _score(args: argparse.Namespace) -> int:
     from models.config import TrainConfig
     from models.data import ImageCache
@@ -618,8 +624,7 @@ def _teacher(args: argparse.Namespace) -> int:
         same = evaluate_logits(targets, st["logits"][keep], pids, labels, args.bootstrap, args.seed)
         metrics["student_on_same_images"] = {k: same[k] for k in ("mean_auc", "mean_ci_low", "mean_ci_high")}
     print(format_table(metrics, title=f"teacher on {int(keep.sum())} of {len(ids)} evaluation images"))
-    Path(args.out).write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, metrics)
     return 0
 
 
@@ -643,8 +648,7 @@ def _compare(args: argparse.Namespace) -> int:
           f"{res['ci_high']:+.4f}], P(gain <= 0) = {res['p_le_zero']} ({res['n_patients']} patients, "
           f"{res['n_boot']} paired resamples)")
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=2, allow_nan=False) + "\n")
-        print(f"wrote {args.out}")
+        write_json(args.out, res)
     return 0
 
 
