@@ -51,13 +51,14 @@ def learning_curve(runs: Sequence[str], target: float, n_boot: int = 1000, seed:
     """The curve of ``runs`` (run directories with ``predictions.npz`` and ``metrics.json``, all on the
     same evaluation images), its slope and the size that reaches ``target``, with bootstrap intervals."""
     preds = [load_predictions(r) for r in runs]
-    sizes = []
+    sizes, arms = [], []
     for r in runs:
         metrics = json.loads((Path(r) / "metrics.json").read_text())
         if not metrics.get("train_images"):
             raise InvalidArgumentError(f"{r}: metrics.json does not record train_images (trained before the "
                                        "learning-curve change?)")
         sizes.append(int(metrics["train_images"]))
+        arms.append(int(metrics.get("n_folds") or 0))  # the nominal fraction (K-1)/K; folds differ by a few images
     ref = preds[0]
     for r, p in zip(runs, preds):
         if not (np.array_equal(p["image_ids"], ref["image_ids"]) and np.array_equal(p["label_names"],
@@ -66,7 +67,9 @@ def learning_curve(runs: Sequence[str], target: float, n_boot: int = 1000, seed:
     targets = np.asarray(ref["targets"], dtype=np.float64)
     valid = scorable_labels(targets)
     sizes_arr = np.array(sizes)
-    groups = {n: [k for k, s in enumerate(sizes) if s == n] for n in sorted(set(sizes))}
+    # runs of one nominal size (the same n_folds; its folds hold a few images more or less) are resampled together
+    members = {a: [k for k, b in enumerate(arms) if b == a] for a in set(arms)}
+    groups = dict(sorted(members.items(), key=lambda item: np.mean([sizes[k] for k in item[1]])))  # smallest first
     aucs = np.array([resampled_mean_auc(targets, p["logits"], valid, None) for p in preds])
     intercept, slope = fit_log2(sizes_arr, aucs)
     n_max = max(sizes)
@@ -81,9 +84,10 @@ def learning_curve(runs: Sequence[str], target: float, n_boot: int = 1000, seed:
     s_lo, s_hi = _interval(slopes, level)
     q = (1 - level) / 2  # "never" (inf) sorts last; an order-statistic quantile keeps it (no inf - inf)
     need_lo, need_hi = (float(np.quantile(needed, p, method="inverted_cdf")) for p in (q, 1 - q))
-    per_size = [{"train_images": n, "runs": [str(runs[k]) for k in ks],
+    per_size = [{"train_images": round(float(sizes_arr[ks].mean())), "train_images_per_run": [sizes[k] for k in ks],
+                 "n_folds": a, "runs": [str(runs[k]) for k in ks],
                  "mean_auc": [_f(aucs[k]) for k in ks], "mean_auc_avg": _f(aucs[ks].mean())}
-                for n, ks in groups.items()]
+                for a, ks in groups.items()]
     need = images_for(target, intercept, slope)
     return {"per_size": per_size, "slope_per_doubling": _f(slope), "slope_ci": [_f(s_lo), _f(s_hi)],
             "fitted_auc_at_largest": _f(intercept + slope * np.log2(n_max)),
@@ -111,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for row in res["per_size"]:
-        print(f"{row['train_images']:5d} training images: mean AUC {row['mean_auc']} (avg {row['mean_auc_avg']})")
+        print(f"{row['train_images']:5d} training images (runs: {row['train_images_per_run']}): mean AUC "
+              f"{row['mean_auc']} (avg {row['mean_auc_avg']})")
     lo, hi = res["slope_ci"]
     print(f"slope {res['slope_per_doubling']:+.4f} per doubling, 95% CI [{lo:+.4f}, {hi:+.4f}]; fitted at the largest "
           f"size {res['fitted_auc_at_largest']}; P(slope <= 0) = {res['p_slope_le_zero']}")

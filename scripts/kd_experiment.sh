@@ -19,7 +19,8 @@
 # ARMS="plain" trains only the plain arm, SEEDS="0 1 2 3 4" other seeds (scripts/soup_experiment.sh uses both);
 # ARMS="ema" the weight-EMA arm (EMA_DECAY, default 0.99), whose runs hold their plain twins (scripts/ema_experiment.sh);
 # ARMS="llrd" layer-wise learning-rate decay (LAYER_DECAY, default 0.75; scripts/llrd_experiment.sh);
-# ARMS="subK" (K >= 2) the plain arm on (K-1)/K of the training patients (scripts/learning_curve.sh).
+# ARMS="subK" (K >= 2) the plain arm on (K-1)/K of the training patients (scripts/learning_curve.sh);
+# ARMS="mixup" the plain arm with mixup (MIXUP_ALPHA, default 0.2; scripts/mixup_experiment.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-runs/kd}
@@ -78,6 +79,10 @@ for seed in $SEEDS; do
           --n-folds "$k" --fold $((seed % k))
     fi
   done
+  if [[ " $ARMS " == *" mixup "* ]]; then  # mixup (MIXUP_ALPHA, default 0.2; scripts/mixup_experiment.sh)
+    run "mixup-s$seed" "${COMMON[@]}" --model efficientnet_lite0 --input-size 224 --seed "$seed" --box-beta 0.1 \
+        --mixup-alpha "${MIXUP_ALPHA:-0.2}"
+  fi
   if [[ " $ARMS " == *" plain "* ]]; then
     run "plain-s$seed" "${COMMON[@]}" --model efficientnet_lite0 --input-size 224 --seed "$seed" --box-beta 0.1
   fi

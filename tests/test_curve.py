@@ -10,7 +10,7 @@ from cxr_edge.errors import InvalidArgumentError
 from models.curve import fit_log2, images_for, learning_curve, main
 
 
-def _run(tmp_path, name, n_train, signal, seed, n=150, n_labels=3):
+def _run(tmp_path, name, n_train, signal, seed, n=150, n_labels=3, n_folds=None):
     """A run directory as models.train writes it: predictions.npz on shared images, metrics.json."""
     rng = np.random.default_rng(100)  # the same images and targets in every run
     y = (rng.random((n, n_labels)) < 0.3).astype(np.float64)
@@ -20,7 +20,8 @@ def _run(tmp_path, name, n_train, signal, seed, n=150, n_labels=3):
     np.savez(run / "predictions.npz", image_ids=np.array([f"i{k}" for k in range(n)]), logits=y * signal + noise,
              targets=y, patient_ids=np.array([f"p{k // 2}" for k in range(n)]),
              label_names=np.array(["A", "B", "C"]))
-    (run / "metrics.json").write_text(json.dumps({"train_images": n_train}))
+    folds = {250: 4, 300: 2, 500: 2}.get(n_train, 0) if n_folds is None else n_folds
+    (run / "metrics.json").write_text(json.dumps({"train_images": n_train, "n_folds": folds}))
     return str(run)
 
 
@@ -36,10 +37,11 @@ def test_fit_and_extrapolation_are_the_line_in_log2():
 
 
 def test_learning_curve_recovers_a_rising_curve_and_bounds_it(tmp_path):
-    runs = [_run(tmp_path, f"n{n}-s{s}", n, signal, seed=10 * n + s)
-            for n, signal in ((250, 0.4), (500, 0.8), (1000, 1.6)) for s in range(2)]
+    runs = [_run(tmp_path, f"n{n}-s{s}", n + s, signal, seed=10 * n + s, n_folds=k)  # folds differ by an image
+            for n, signal, k in ((250, 0.4, 4), (500, 0.8, 2), (1000, 1.6, 0)) for s in range(2)]
     res = learning_curve(runs, target=0.99, n_boot=200)
-    assert [row["train_images"] for row in res["per_size"]] == [250, 500, 1000]
+    assert [row["train_images_per_run"] for row in res["per_size"]] == [[250, 251], [500, 501], [1000, 1001]]
+    assert [row["n_folds"] for row in res["per_size"]] == [4, 2, 0]  # grouped by nominal size, largest last
     means = [row["mean_auc_avg"] for row in res["per_size"]]
     assert means[0] < means[1] < means[2]
     lo, hi = res["slope_ci"]
