@@ -91,16 +91,16 @@ def to_unit_range(arr: np.ndarray, lo: float, hi: float, what: str = "image") ->
     if hi == lo:
         raise CorruptImageError(f"the {what}'s declared intensity range is empty; cannot scale it")
     check_finite(arr, what)
-    if np.issubdtype(arr.dtype, np.integer) and lo == 0 and np.float32(hi) >= 1:
-        # the common case (a decoded PNG/JPEG/TIFF: 0..maxval): integers over a float32 divisor >= 1 are finite,
-        # and every sample within [0, hi] maps into [0, 1] exactly (rounding is monotonic), so the clip and the
-        # second finite scan are needed only when a sample lies outside (two cheap integer reductions decide)
-        out = np.divide(arr, np.float32(hi), dtype=np.float32)
-        if arr.size and ((arr.dtype.kind == "i" and int(arr.min()) < 0) or int(arr.max()) > hi):
-            np.clip(out, 0.0, 1.0, out=out)
-        return np.ascontiguousarray(out)
     if np.issubdtype(arr.dtype, np.integer) and lo == 0 and hi > 0:
         out = np.divide(arr, np.float32(hi), dtype=np.float32)
+        if np.float32(hi) >= 1:
+            # the common case (a decoded PNG/JPEG/TIFF: 0..maxval): integers over a float32 divisor >= 1 are
+            # finite, and every sample within [0, hi] maps into [0, 1] exactly (rounding is monotonic), so the
+            # clip is needed only when a sample lies outside (two cheap integer reductions decide) and the
+            # second finite scan never
+            if arr.size and ((arr.dtype.kind == "i" and int(arr.min()) < 0) or int(arr.max()) > hi):
+                np.clip(out, 0.0, 1.0, out=out)
+            return np.ascontiguousarray(out)
     else:
         scaled = np.subtract(arr, lo, dtype=np.float64)
         scaled *= 1.0 / (hi - lo)

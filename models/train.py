@@ -531,6 +531,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             tl, tm = batch.get("teacher_logits"), batch.get("teacher_maps")
             if teachers:
                 tl, tm = _online_teacher(teachers, batch, d.device, need_maps)
+            tl = None if tl is None else tl.to(d.device)  # on the device once: mixup reads each twice
+            tm = None if tm is None else [m.to(d.device) for m in tm]
+            boxes = (batch["box_mask"].to(d.device), batch["box_has"].to(d.device)) if cfg.box_beta > 0 else None
             lam, perm = mixup_draw(mix_rng, cfg.mixup_alpha, x.shape[0])
             if perm is not None:
                 x = lam * x + (1.0 - lam) * x[perm]
@@ -543,13 +546,12 @@ def train(cfg: TrainConfig) -> TrainResult:
                 """The losses against images ``idx``'s targets, teachers and boxes (None: the batch as is)."""
                 pick = (lambda t: t) if idx is None else (lambda t: t[idx])  # noqa: E731
                 total, parts = distillation_loss(
-                    logits.float(), pick(y), None if tl is None else pick(tl.to(d.device)), cfg.kd_alpha,
+                    logits.float(), pick(y), None if tl is None else pick(tl), cfg.kd_alpha,
                     cfg.kd_temperature, cfg.teacher_combine, feats if need_maps else None,
-                    None if tm is None else [pick(m.to(d.device)) for m in tm], cfg.at_beta,
+                    None if tm is None else [pick(m) for m in tm], cfg.at_beta,
                     cfg.teacher_weights or None, cfg.kd_loss)
-                if cfg.box_beta > 0:
-                    bl = box_cam_loss(feats, model.classifier.weight, pick(batch["box_mask"].to(d.device)),
-                                      pick(batch["box_has"].to(d.device)))
+                if boxes is not None:
+                    bl = box_cam_loss(feats, model.classifier.weight, pick(boxes[0]), pick(boxes[1]))
                     total = total + cfg.box_beta * bl
                     parts["box"] = float(bl.detach())
                 return total, parts
