@@ -9,6 +9,7 @@ several threads at once, so one Engine can serve many requests concurrently.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from .classifier import SCHEMA_VERSION, Classifier, Prediction, describe_source, label_index
 from .errors import CxrEdgeError, InternalError, InvalidArgumentError, OutputError
@@ -96,27 +97,78 @@ def cam_file_name(source: Any, label: str) -> str:
 
 CAM_CHOICES = ("positive", "top", "all")
 
+
 def decode_workers(prefetch: int, model_threads: int | None = None) -> int:
     """Decoder threads for a prefetch depth: at most one per core the model's threads leave free (at least one).
 
-    Measured on 2 cores, 1024 px PNGs (benchmarks/firmware_loop.py): while decoding a 1024 px PNG took
-    longer than the 1-thread model, two decoders beat one (1.5-1.6x vs 1.3x the one-at-a-time rate); with
-    the ISA-L inflate it is shorter (9.5 vs 10.4 ms), and one decoder beside the model beat two, which
-    oversubscribed the cores (1.51x vs 1.47x, best of 5 rounds; see :func:`pipelined_model_threads`).
+    Used where decoding runs ahead of a separate inference stage (batches of more than one image, and
+    ``serve --prefetch``). Measured on 2 cores, 1024 px PNGs (benchmarks/firmware_loop.py): while decoding
+    a 1024 px PNG took longer than the 1-thread model, two decoders beat one (1.5-1.6x vs 1.3x the
+    one-at-a-time rate); with the ISA-L inflate it is shorter (9.5 vs 10.4 ms), and one decoder beside the
+    model beat two, which oversubscribed the cores (1.51x vs 1.47x, best of 5 rounds; see
+    :func:`pipelined_model_threads`).
     """
     cores = os.cpu_count() or 2
     free = cores - model_threads if model_threads else cores
     return max(1, min(prefetch, free))
 
 
+def path_workers(model_threads: int | None) -> int:
+    """Threads that each take one input through the whole path (decode, model, overlays, JSON) in a
+    pipelined run of single images: one per ``model_threads`` cores; 1 when the model takes all cores.
+
+    Why not a decoder thread beside a model thread: the two stages never take the same time (decode
+    depends on the file, the machine's noise moves both), so one of the two cores idles whenever its
+    stage is ahead. Workers that each do whatever the next input needs keep both cores busy. Measured on
+    2 cores, 50 PNGs of 1024 px, 8-12 alternating rounds (session 21, docs/results/firmware): 2 workers
+    80-86 img/s best, 73-75 median, against 75 / 69 for one decoder beside the model.
+    """
+    cores = os.cpu_count() or 2
+    return max(1, cores // model_threads) if model_threads else 1
+
+
 def pipelined_model_threads(threads: int | None, n_inputs: int, prefetch: int) -> int | None:
     """Model threads for a run of ``n_inputs`` at ``prefetch``: the user's choice when given; else 1
-    when decoding overlaps inference over several inputs (the decoders take the other cores, and a
+    when several inputs overlap (:func:`path_workers` or the decoders take the other cores, and a
     multi-threaded model would only compete with them), else None (the Classifier's default: all
     cores, the lowest latency for one image)."""
     if threads is not None:
         return threads
     return 1 if prefetch > 0 and n_inputs > 1 else None
+
+
+def _checked_prefetch(prefetch: Any) -> int:
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+        raise InvalidArgumentError(f"prefetch must be an integer >= 0, got {prefetch!r}")
+    return prefetch
+
+
+def in_order(fn: Callable[[Any], Any], sources: Iterable[Any], *, window: int, workers: int,
+             name: str) -> Iterator[Any]:
+    """``fn`` of each source on ``workers`` threads, yielded in the sources' order.
+
+    At most ``window`` sources are submitted and not yet yielded at any moment, so memory stays at
+    ``window`` results however slow the consumer is. Closing the iterator early (a broken pipe, an
+    interrupt) cancels what has not started and waits for what has.
+    """
+    it = iter(sources)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+    pending: deque = deque()
+    try:
+        for source in it:
+            pending.append(pool.submit(fn, source))
+            if len(pending) == window:
+                break
+        while pending:
+            item = pending.popleft().result()
+            for source in it:  # refill before handing the item over: the work goes on meanwhile
+                pending.append(pool.submit(fn, source))
+                break
+            yield item
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -277,31 +329,13 @@ class Engine:
         yielded at any moment, so at most ``prefetch`` decoded images wait in memory (plus what the
         caller holds). Closing the iterator early cancels what has not started.
         """
-        if prefetch < 0 or isinstance(prefetch, bool) or not isinstance(prefetch, int):
-            raise InvalidArgumentError(f"prefetch must be an integer >= 0, got {prefetch!r}")
-        if prefetch == 0:
+        if _checked_prefetch(prefetch) == 0:
             for source in sources:
                 yield self.decode(source, keep_image=keep_image)
             return
-        it = iter(sources)
-        pool = ThreadPoolExecutor(max_workers=workers or decode_workers(prefetch, self.classifier.bundle.threads),
-                                  thread_name_prefix="cxr-decode")
-        pending: deque = deque()
-        try:
-            for source in it:
-                pending.append(pool.submit(self.decode, source, keep_image=keep_image))
-                if len(pending) == prefetch:
-                    break
-            while pending:
-                item = pending.popleft().result()
-                for source in it:  # refill before handing the item over: decoding goes on meanwhile
-                    pending.append(pool.submit(self.decode, source, keep_image=keep_image))
-                    break
-                yield item
-        finally:
-            for future in pending:
-                future.cancel()
-            pool.shutdown(wait=True, cancel_futures=True)
+        decode = functools.partial(self.decode, keep_image=keep_image)
+        yield from in_order(decode, sources, window=prefetch, name="cxr-decode",
+                            workers=workers or decode_workers(prefetch, self.classifier.bundle.threads))
 
     def predict_object(self, source: Any, *, name: Any = None, cam_dir: str | os.PathLike | None = None,
                        cam_how: str = "positive") -> dict[str, Any]:
@@ -313,9 +347,17 @@ class Engine:
             cam_how: str = "positive", prefetch: int = 0) -> Iterator[dict[str, Any]]:
         """Objects for ``sources`` in order, the model run on real batches of ``batch_size``.
 
-        ``prefetch`` > 0 overlaps decoding with inference (:meth:`decoded`): the objects, their order
-        and the per-input errors are the same as without it; only the wall time changes.
+        ``prefetch`` > 0 overlaps the inputs: single images go through :func:`path_workers` threads,
+        each taking an input through the whole path, at most ``prefetch`` + 1 in flight; batches (and a
+        model on all cores) get decoders running ``prefetch`` ahead (:meth:`decoded`). Either way the
+        objects, their order and the per-input errors are the same as without it; only the wall time changes.
         """
+        if _checked_prefetch(prefetch) and batch_size == 1:
+            workers = path_workers(self.classifier.bundle.threads)
+            if workers > 1:
+                whole = functools.partial(self.predict_object, cam_dir=cam_dir, cam_how=cam_how)
+                yield from in_order(whole, sources, window=prefetch + 1, workers=workers, name="cxr-path")
+                return
         batch: list[Decoded] = []
         for item in self.decoded(sources, keep_image=bool(cam_dir), prefetch=prefetch):
             batch.append(item)

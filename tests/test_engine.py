@@ -39,7 +39,8 @@ def mixed_folder(tmp_path):
 @pytest.mark.parametrize("batch_size", [1, 3])
 @pytest.mark.parametrize("prefetch", [1, 2, 5])
 def test_prefetch_gives_the_same_objects_in_the_same_order_with_every_error(tiny_bundle, mixed_folder, batch_size,
-                                                                            prefetch):
+                                                                            prefetch, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)  # batch 1: two whole-path workers; batch 3: one decoder
     engine = Engine(tiny_bundle, threads=1)
     serial = list(engine.run(mixed_folder, batch_size=batch_size, prefetch=0))
     ahead = list(engine.run(mixed_folder, batch_size=batch_size, prefetch=prefetch))
@@ -51,21 +52,80 @@ def test_prefetch_gives_the_same_objects_in_the_same_order_with_every_error(tiny
     assert sum(o["ok"] for o in ahead) == 9
 
 
-def test_prefetch_decodes_on_other_threads_while_the_consumer_works(tiny_bundle, mixed_folder, monkeypatch):
-    engine = Engine(tiny_bundle, threads=1)
-    threads = set()
+def _thread_spy(monkeypatch, delay: float = 0.0):
+    """Engine.decode wrapped to record the thread names it ran on and how many ran at once."""
+    lock = threading.Lock()
+    state = {"names": set(), "running": 0, "max_running": 0, "started": 0}
     real = Engine.decode
 
     def spy(self, source, **kw):
-        threads.add(threading.current_thread().name)
-        return real(self, source, **kw)
+        with lock:
+            state["names"].add(threading.current_thread().name)
+            state["started"] += 1
+            state["running"] += 1
+            state["max_running"] = max(state["max_running"], state["running"])
+        time.sleep(delay)
+        try:
+            return real(self, source, **kw)
+        finally:
+            with lock:
+                state["running"] -= 1
 
     monkeypatch.setattr(Engine, "decode", spy)
-    list(engine.run(mixed_folder, prefetch=2))
-    assert threads and all(name.startswith("cxr-decode") for name in threads)
-    threads.clear()
+    return state
+
+
+def test_prefetch_decodes_on_other_threads_while_the_consumer_works(tiny_bundle, mixed_folder, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    engine = Engine(tiny_bundle, threads=1)
+    state = _thread_spy(monkeypatch)
+    list(engine.run(mixed_folder, prefetch=2))  # single images: whole-path workers
+    assert state["names"] and all(name.startswith("cxr-path") for name in state["names"])
+    state["names"].clear()
+    list(engine.run(mixed_folder, prefetch=2, batch_size=3))  # batches: decoders ahead of the model
+    assert state["names"] and all(name.startswith("cxr-decode") for name in state["names"])
+    state["names"].clear()
     list(engine.run(mixed_folder, prefetch=0))
-    assert threads == {threading.current_thread().name}
+    assert state["names"] == {threading.current_thread().name}
+
+
+def test_single_images_go_through_one_worker_per_model_thread_core(tiny_bundle, mixed_folder, monkeypatch):
+    """On 2 cores with a 1-thread model, two inputs are worked on at once (neither core waits for the other
+    stage), never more, and at most prefetch + 1 are in flight ahead of the results handed out."""
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    engine = Engine(tiny_bundle, threads=1)
+    state = _thread_spy(monkeypatch, delay=0.02)
+    seen = 0
+    for obj in engine.run(mixed_folder, prefetch=2):
+        seen += 1
+        time.sleep(0.005)
+        assert state["started"] <= seen + 2 + 1
+    assert seen == len(mixed_folder)
+    assert state["max_running"] == 2
+    state.update(max_running=0)
+    list(engine.run(mixed_folder, prefetch=1))  # a window of 2 still keeps both workers busy
+    assert state["max_running"] == 2
+
+
+def test_path_workers_one_per_model_threads_cores(monkeypatch):
+    from cxr_edge.engine import path_workers
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert path_workers(1) == 2 and path_workers(2) == 1 and path_workers(None) == 1 and path_workers(4) == 1
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert path_workers(1) == 8 and path_workers(2) == 4 and path_workers(3) == 2
+    monkeypatch.setattr("os.cpu_count", lambda: None)
+    assert path_workers(1) == 2
+
+
+def test_a_model_on_all_cores_keeps_the_decoder_ahead_of_it(tiny_bundle, mixed_folder, monkeypatch):
+    """--threads 2 on 2 cores: no room for a second worker, so a decoder runs ahead of the model thread."""
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    engine = Engine(tiny_bundle, threads=2)
+    state = _thread_spy(monkeypatch)
+    objs = list(engine.run(mixed_folder, prefetch=2))
+    assert [o["source"] for o in objs] == mixed_folder
+    assert state["names"] and all(name.startswith("cxr-decode") for name in state["names"])
 
 
 @pytest.mark.parametrize("prefetch, workers, batch_size", [(1, 1, 1), (3, 2, 1), (4, 4, 2), (2, 2, 3)])
@@ -145,10 +205,12 @@ def test_decode_never_raises_for_a_bad_input(tiny_bundle, tmp_path):
     assert obj["ok"] is False and obj["error"]["code"]
 
 
-@pytest.mark.parametrize("bad", [-1, 1.5, True])
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])
 def test_prefetch_is_validated(tiny_bundle, bad):
     with pytest.raises(InvalidArgumentError):
         list(Engine(tiny_bundle, threads=1).decoded(["x"], prefetch=bad))
+    with pytest.raises(InvalidArgumentError):
+        list(Engine(tiny_bundle, threads=1).run(["x"], prefetch=bad))
 
 
 def test_decode_workers_one_per_free_core_at_most(monkeypatch):
