@@ -325,8 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which labels get overlays: positive (default)|top|all|LABEL; needs --cam-dir")
     p.add_argument("--batch-size", type=int, default=1, help="images per model run (default 1: lowest memory)")
     p.add_argument("--prefetch", type=int, default=2, metavar="N",
-                   help="decode up to N inputs ahead while the model runs (default 2; 0: one at a time); "
-                        "with several inputs and no --threads the model then runs on 1 thread beside the decoders")
+                   help="overlap inputs, at most N+1 in flight (default 2; 0: one at a time): with several inputs and "
+                        "no --threads, one worker per core takes each input through decode and a 1-thread model")
     p.add_argument("--allow-any-body-part", action="store_true",
                    help="accept DICOMs whose anatomy is not (confirmed) chest; such results carry out_of_scope=true")
     add_scope_arguments(p)
