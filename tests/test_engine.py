@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -271,3 +272,23 @@ def test_folder_run_with_large_jpegs_reduces_only_without_overlays(tmp_path, tin
     (tmp_path / "cams").mkdir()
     (cams,) = engine.run([str(path)], prefetch=1, cam_dir=str(tmp_path / "cams"), cam_how="all")
     assert cams["ok"] and "decode_scale" not in cams["image"]
+
+
+def test_workers_writing_overlays_for_the_same_file_twice_leave_one_whole_overlay(tmp_path, tiny_bundle_factory,
+                                                                                monkeypatch):
+    """Two workers may write the overlay of one input named twice at the same moment: each writes a temporary
+    file and renames it, so the folder ends with that overlay once, whole, and no temporary files."""
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    bundle = tiny_bundle_factory()
+    img = (np.random.default_rng(11).random((200, 200)) * 255).astype(np.uint8)
+    path = tmp_path / "same.png"
+    path.write_bytes(encode(".png", img))
+    cams = tmp_path / "cams"
+    cams.mkdir()
+    engine = Engine(bundle, threads=1)
+    objs = list(engine.run([str(path)] * 6, prefetch=3, cam_dir=str(cams), cam_how="all"))
+    assert all(o["ok"] for o in objs) and len({tuple(sorted(o["cam"].items())) for o in objs}) == 1
+    written = sorted(p.name for p in cams.iterdir())
+    assert written == sorted(Path(p).name for p in objs[0]["cam"].values())  # no .cxr-edge-*.tmp left
+    for p in objs[0]["cam"].values():
+        assert cv2.imread(p) is not None
