@@ -256,20 +256,21 @@ def two_core_capacity(one, model: str, pngs: list[str], runs: int) -> dict:
     batches = [engine.decode(p).prepared.tensor[None] for p in pngs]  # what the decoder stage hands the model
     n = max(runs, len(pngs))
 
-    def cycling(fn, items):
+    def cycling(fn, items, count: int):
         def loop() -> None:
-            for item in itertools.islice(itertools.cycle(items), n):
+            for item in itertools.islice(itertools.cycle(items), count):
                 fn(item)
         return loop
 
-    stage_decode = cycling(engine.decode, pngs)
-    stage_model = cycling(lambda x: clf.bundle.session.run(outputs, {spec.input_name: x}), batches)
-    stage_one = cycling(one.predict_object, pngs)
+    stages = {"decode": (engine.decode, pngs),
+              "model": (lambda x: clf.bundle.session.run(outputs, {spec.input_name: x}), batches),
+              "one": (one.predict_object, pngs)}
+    stage_decode, stage_model, stage_one = (cycling(fn, items, n) for fn, items in stages.values())
 
-    def alone(loop) -> float:
-        loop()  # warm-up: one pass
+    def alone(name: str) -> float:
+        cycling(*stages[name], 3)()  # warm-up: a few calls, not a whole pass
         t0 = time.perf_counter()
-        loop()
+        cycling(*stages[name], n)()
         return time.perf_counter() - t0
 
     def together(la, lb) -> float:
@@ -283,9 +284,9 @@ def two_core_capacity(one, model: str, pngs: list[str], runs: int) -> dict:
             t.join()
         return time.perf_counter() - t0
 
-    t_dec, t_mod = alone(stage_decode), alone(stage_model)
+    t_dec, t_mod = alone("decode"), alone("model")
     t_mm, t_dm = together(stage_model, stage_model), together(stage_decode, stage_model)
-    t_one = alone(stage_one)
+    t_one = alone("one")
     ms = lambda t: round(1e3 * t / n, 3)  # noqa: E731
     return {"runs": n, "images": len(pngs), "decode_stage_ms": ms(t_dec), "model_1thread_ms": ms(t_mod),
             "model_x2_concurrent_capacity": round(2 * t_mod / t_mm, 2),
