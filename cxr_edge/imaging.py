@@ -316,14 +316,21 @@ def _png_check_image_data(data: bytes, layout: _PngLayout, keep: bool = False) -
     """Inflate the IDAT stream in bounded pieces: it must give exactly the header's rows, each with a
     valid filter type (0-4), end its zlib stream (checksum verified) and carry nothing after it.
 
-    A zlib bomb stops at the declared size. ``keep``: return the inflated (still filtered) stream;
-    otherwise nothing is kept and memory stays at one piece.
+    A zlib bomb stops at the declared size. ``keep``: return the inflated (still filtered) stream, the
+    IDAT payloads joined first so that one call inflates them all; otherwise nothing is kept, each
+    chunk is inflated apart, and memory stays at one piece.
     """
     offsets, expected = _png_filter_offsets(layout)
     kept: list[bytes] | None = [] if keep else None
     inflater = _zlib.decompressobj()
     view = memoryview(data)
-    pieces = [(at, min(at + _INFLATE_PIECE, end)) for begin, end in layout.idat
+    spans = layout.idat
+    if keep and len(spans) > 1:  # one call, not one per chunk: writers split IDAT into 8 KiB chunks (41
+        # for a 1024 px radiograph), and each call costs a GIL hand-over and an output buffer, which
+        # held back parallel folder workers (benchmarks/firmware_loop.py; PLAN-session22.md)
+        view = memoryview(b"".join([view[begin:end] for begin, end in spans]))
+        spans = ((0, len(view)),)
+    pieces = [(at, min(at + _INFLATE_PIECE, end)) for begin, end in spans
               for at in range(begin, end, _INFLATE_PIECE)]
     done, used = 0, 0
     try:

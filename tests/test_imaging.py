@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import struct
+import types
 import zlib
 from pathlib import Path
 
@@ -651,8 +652,8 @@ def test_interlaced_png_row_layout_is_validated_exactly():
                        + png_chunk(b"IEND", b""))
 
 
-@pytest.mark.parametrize("damage", ["crc", "filter", "extra_rows", "after_stream", "unknown_critical",
-                                    "split_idat", "checksum", "not_deflate"])
+@pytest.mark.parametrize("damage", ["crc", "filter", "extra_rows", "after_stream", "after_stream_next_idat",
+                                    "unknown_critical", "split_idat", "checksum", "not_deflate"])
 def test_png_image_data_is_validated_before_the_decoder(damage, inflater, monkeypatch):
     img = gray8()
     data = encode(".png", img)
@@ -669,6 +670,7 @@ def test_png_image_data_is_validated_before_the_decoder(damage, inflater, monkey
         "filter": head + png_chunk(b"IDAT", zlib.compress(b"\x09" + raw[1:])) + end,
         "extra_rows": head + png_chunk(b"IDAT", zlib.compress(raw + raw[:500])) + end,
         "after_stream": head + png_chunk(b"IDAT", idat + b"junk") + end,
+        "after_stream_next_idat": head + png_chunk(b"IDAT", idat) + png_chunk(b"IDAT", b"junk") + end,
         "unknown_critical": head + png_chunk(b"CgBI", b"\x00" * 4) + png_chunk(b"IDAT", idat) + end,
         "checksum": head + png_chunk(b"IDAT", idat[:-1] + bytes([idat[-1] ^ 1])) + end,  # the zlib stream's adler32
         "not_deflate": head + png_chunk(b"IDAT", b"\x78\x9c" + bytes(range(7, 200))) + end,
@@ -676,6 +678,40 @@ def test_png_image_data_is_validated_before_the_decoder(damage, inflater, monkey
     monkeypatch.setattr(imaging.cv2, "imdecode", lambda *a, **k: pytest.fail("decoder reached"))
     with pytest.raises((CorruptImageError, UnsupportedFormatError)):
         read_image(bad)
+    monkeypatch.setattr(imaging, "_PNG_KEEP_LIMIT", 0)  # the large-image path checks chunk by chunk
+    with pytest.raises((CorruptImageError, UnsupportedFormatError)):
+        read_image(bad)
+
+
+def test_png_kept_stream_of_many_idat_chunks_is_inflated_in_one_call(monkeypatch):
+    """Writers split the image data into 8 KiB IDAT chunks; inflating them one call each made every
+    call a GIL hand-over (and an output-buffer allocation), which cost parallel folder workers about
+    a fifth of their throughput. The kept stream is joined and inflated in one call; the large-image
+    path still goes chunk by chunk, so its memory stays at one piece."""
+    data = encode(".png", gray8(600, 600))
+    layout = imaging._png_header(data)
+    assert len(layout.idat) > 4
+    calls: list[int] = []
+    real = imaging._zlib
+
+    class Counting:
+        def __init__(self) -> None:
+            self.inner = real.decompressobj()
+
+        def decompress(self, buf, max_length=0):
+            calls.append(len(buf))
+            return self.inner.decompress(buf, max_length)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr(imaging, "_zlib", types.SimpleNamespace(decompressobj=Counting, error=real.error))
+    kept = imaging._png_check_image_data(data, layout, keep=True)
+    assert kept == zlib.decompress(b"".join(data[a:b] for a, b in layout.idat))
+    assert len(calls) == 1
+    calls.clear()
+    assert imaging._png_check_image_data(data, layout, keep=False) is None
+    assert len(calls) == len(layout.idat)
 
 
 def test_png_damaged_ancillary_chunks_are_dropped_not_fatal():
