@@ -13,14 +13,18 @@ end; nothing is written into the repository) and measures:
 (b) **folder throughput**: ``Engine.run`` over the folder with ``prefetch=2`` (as ``cxr-edge predict
     FOLDER`` runs it: one whole-path worker per core, each with a 1-thread model) vs ``prefetch=0``
     (one at a time, the model on all cores), and ``serve`` with requests pipelined on one connection
-    at ``--prefetch 1`` vs ``0``, and with ``--workers 2 --threads 1``. Goal: >= 1.5x on 2 cores. And what the
+    at ``--prefetch 1`` vs ``0``, and with ``--workers 2 --threads 1``. Goal: >= 1.5x on 2 cores, judged on
+    the median of per-round ratios (``--rounds`` alternating ABBA rounds after a warm-up pass, with a
+    bootstrap 95% CI); the ratio of each mode's best round is printed too. And what the
     machine allows: the pipeline's two stages timed alone and then at once on two threads
     (``two_core_capacity``: two vCPUs need not deliver twice one's work).
 (c) **end to end vs its parts** on one ``--side`` PNG: ``Engine.predict_object`` vs decode
     (``Classifier.read``) + model (preprocess + ``session.run``), medians. Goal: e2e <= decode +
     model + 2 ms. Also a 2048 px JPEG decoded at full and at reduced size (libjpeg DCT scaling).
 (d) **serve per-request overhead**: sequential requests on one persistent connection vs
-    in-process ``Engine.predict_object`` on the same image, medians. Goal: <= 1 ms.
+    in-process ``Engine.predict_object`` on the same image, in alternating (ABBA) blocks of up to 10
+    requests: the median of per-block differences with a bootstrap 95% CI, and the difference of the
+    two overall medians. Goal: <= 1 ms.
 
 The machine (``lscpu`` model and flags, cores, load average) is printed beside the figures, and
 the run is marked NOT FINAL when a training run (``models.train``) shares the machine.
@@ -58,6 +62,28 @@ def pct(samples: list[float], q: float) -> float:
 
 def median_ms(samples: list[float]) -> float:
     return round(statistics.median(samples) * 1e3, 3)
+
+
+def paired_median(values: list[float], digits: int = 3, seed: int = 0) -> dict:
+    """The median of per-round (or per-block) paired figures, with a bootstrap 95% CI of that median.
+
+    Why paired: this VM drifts (one-at-a-time 17-24 ms per image within a minute), and the two modes do
+    not drift alike, so a ratio of each mode's best round rides on luck; a round's figure compares two
+    modes timed next to each other, and drift slower than a round cancels in it.
+    """
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    boot = np.median(rng.choice(v, size=(2000, v.size), replace=True), axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"median": round(float(np.median(v)), digits), "ci95": [round(float(lo), digits), round(float(hi), digits)],
+            "n": int(v.size), "values": [round(float(x), digits) for x in v]}
+
+
+def abba(keys: list, round_index: int) -> list:
+    """The order of the modes in a round: reversed every other round, so neither always goes first."""
+    return list(keys) if round_index % 2 == 0 else list(reversed(keys))
 
 
 def lat(samples: list[float]) -> dict[str, float]:
@@ -193,18 +219,27 @@ def folder_throughput(engine, paths: list[str], model: str, threads: int | None,
 
     runs = {0: lambda: engine.run(paths, prefetch=0), 2: lambda: piped_engine.run(paths, prefetch=2),
             "decoder_ahead": decoder_ahead}
-    best = {key: float("inf") for key in runs}
-    for _ in range(rounds):  # alternate, keep the best of each: the least disturbed run
-        for key, fn in runs.items():
+    for fn in runs.values():  # warm-up pass of each mode, not timed
+        sum(1 for _ in fn())
+    times: dict = {key: [] for key in runs}
+    for r in range(rounds):  # alternate (ABBA); keep every round: best of each, and per-round ratios
+        for key in abba(list(runs), r):
             t0 = time.perf_counter()
-            n = sum(1 for _ in fn())
-            best[key] = min(best[key], time.perf_counter() - t0)
+            n = sum(1 for _ in runs[key]())
+            times[key].append(time.perf_counter() - t0)
             assert n == len(paths)
+    best = {key: min(v) for key, v in times.items()}
     b = {"in_process": {"one_at_a_time_img_s": round(len(paths) / best[0], 3),
                         "prefetch2_img_s": round(len(paths) / best[2], 3),
                         "decoder_ahead_img_s": round(len(paths) / best["decoder_ahead"], 3)}}
     b["in_process"]["speedup"] = round(best[0] / best[2], 2)
     b["in_process"]["decoder_ahead_speedup"] = round(best[0] / best["decoder_ahead"], 2)
+    b["in_process"]["paired_speedup"] = paired_median([a / c for a, c in zip(times[0], times[2])])
+    b["in_process"]["paired_decoder_ahead_speedup"] = paired_median(
+        [a / c for a, c in zip(times[0], times["decoder_ahead"])])
+    b["in_process"]["rounds"] = rounds
+    b["in_process"]["round_ms_per_image"] = {str(key): [round(1e3 * t / len(paths), 3) for t in v]
+                                             for key, v in times.items()}
     b["in_process"]["model_threads"] = {"one_at_a_time": engine.classifier.bundle.threads,
                                         "prefetch2": piped_engine.classifier.bundle.threads}
     b["in_process"]["path_workers"] = path_workers(piped_engine.classifier.bundle.threads)
@@ -219,7 +254,7 @@ def folder_throughput(engine, paths: list[str], model: str, threads: int | None,
             s.sendall(_req("warm", paths[0]))
             _check(json.loads(r.readline()))
             t_best = float("inf")
-            for _ in range(rounds):
+            for _ in range(min(rounds, 5)):  # a side figure: five rounds keep the run short
                 t0 = time.perf_counter()
                 s.sendall(b"".join(_req(i, p) for i, p in enumerate(paths)))  # pipelined
                 for _ in paths:
@@ -353,27 +388,44 @@ def serve_overhead(engine, png: str, model: str, threads: int | None, folder: Pa
             for _ in range(3):
                 s.sendall(_req("warm", png))
                 _check(json.loads(r.readline()))
-            # alternating blocks, a pause between them: each process's onnxruntime threads spin for a
-            # while after a run, and a request issued right after the other process's would pay for it
-            block = max(1, requests // 5)
-            for b0 in range(0, requests, block):
-                n = min(block, requests - b0)
-                time.sleep(0.05)
+            # alternating blocks (ABBA), a pause before each: each process's onnxruntime threads spin for
+            # a while after a run, and a request issued right after the other process's would pay for it
+            block = max(1, min(10, requests // 10))
+
+            def in_process(b0: int, n: int) -> list[float]:
+                out = []
                 for _ in range(n):
                     t0 = time.perf_counter()
                     engine.predict_object(png)
-                    inproc.append(time.perf_counter() - t0)
-                time.sleep(0.05)
+                    out.append(time.perf_counter() - t0)
+                return out
+
+            def serve(b0: int, n: int) -> list[float]:
+                out = []
                 for i in range(b0, b0 + n):
                     t1 = time.perf_counter()
                     s.sendall(_req(i, png))
                     _check(json.loads(r.readline()))
-                    served.append(time.perf_counter() - t1)
+                    out.append(time.perf_counter() - t1)
+                return out
+
+            diffs = []
+            for k, b0 in enumerate(range(0, requests, block)):
+                n = min(block, requests - b0)
+                got = {}
+                for side, fn in abba([("in", in_process), ("serve", serve)], k):
+                    time.sleep(0.05)
+                    got[side] = fn(b0, n)
+                inproc += got["in"]
+                served += got["serve"]
+                diffs.append(1e3 * (statistics.median(got["serve"]) - statistics.median(got["in"])))
             s.close()
         finally:
             server.stop()
         row = {"in_process_ms": median_ms(inproc), "serve_ms": median_ms(served)}
         row["overhead_ms"] = round(row["serve_ms"] - row["in_process_ms"], 3)
+        row["paired_overhead_ms"] = paired_median(diffs)
+        row["block"] = block
         d[f"prefetch{depth}"] = row
     return d
 
@@ -385,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=50, help="images in the folder / firmware loop (default 50)")
     p.add_argument("--side", type=int, default=1024, help="pixel size of the generated PNGs (default 1024)")
     p.add_argument("--repeats", type=int, default=30, help="repeats for (c) and requests for (d) (default 30)")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds for (b), best kept (default 3)")
+    p.add_argument("--rounds", type=int, default=15,
+                   help="alternating rounds for (b): the best of each mode, and per-round ratios (default 15)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: the runtime's)")
     p.add_argument("--model", default=None, help="bundle (default: the embedded default model)")
     p.add_argument("--skip-cli-loop", action="store_true", help="skip (a) (it starts one process per image)")
@@ -442,9 +495,14 @@ def report(r: dict) -> None:
         print(f"    serve loop / per-call CLI throughput: {a['speedup_throughput']}x")
     b = r["b_folder_throughput"]
     bi, bs = b["in_process"], b["serve_pipelined"]
-    print(f"(b) folder, one at a time {bi['one_at_a_time_img_s']:.2f} img/s, prefetch 2 {bi['prefetch2_img_s']:.2f} "
-          f"img/s: {bi['speedup']}x (goal >= 1.5x; {bi.get('path_workers', '?')} whole-path workers); one decoder "
-          f"ahead of the model instead: {bi['decoder_ahead_img_s']:.2f} img/s, {bi['decoder_ahead_speedup']}x")
+    if "paired_speedup" in bi:
+        ps, pd = bi["paired_speedup"], bi["paired_decoder_ahead_speedup"]
+        print(f"(b) folder, paired rounds: prefetch 2 / one at a time {ps['median']:.2f}x, 95% CI {ps['ci95'][0]:.2f}-"
+              f"{ps['ci95'][1]:.2f} over {ps['n']} rounds (goal >= 1.5x; {bi.get('path_workers', '?')} whole-path "
+              f"workers); one decoder ahead instead {pd['median']:.2f}x ({pd['ci95'][0]:.2f}-{pd['ci95'][1]:.2f})")
+    print(f"(b) folder, best rounds: one at a time {bi['one_at_a_time_img_s']:.2f} img/s, prefetch 2 {bi['prefetch2_img_s']:.2f} "
+          f"img/s: {bi['speedup']}x; one decoder ahead of the model instead: {bi['decoder_ahead_img_s']:.2f} img/s, "
+          f"{bi['decoder_ahead_speedup']}x")
     print(f"    serve pipelined, --prefetch 0 {bs['prefetch0_img_s']:.2f} img/s, --prefetch 1 {bs['prefetch1_img_s']:.2f} "
           f"img/s: {bs['speedup']}x" + (f"; --workers 2 --threads 1 {bs['workers2_threads1_img_s']:.2f} img/s: "
                                         f"{bs['workers2_speedup']}x" if "workers2_speedup" in bs else ""))
@@ -462,8 +520,11 @@ def report(r: dict) -> None:
     print(f"    2048 px JPEG decode: full {j['decode_full_ms']:.2f} ms, reduced (1/{j['decode_scale']}) "
           f"{j['decode_reduced_ms']:.2f} ms: {j['speedup']}x")
     for depth, d in r["d_serve_overhead"].items():
+        paired = d.get("paired_overhead_ms")
+        extra = (f"; paired blocks of {d['block']}: {paired['median']:+.3f} ms, 95% CI {paired['ci95'][0]:+.3f} to "
+                 f"{paired['ci95'][1]:+.3f} over {paired['n']} blocks" if paired else "")
         print(f"(d) serve --{depth.replace('prefetch', 'prefetch ')}: {d['serve_ms']:.2f} ms vs in-process "
-              f"{d['in_process_ms']:.2f} ms: overhead {d['overhead_ms']:+.3f} ms per request (goal <= 1 ms)")
+              f"{d['in_process_ms']:.2f} ms: overhead {d['overhead_ms']:+.3f} ms per request{extra} (goal <= 1 ms)")
 
 
 if __name__ == "__main__":
