@@ -685,9 +685,9 @@ def test_png_image_data_is_validated_before_the_decoder(damage, inflater, monkey
 
 def test_png_kept_stream_of_many_idat_chunks_is_inflated_in_one_call(monkeypatch):
     """Writers split the image data into 8 KiB IDAT chunks; inflating them one call each made every
-    call a GIL hand-over (and an output-buffer allocation), which cost parallel folder workers about
-    a fifth of their throughput. The kept stream is joined and inflated in one call; the large-image
-    path still goes chunk by chunk, so its memory stays at one piece."""
+    chunk a GIL hand-over, and parallel folder workers took 11-14% more time per image (A/B rounds,
+    docs/results/firmware/PLAN-session22.md). The kept stream is joined and inflated in one call; the
+    large-image path still goes chunk by chunk, so its memory stays at one piece."""
     data = encode(".png", gray8(600, 600))
     layout = imaging._png_header(data)
     assert len(layout.idat) > 4
