@@ -81,6 +81,16 @@ def paired_median(values: list[float], digits: int = 3, seed: int = 0) -> dict:
             "n": int(v.size), "values": [round(float(x), digits) for x in v]}
 
 
+def timed(call, items) -> list[float]:
+    """Seconds each ``call(item)`` took, one after another."""
+    out = []
+    for item in items:
+        t0 = time.perf_counter()
+        call(item)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
 def abba(keys: list, round_index: int) -> list:
     """The order of the modes in a round: reversed every other round, so neither always goes first."""
     return list(keys) if round_index % 2 == 0 else list(reversed(keys))
@@ -392,30 +402,18 @@ def serve_overhead(engine, png: str, model: str, threads: int | None, folder: Pa
             # a while after a run, and a request issued right after the other process's would pay for it
             block = max(1, min(10, requests // 10))
 
-            def in_process(b0: int, n: int) -> list[float]:
-                out = []
-                for _ in range(n):
-                    t0 = time.perf_counter()
-                    engine.predict_object(png)
-                    out.append(time.perf_counter() - t0)
-                return out
+            def served_one(i: int) -> None:
+                s.sendall(_req(i, png))
+                _check(json.loads(r.readline()))
 
-            def serve(b0: int, n: int) -> list[float]:
-                out = []
-                for i in range(b0, b0 + n):
-                    t1 = time.perf_counter()
-                    s.sendall(_req(i, png))
-                    _check(json.loads(r.readline()))
-                    out.append(time.perf_counter() - t1)
-                return out
-
+            sides = [("in", lambda i: engine.predict_object(png)), ("serve", served_one)]
             diffs = []
             for k, b0 in enumerate(range(0, requests, block)):
-                n = min(block, requests - b0)
+                ids = range(b0, min(b0 + block, requests))
                 got = {}
-                for side, fn in abba([("in", in_process), ("serve", serve)], k):
+                for side, call in abba(sides, k):
                     time.sleep(0.05)
-                    got[side] = fn(b0, n)
+                    got[side] = timed(call, ids)
                 inproc += got["in"]
                 served += got["serve"]
                 diffs.append(1e3 * (statistics.median(got["serve"]) - statistics.median(got["in"])))
