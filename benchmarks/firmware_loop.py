@@ -1,6 +1,7 @@
 """Whole-path speed of the runtime as firmware uses it, every figure and ratio from one run.
 
-    python benchmarks/firmware_loop.py [--images 50] [--side 1024] [--threads N] [--model M] [--json out.json]
+    python benchmarks/firmware_loop.py [--images 50] [--side 1024] [--threads N] [--rounds 15] [--repeats 30]
+        [--requests N] [--model M] [--json out.json]
 
 Makes ``--images`` radiographs from the shared pool (``../shared/data/nih-cxr14-sample/images``,
 area/Lanczos-resized to ``--side`` px, written as PNG into a temporary folder that is removed at the
@@ -434,7 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=50, help="images in the folder / firmware loop (default 50)")
     p.add_argument("--side", type=int, default=1024, help="pixel size of the generated PNGs (default 1024)")
-    p.add_argument("--repeats", type=int, default=30, help="repeats for (c) and requests for (d) (default 30)")
+    p.add_argument("--repeats", type=int, default=30, help="repeats for (b2) and (c) (default 30)")
+    p.add_argument("--requests", type=int, default=None,
+                   help="requests each way for (d), per --prefetch depth (default: --repeats); its CI narrows "
+                        "with the square root of this")
     p.add_argument("--rounds", type=int, default=15,
                    help="alternating rounds for (b): the best of each mode, and per-round ratios (default 15)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: the runtime's)")
@@ -465,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         result["b_folder_throughput"] = folder_throughput(engine, paths, model, args.threads, tmp, args.rounds)
         result["b2_two_core_capacity"] = two_core_capacity(engine, model, paths, args.repeats)
         result["c_end_to_end"] = end_to_end(engine, paths[0], tmp, args.repeats)
-        result["d_serve_overhead"] = serve_overhead(engine, paths[0], model, args.threads, tmp, args.repeats)
+        result["d_serve_overhead"] = serve_overhead(engine, paths[0], model, args.threads, tmp,
+                                                   args.requests or args.repeats)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result["machine"]["load_average_1min_end"] = round(os.getloadavg()[0], 2)
