@@ -108,7 +108,8 @@ def lscpu() -> dict[str, str]:
         text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return {}
-    keys = ("Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket", "Flags")
+    keys = ("Model name", "CPU family", "Model", "Stepping", "CPU(s)", "Thread(s) per core", "Core(s) per socket",
+            "Flags")
     out = {}
     for line in text.splitlines():
         key, _, value = line.partition(":")
@@ -456,7 +457,11 @@ def main(argv: list[str] | None = None) -> int:
     cpu = lscpu()
     result: dict = {"model_id": engine.model_id, "threads": engine.classifier.bundle.threads,
                     "images": args.images, "side": args.side,
-                    "machine": {"lscpu_model": cpu.get("Model name"), "cpus": cpu.get("CPU(s)"),
+                    "machine": {"lscpu_model": cpu.get("Model name"),
+                                # a VM's model name can be just "AMD EPYC": family/model/stepping tell its generation
+                                "lscpu_family_model_stepping": "/".join(cpu.get(k, "?") for k in
+                                                                        ("CPU family", "Model", "Stepping")),
+                                "cpus": cpu.get("CPU(s)"),
                                 "threads_per_core": cpu.get("Thread(s) per core"),
                                 "isa": machine_info().get("isa"), "lscpu_flags": cpu.get("Flags"),
                                 "load_average_1min_start": round(os.getloadavg()[0], 2)},
@@ -483,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(r: dict) -> None:
     m = r["machine"]
-    print(f"machine: {m['lscpu_model']}, {m['cpus']} CPU(s), {m['threads_per_core']} thread(s)/core; "
+    print(f"machine: {m['lscpu_model']} (family/model/stepping {m.get('lscpu_family_model_stepping')}), {m['cpus']} CPU(s), {m['threads_per_core']} thread(s)/core; "
           f"ISA {' '.join(m['isa'] or [])}; load average {m['load_average_1min_start']} -> {m['load_average_1min_end']}")
     print(f"lscpu flags: {m['lscpu_flags']}")
     print(f"model {r['model_id']}, onnxruntime threads {r['threads']}, {r['images']} images of {r['side']} px")
