@@ -120,10 +120,11 @@ def path_workers(model_threads: int | None) -> int:
     Why not a decoder thread beside a model thread: the two stages never take the same time (decode
     depends on the file, the machine's noise moves both), so one of the two cores idles whenever its
     stage is ahead. Workers that each do whatever the next input needs keep both cores busy. Measured on
-    2 cores, 50 PNGs of 1024 px (benchmarks/firmware_loop.py, five runs each, docs/results/firmware/PLAN-session22.md):
-    1.61x the one-at-a-time rate (median of per-round ratios; one decoder beside the model 1.59x in the
-    same runs); the gain over that decoder is small on 2 cores, and it grows with cores (one worker each,
-    no single decoder to outrun).
+    2 cores, 50 PNGs of 1024 px (benchmarks/firmware_loop.py, five runs of 80 rounds per VM,
+    docs/results/firmware/PLAN-session23.md and PLAN-session24.md): 1.535x and 1.522x the one-at-a-time
+    rate (median of per-round ratios); one decoder beside the model 1.51x where decoding is about as long
+    as the 1-thread model, 1.41x where it is longer. The gain grows with cores (one worker each, no
+    single decoder to outrun).
     """
     cores = os.cpu_count() or 2
     return max(1, cores // model_threads) if model_threads else 1
