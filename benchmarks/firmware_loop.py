@@ -488,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(r: dict) -> None:
     m = r["machine"]
-    print(f"machine: {m['lscpu_model']} (family/model/stepping {m.get('lscpu_family_model_stepping')}), {m['cpus']} CPU(s), {m['threads_per_core']} thread(s)/core; "
+    print(f"machine: {m['lscpu_model']} (family/model/stepping {m.get('lscpu_family_model_stepping')}), "
+          f"{m['cpus']} CPU(s), {m['threads_per_core']} thread(s)/core; "
           f"ISA {' '.join(m['isa'] or [])}; load average {m['load_average_1min_start']} -> {m['load_average_1min_end']}")
     print(f"lscpu flags: {m['lscpu_flags']}")
     print(f"model {r['model_id']}, onnxruntime threads {r['threads']}, {r['images']} images of {r['side']} px")
