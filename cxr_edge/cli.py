@@ -23,7 +23,7 @@ from . import __version__
 from .errors import BundleError, CxrEdgeError, ImageError, InvalidArgumentError, OutputError
 
 from .cli_support import (EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT_FAILED, EXIT_MODEL, EXIT_OUTPUT, EXIT_OUT_OF_SCOPE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE, IMAGE_SUFFIXES, UsageError, _Parser, walk_inputs, iter_inputs, Progress, Reporter, add_scope_arguments, scope_mode)  # noqa: F401
-from .cli_support import add_overlay_arguments, add_trust_arguments, classifier_options, public_key_path, signature_warning
+from .cli_support import FOLDER_PREFETCH, add_overlay_arguments, add_trust_arguments, classifier_options, public_key_path, signature_warning
 
 
 def _report_error(args, source: Any, exc: BaseException) -> None:
@@ -324,9 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cam-label", default=None,
                    help="which labels get overlays: positive (default)|top|all|LABEL; needs --cam-dir")
     p.add_argument("--batch-size", type=int, default=1, help="images per model run (default 1: lowest memory)")
-    p.add_argument("--prefetch", type=int, default=2, metavar="N",
-                   help="overlap inputs, at most N+1 in flight (default 2; 0: one at a time): with several inputs and "
-                        "no --threads, one worker per core takes each input through decode and a 1-thread model")
+    p.add_argument("--prefetch", type=int, default=FOLDER_PREFETCH, metavar="N",
+                   help=f"overlap inputs, at most N+1 in flight (default {FOLDER_PREFETCH}; 0: one at a time): with "
+                        "several inputs and no --threads, one worker per core (and a spare when N > cores) takes each "
+                        "input through decode and a 1-thread model")
     p.add_argument("--allow-any-body-part", action="store_true",
                    help="accept DICOMs whose anatomy is not (confirmed) chest; such results carry out_of_scope=true")
     add_scope_arguments(p)

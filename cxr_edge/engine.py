@@ -113,21 +113,28 @@ def decode_workers(prefetch: int, model_threads: int | None = None) -> int:
     return max(1, min(prefetch, free))
 
 
-def path_workers(model_threads: int | None) -> int:
+def path_workers(model_threads: int | None, prefetch: int) -> int:
     """Threads that each take one input through the whole path (decode, model, overlays, JSON) in a
-    pipelined run of single images: one per ``model_threads`` cores; 1 when the model takes all cores.
+    pipelined run of single images, at most ``prefetch`` + 1 inputs in flight: one per ``model_threads``
+    cores, plus one spare when the window leaves room for it; 1 when the model takes all cores.
 
     Why not a decoder thread beside a model thread: the two stages never take the same time (decode
     depends on the file, the machine's noise moves both), so one of the two cores idles whenever its
-    stage is ahead. Workers that each do whatever the next input needs keep both cores busy. Measured on
-    2 cores, 50 PNGs of 1024 px (benchmarks/firmware_loop.py, five runs of 80 rounds per VM,
-    docs/results/firmware/PLAN-session23.md and PLAN-session24.md): 1.535x and 1.522x the one-at-a-time
-    rate (median of per-round ratios); one decoder beside the model 1.51x where decoding is about as long
-    as the 1-thread model, 1.41x where it is longer. The gain grows with cores (one worker each, no
-    single decoder to outrun).
+    stage is ahead. Workers that each do whatever the next input needs keep both cores busy.
+
+    Why a spare: the workers share one interpreter. A worker whose C call (inflate, imdecode, the model)
+    has ended waits for the GIL while another runs Python, and its core idles meanwhile; a spare worker
+    runs its own C call on that core. Probes on a 2-core Zen 5 VM, 50 PNGs of 1024 px, 30 alternating
+    rounds (docs/results/firmware/PLAN-session25.md): 6.5 ms per image with 3 workers vs 6.7-6.9 with 2;
+    a 4th gave nothing more. The spare needs a window of workers + 1: with 3 workers and 3 in flight, one
+    late result stalls the other two (7.0 ms). So it is added only when ``prefetch`` >= the cores'
+    workers + 1, as ``predict``'s default does (:data:`cxr_edge.cli_support.FOLDER_PREFETCH`).
     """
     cores = os.cpu_count() or 2
-    return max(1, cores // model_threads) if model_threads else 1
+    base = max(1, cores // model_threads) if model_threads else 1
+    if base == 1:
+        return 1
+    return min(base + 1, max(base, prefetch))
 
 
 def pipelined_model_threads(threads: int | None, n_inputs: int, prefetch: int) -> int | None:
@@ -356,7 +363,7 @@ class Engine:
         objects, their order and the per-input errors are the same as without it; only the wall time changes.
         """
         if _checked_prefetch(prefetch) and batch_size == 1:
-            workers = path_workers(self.classifier.bundle.threads)
+            workers = path_workers(self.classifier.bundle.threads, prefetch)
             if workers > 1:
                 whole = functools.partial(self.predict_object, cam_dir=cam_dir, cam_how=cam_how)
                 yield from in_order(whole, sources, window=prefetch + 1, workers=workers, name="cxr-path")

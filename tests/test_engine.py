@@ -92,31 +92,35 @@ def test_prefetch_decodes_on_other_threads_while_the_consumer_works(tiny_bundle,
 
 def test_single_images_go_through_one_worker_per_model_thread_core(tiny_bundle, mixed_folder, monkeypatch):
     """On 2 cores with a 1-thread model, two inputs are worked on at once (neither core waits for the other
-    stage), never more, and at most prefetch + 1 are in flight ahead of the results handed out."""
+    stage) at prefetch 1 and 2, three at the default prefetch 3 (the spare worker), never more, and at most
+    prefetch + 1 are in flight ahead of the results handed out."""
+    from cxr_edge.cli_support import FOLDER_PREFETCH
+
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     engine = Engine(tiny_bundle, threads=1)
     state = _thread_spy(monkeypatch, delay=0.02)
-    seen = 0
-    for obj in engine.run(mixed_folder, prefetch=2):
-        seen += 1
-        time.sleep(0.005)
-        assert state["started"] <= seen + 2 + 1
-    assert seen == len(mixed_folder)
-    assert state["max_running"] == 2
-    state.update(max_running=0)
-    list(engine.run(mixed_folder, prefetch=1))  # a window of 2 still keeps both workers busy
-    assert state["max_running"] == 2
+    for prefetch, workers in ((2, 2), (1, 2), (FOLDER_PREFETCH, 3), (6, 3)):
+        state.update(max_running=0, started=0)
+        seen = 0
+        for obj in engine.run(mixed_folder, prefetch=prefetch):
+            seen += 1
+            time.sleep(0.005)
+            assert state["started"] <= seen + prefetch + 1
+        assert seen == len(mixed_folder)
+        assert state["max_running"] == workers, prefetch
 
 
-def test_path_workers_one_per_model_threads_cores(monkeypatch):
+def test_path_workers_one_per_model_threads_cores_and_a_spare_when_the_window_allows(monkeypatch):
     from cxr_edge.engine import path_workers
 
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    assert path_workers(1) == 2 and path_workers(2) == 1 and path_workers(None) == 1 and path_workers(4) == 1
+    assert [path_workers(1, p) for p in (1, 2, 3, 8)] == [2, 2, 3, 3]
+    assert path_workers(2, 8) == 1 and path_workers(None, 8) == 1 and path_workers(4, 8) == 1
     monkeypatch.setattr("os.cpu_count", lambda: 8)
-    assert path_workers(1) == 8 and path_workers(2) == 4 and path_workers(3) == 2
+    assert path_workers(1, 3) == 8 and path_workers(1, 9) == 9 and path_workers(2, 4) == 4
+    assert path_workers(2, 5) == 5 and path_workers(3, 3) == 3 and path_workers(8, 9) == 1
     monkeypatch.setattr("os.cpu_count", lambda: None)
-    assert path_workers(1) == 2
+    assert path_workers(1, 3) == 3
 
 
 def test_a_model_on_all_cores_keeps_the_decoder_ahead_of_it(tiny_bundle, mixed_folder, monkeypatch):
