@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="images per model run (default 1: lowest memory)")
     p.add_argument("--prefetch", type=int, default=FOLDER_PREFETCH, metavar="N",
                    help=f"overlap inputs, at most N+1 in flight (default {FOLDER_PREFETCH}; 0: one at a time): with "
-                        "several inputs and no --threads, one worker per core (and a spare when N > cores) takes each "
+                        "several inputs and no --threads, one worker per core (plus a spare when N > cores) takes each "
                         "input through decode and a 1-thread model")
     p.add_argument("--allow-any-body-part", action="store_true",
                    help="accept DICOMs whose anatomy is not (confirmed) chest; such results carry out_of_scope=true")

@@ -12,9 +12,10 @@ from typing import Any, Iterator, Sequence
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT_FAILED, EXIT_MODEL, EXIT_OUTPUT = 0, 1, 2, 3, 4, 5
 EXIT_OUT_OF_SCOPE = 6  # every input was read, but some were out of scope and got no decisions
 EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141
-#: ``predict``'s ``--prefetch`` default. On 2 cores with a 1-thread model, 4 inputs in flight let
-#: :func:`cxr_edge.engine.path_workers` add its spare worker and keep one slot for a result that is late.
-FOLDER_PREFETCH = 3
+#: ``predict``'s ``--prefetch`` default: one worker per core, 3 inputs in flight. ``--prefetch 3`` would add
+#: :func:`cxr_edge.engine.path_workers`' spare worker; session 25's series found no gain from it (time
+#: ratio 0.99, CI 0.98-1.00, docs/results/firmware/PLAN-session25.md), so the default stayed at 2.
+FOLDER_PREFETCH = 2
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic", ".tif", ".tiff"}
 
 

@@ -124,11 +124,14 @@ def path_workers(model_threads: int | None, prefetch: int) -> int:
 
     Why a spare: the workers share one interpreter. A worker whose C call (inflate, imdecode, the model)
     has ended waits for the GIL while another runs Python, and its core idles meanwhile; a spare worker
-    runs its own C call on that core. Probes on a 2-core Zen 5 VM, 50 PNGs of 1024 px, 30 alternating
-    rounds (docs/results/firmware/PLAN-session25.md): 6.5 ms per image with 3 workers vs 6.7-6.9 with 2;
-    a 4th gave nothing more. The spare needs a window of workers + 1: with 3 workers and 3 in flight, one
-    late result stalls the other two (7.0 ms). So it is added only when ``prefetch`` >= the cores'
-    workers + 1, as ``predict``'s default does (:data:`cxr_edge.cli_support.FOLDER_PREFETCH`).
+    could run its own C call on that core. The spare needs a window of workers + 1 (with 3 workers and 3
+    in flight, one late result stalls the other two), so it is added only when ``prefetch`` >= the cores'
+    workers + 1. Not the default: probes on a 2-core Zen 5 VM, in an order that favoured them, put 3
+    workers 4-5% ahead of 2, but
+    session 25's series (five runs of 80 rounds, docs/results/firmware/PLAN-session25.md) found prefetch 3
+    level with prefetch 2 (time ratio 0.99, CI 0.98-1.00). Its rounds timed a mode right after the
+    one-at-a-time engine slower by about 20 ms, which hit prefetch 3 in half the rounds and prefetch 2
+    in none; the benchmark now runs each mode untimed on a few images before timing it.
     """
     cores = os.cpu_count() or 2
     base = max(1, cores // model_threads) if model_threads else 1

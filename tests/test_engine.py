@@ -92,14 +92,14 @@ def test_prefetch_decodes_on_other_threads_while_the_consumer_works(tiny_bundle,
 
 def test_single_images_go_through_one_worker_per_model_thread_core(tiny_bundle, mixed_folder, monkeypatch):
     """On 2 cores with a 1-thread model, two inputs are worked on at once (neither core waits for the other
-    stage) at prefetch 1 and 2, three at the default prefetch 3 (the spare worker), never more, and at most
-    prefetch + 1 are in flight ahead of the results handed out."""
+    stage) at prefetch 1 and 2 (the CLI's default), three from prefetch 3 on (the spare worker), never more,
+    and at most prefetch + 1 are in flight ahead of the results handed out."""
     from cxr_edge.cli_support import FOLDER_PREFETCH
 
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     engine = Engine(tiny_bundle, threads=1)
     state = _thread_spy(monkeypatch, delay=0.02)
-    for prefetch, workers in ((2, 2), (1, 2), (FOLDER_PREFETCH, 3), (6, 3)):
+    for prefetch, workers in ((FOLDER_PREFETCH, 2), (1, 2), (3, 3), (6, 3)):
         state.update(max_running=0, started=0)
         seen = 0
         for obj in engine.run(mixed_folder, prefetch=prefetch):
