@@ -126,12 +126,12 @@ def path_workers(model_threads: int | None, prefetch: int) -> int:
     has ended waits for the GIL while another runs Python, and its core idles meanwhile; a spare worker
     could run its own C call on that core. The spare needs a window of workers + 1 (with 3 workers and 3
     in flight, one late result stalls the other two), so it is added only when ``prefetch`` >= the cores'
-    workers + 1. Not the default: probes on a 2-core Zen 5 VM, in an order that favoured them, put 3
-    workers 4-5% ahead of 2, but
-    session 25's series (five runs of 80 rounds, docs/results/firmware/PLAN-session25.md) found prefetch 3
-    level with prefetch 2 (time ratio 0.99, CI 0.98-1.00). Its rounds timed a mode right after the
-    one-at-a-time engine slower by about 20 ms, which hit prefetch 3 in half the rounds and prefetch 2
-    in none; the benchmark now runs each mode untimed on a few images before timing it.
+    workers + 1. It is not the default. Probes on a 2-core Zen 5 VM put 3 workers 4-5% ahead of 2, in an
+    order that favoured them; session 25's series (five runs of 80 rounds,
+    docs/results/firmware/PLAN-session25.md) found prefetch 3 level with prefetch 2 (time ratio 0.99, CI
+    0.98-1.00) in an order that disfavoured them, and a check on the corrected benchmark 1.01 (CI
+    0.99-1.03). The default's figures: 1.535x the one-at-a-time rate on a Zen 4-class VM, 1.52-1.53x on
+    a Zen 5 VM (docs/cli.md).
     """
     cores = os.cpu_count() or 2
     base = max(1, cores // model_threads) if model_threads else 1
