@@ -525,21 +525,17 @@ def report(r: dict) -> None:
         print(f"    serve loop / per-call CLI throughput: {a['speedup_throughput']}x")
     b = r["b_folder_throughput"]
     bi, bs = b["in_process"], b["serve_pipelined"]
-    if "paired_speedup" in bi:
-        ps, pd = bi["paired_speedup"], bi["paired_decoder_ahead_speedup"]
-        n = bi.get("prefetch", 2)
-        print(f"(b) folder, paired rounds: prefetch {n} / one at a time {ps['median']:.2f}x, 95% CI {ps['ci95'][0]:.2f}-"
-              f"{ps['ci95'][1]:.2f} over {ps['n']} rounds (goal >= 1.5x; {bi.get('path_workers', '?')} whole-path "
-              f"workers); one decoder ahead instead {pd['median']:.2f}x ({pd['ci95'][0]:.2f}-{pd['ci95'][1]:.2f})")
-        if "paired_spare_worker_speedup" in bi:
-            p3, po = bi["paired_spare_worker_speedup"], bi["paired_default_over_spare"]
-            print(f"    prefetch {bi['spare_prefetch']} ({bi['spare_path_workers']} workers) / one at a time "
-                  f"{p3['median']:.2f}x ({p3['ci95'][0]:.2f}-{p3['ci95'][1]:.2f}); prefetch {n} time / prefetch "
-                  f"{bi['spare_prefetch']} time {po['median']:.3f} ({po['ci95'][0]:.3f}-{po['ci95'][1]:.3f}); each "
-                  f"timed pass after an untimed one over {bi['settle_images']} images")
-    piped_key = "pipelined_img_s" if "pipelined_img_s" in bi else "prefetch2_img_s"
-    print(f"(b) folder, best rounds: one at a time {bi['one_at_a_time_img_s']:.2f} img/s, prefetch {bi.get('prefetch', 2)} "
-          f"{bi[piped_key]:.2f} img/s: {bi['speedup']}x; one decoder ahead of the model instead: "
+    ps, pd = bi["paired_speedup"], bi["paired_decoder_ahead_speedup"]
+    p3, po, n, n3 = bi["paired_spare_worker_speedup"], bi["paired_default_over_spare"], bi["prefetch"], bi["spare_prefetch"]
+    print(f"(b) folder, paired rounds: prefetch {n} / one at a time {ps['median']:.2f}x, 95% CI {ps['ci95'][0]:.2f}-"
+          f"{ps['ci95'][1]:.2f} over {ps['n']} rounds (goal >= 1.5x; {bi['path_workers']} whole-path "
+          f"workers); one decoder ahead instead {pd['median']:.2f}x ({pd['ci95'][0]:.2f}-{pd['ci95'][1]:.2f})")
+    print(f"    prefetch {n3} ({bi['spare_path_workers']} workers) / one at a time {p3['median']:.2f}x "
+          f"({p3['ci95'][0]:.2f}-{p3['ci95'][1]:.2f}); prefetch {n} time / prefetch {n3} time {po['median']:.3f} "
+          f"({po['ci95'][0]:.3f}-{po['ci95'][1]:.3f}); each timed pass after an untimed one over "
+          f"{bi['settle_images']} images")
+    print(f"(b) folder, best rounds: one at a time {bi['one_at_a_time_img_s']:.2f} img/s, prefetch {n} "
+          f"{bi['pipelined_img_s']:.2f} img/s: {bi['speedup']}x; one decoder ahead of the model instead: "
           f"{bi['decoder_ahead_img_s']:.2f} img/s, {bi['decoder_ahead_speedup']}x")
     print(f"    serve pipelined, --prefetch 0 {bs['prefetch0_img_s']:.2f} img/s, --prefetch 1 {bs['prefetch1_img_s']:.2f} "
           f"img/s: {bs['speedup']}x" + (f"; --workers 2 --threads 1 {bs['workers2_threads1_img_s']:.2f} img/s: "
