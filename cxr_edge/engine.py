@@ -130,8 +130,9 @@ def path_workers(model_threads: int | None, prefetch: int) -> int:
     order that favoured them; session 25's series (five runs of 80 rounds,
     docs/results/firmware/PLAN-session25.md) found prefetch 3 level with prefetch 2 (time ratio 0.99, CI
     0.98-1.00) in an order that disfavoured them, and a check on the corrected benchmark 1.01 (CI
-    0.99-1.03). The default's figures: 1.535x the one-at-a-time rate on a Zen 4-class VM, 1.52-1.53x on
-    a Zen 5 VM (docs/cli.md).
+    0.99-1.03); session 26's series on that benchmark, on a Xeon, 1.004 (CI lower bounds 0.995). The
+    default's figures: 1.535x the one-at-a-time rate on a Zen 4-class VM, 1.52-1.53x on a Zen 5 VM,
+    1.56x on a Sapphire Rapids-class Xeon (docs/cli.md).
     """
     cores = os.cpu_count() or 2
     base = max(1, cores // model_threads) if model_threads else 1
