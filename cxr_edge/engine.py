@@ -126,13 +126,8 @@ def path_workers(model_threads: int | None, prefetch: int) -> int:
     has ended waits for the GIL while another runs Python, and its core idles meanwhile; a spare worker
     could run its own C call on that core. The spare needs a window of workers + 1 (with 3 workers and 3
     in flight, one late result stalls the other two), so it is added only when ``prefetch`` >= the cores'
-    workers + 1. It is not the default. Probes on a 2-core Zen 5 VM put 3 workers 4-5% ahead of 2, in an
-    order that favoured them; session 25's series (five runs of 80 rounds,
-    docs/results/firmware/PLAN-session25.md) found prefetch 3 level with prefetch 2 (time ratio 0.99, CI
-    0.98-1.00) in an order that disfavoured them, and a check on the corrected benchmark 1.01 (CI
-    0.99-1.03); session 26's series on that benchmark, on a Xeon, 1.004 (CI lower bounds 0.995). The
-    default's figures: 1.535x the one-at-a-time rate on a Zen 4-class VM, 1.52-1.53x on a Zen 5 VM,
-    1.56x on a Sapphire Rapids-class Xeon (docs/cli.md).
+    workers + 1. It is not the default: the series of sessions 25 and 26 found it level with the default
+    (docs/cli.md has the figures; docs/results/firmware/PLAN-session2*.md every run).
     """
     cores = os.cpu_count() or 2
     base = max(1, cores // model_threads) if model_threads else 1
