@@ -362,6 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests that may wait for a worker; more get a 'busy' reply (default 8; 0 = none wait)")
     p.add_argument("--max-request-bytes", type=int, default=64 << 20,
                    help="longest request line accepted (default 64 MiB)")
+    p.add_argument("--max-connections", type=int, default=16, metavar="N",
+                   help="socket clients served at once; one more gets a 'busy' line and is closed (default 16)")
+    p.add_argument("--send-timeout", type=float, default=10.0, metavar="S",
+                   help="close a connection whose client does not take a reply within S seconds, so it cannot "
+                        "stall the workers (default 10)")
+    p.add_argument("--idle-timeout", type=float, default=0.0, metavar="S",
+                   help="close a connection that sent nothing and waits for nothing for S seconds "
+                        "(default 0: never)")
     p.add_argument("--allow-any-body-part", action="store_true")
     add_scope_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no log lines on stderr")

@@ -13,11 +13,19 @@ plus ``"id"``. ``id`` is echoed as given (any JSON value; null when absent or un
 connection, requests may be pipelined; with several workers replies can come back out of order,
 so match them by ``id``.
 
-Concurrency: any number of clients (one reader thread per connection); ``--workers`` inference
-threads share the onnxruntime session; at most ``--workers + --queue-size`` predict requests are
-accepted at a time, further ones get ``{"ok": false, "error": {"type": "BusyError", "code": "busy"}}``
-immediately. A request line over ``--max-request-bytes`` gets ``request_too_large`` (the rest of
-that line is discarded, the connection stays usable).
+Concurrency: up to ``--max-connections`` clients at once (one reader thread each); one more gets a
+single ``busy`` line and is closed. ``--workers`` inference threads share the onnxruntime session; at
+most ``--workers + --queue-size`` predict requests are accepted at a time, further ones get
+``{"ok": false, "error": {"type": "BusyError", "code": "busy"}}`` immediately. A request line over
+``--max-request-bytes`` gets ``request_too_large`` (the rest of that line is discarded, the
+connection stays usable).
+
+No client can stall the others or the shutdown: a reply that a client does not take within
+``--send-timeout`` seconds closes that connection (its remaining requests are dropped unanswered, as
+nobody reads them); ``--idle-timeout`` (off by default) closes a connection that has sent nothing and
+waits for nothing that long. A closed connection leaves nothing behind, so a script that connects
+once per radiograph can run for months. Memory for request lines is bounded by
+``--max-connections x --max-request-bytes``.
 
 Decoding can overlap inference: with ``--prefetch N`` decoder threads read and decode accepted
 requests while the workers run the model, and at most N decoded requests wait for a worker (memory
@@ -52,6 +60,8 @@ from .errors import (BusyError, InvalidRequestError, OutputError, RequestTooLarg
 
 READ_CHUNK = 1 << 16
 MAX_UNIX_PATH = 107  # sun_path is 108 bytes on Linux, NUL included
+#: longest wait of one socket call: how soon a reader notices an idle or broken connection
+SOCKET_TICK_S = 1.0
 
 
 def iter_lines(recv: Callable[[], bytes], cap: int):
@@ -88,16 +98,64 @@ def iter_lines(recv: Callable[[], bytes], cap: int):
             start = nl + 1
 
 
+class StderrLog:
+    """Log lines to stderr from a thread of their own, so that a stderr nobody reads (a full pipe) never
+    blocks a worker or a reader: past ``capacity`` waiting lines, new ones are dropped and counted."""
+
+    def __init__(self, capacity: int = 1000, stream=None) -> None:
+        self._stream = stream or sys.stderr
+        self._lines: "queue.Queue[str | None]" = queue.Queue(maxsize=capacity)
+        self._dropped = 0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._write, daemon=True)
+        self._thread.start()
+
+    def __call__(self, message: str) -> None:
+        try:
+            self._lines.put_nowait(f"cxr-edge serve: {time.strftime('%H:%M:%S')} {message}\n")
+        except queue.Full:
+            with self._lock:
+                self._dropped += 1
+
+    def _write(self) -> None:
+        while True:
+            line = self._lines.get()
+            if line is None:
+                return
+            with self._lock:
+                dropped, self._dropped = self._dropped, 0
+            if dropped:
+                line = f"cxr-edge serve: {dropped} log line(s) dropped: stderr was not read\n" + line
+            try:
+                self._stream.write(line)
+                self._stream.flush()
+            except (OSError, ValueError):
+                pass
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Write what waits (for at most ``timeout_s``: stderr may be blocked for good)."""
+        try:
+            self._lines.put(None, timeout=timeout_s)
+        except queue.Full:
+            return
+        self._thread.join(timeout_s)
+
+
 class _Channel:
     """Where replies of one client go (a socket connection or stdout), with its pending count."""
 
-    def __init__(self, send: Callable[[bytes], None], close: Callable[[], None] | None = None) -> None:
+    def __init__(self, send: Callable[[bytes], None], close: Callable[[], None] | None = None, *,
+                 on_broken: Callable[[BaseException], None] | None = None,
+                 on_close: Callable[[], None] | None = None) -> None:
         self._send, self._close = send, close
+        self._on_broken, self._on_close = on_broken, on_close
         self._lock = threading.Lock()
         self.pending = 0
         self.reading = True
         self.broken = False
         self.closed = False
+        #: monotonic time of the last byte received or reply sent (what ``--idle-timeout`` measures)
+        self.last_activity = time.monotonic()
 
     def reply(self, obj: dict[str, Any]) -> None:
         data = (dumps(obj) + "\n").encode("ascii")
@@ -106,8 +164,14 @@ class _Channel:
                 return
             try:
                 self._send(data)
-            except (OSError, ValueError):
+            except (OSError, ValueError) as exc:
                 self.broken = True
+                failure: BaseException | None = exc
+            else:
+                self.last_activity = time.monotonic()
+                failure = None
+        if failure is not None and self._on_broken:
+            self._on_broken(failure)
 
     def add(self) -> None:
         with self._lock:
@@ -137,6 +201,8 @@ class _Channel:
                 self._close()
             except OSError:
                 pass
+        if self._on_close:
+            self._on_close()
 
 
 @dataclass
@@ -152,9 +218,16 @@ class Server:
     """The request loop around one :class:`~cxr_edge.engine.Engine` (see the module docstring)."""
 
     def __init__(self, engine: Engine, *, workers: int = 1, queue_size: int = 8, max_request_bytes: int = 64 << 20,
-                 log: Callable[[str], None] | None = None, delay_s: float = 0.0, prefetch: int = 0) -> None:
+                 log: Callable[[str], None] | None = None, delay_s: float = 0.0, prefetch: int = 0,
+                 max_connections: int = 16, send_timeout_s: float = 10.0, idle_timeout_s: float = 0.0) -> None:
         self.engine = engine
         self.workers = workers
+        #: socket clients served at once; one more is refused with a ``busy`` line
+        self.max_connections = max_connections
+        #: a reply not taken by its client within this many seconds closes that connection
+        self.send_timeout_s = send_timeout_s
+        #: > 0: a connection with nothing received, sent or pending for this long is closed
+        self.idle_timeout_s = idle_timeout_s
         #: > 0: accepted requests are decoded by decoder threads up to ``prefetch`` ahead of the inference
         #: workers (a second stage with a bounded queue); 0: each worker decodes its own request
         self.prefetch = prefetch
@@ -174,7 +247,9 @@ class Server:
         self._started = time.monotonic()
         self._threads: list[threading.Thread] = []
         self._decoders: list[threading.Thread] = []
-        self._channels: list[tuple[_Channel, socket.socket | None]] = []
+        #: open channels only (a channel leaves when it closes): what shutdown must unblock and close, and
+        #: what ``max_connections`` counts (its socket ones)
+        self._channels: dict[_Channel, socket.socket | None] = {}
         self._listener: socket.socket | None = None
         self._socket_path: str | None = None
 
@@ -188,11 +263,17 @@ class Server:
         with self._lock:
             waiting = self._queue.qsize() + self._ready.qsize()
             in_flight, served, stopping = self._in_flight, self._served, self._stopping
+            connections = self._open_connections()
         return {"id": rid, "schema_version": SCHEMA_VERSION, "ok": True, "op": "health",
                 "status": "stopping" if stopping else "ok", "model_id": self.engine.model_id,
                 "uptime_s": round(time.monotonic() - self._started, 3), "workers": self.workers,
                 "queue": {"capacity": self.queue_size, "waiting": waiting, "in_flight": in_flight},
+                "connections": {"capacity": self.max_connections, "open": connections},
                 "served": served}
+
+    def _open_connections(self) -> int:
+        """Socket channels still registered (the caller holds ``_lock``)."""
+        return sum(conn is not None for conn in self._channels.values())
 
     def _error(self, rid: Any, exc: BaseException, source: str = "<request>") -> dict[str, Any]:
         return {"id": rid, **error_object(source, exc)}
@@ -276,6 +357,9 @@ class Server:
             with self._lock:
                 self._in_flight += 1
             try:
+                if job.channel.broken:  # its client stopped taking replies: nobody would read this one
+                    self._log(f"#{job.seq} predict dropped (connection closed)")
+                    continue
                 if isinstance(decoded, BaseException):
                     raise decoded
                 obj = self._predict(job, decoded)
@@ -331,7 +415,16 @@ class Server:
         finally:
             channel.end_reading()
 
-    def _connection(self, conn: socket.socket) -> None:
+    def _socket_channel(self, conn: socket.socket) -> _Channel:
+        """A registered channel on an accepted connection whose every socket call waits at most a tick."""
+        def send(data: bytes) -> None:
+            view, deadline = memoryview(data), time.monotonic() + self.send_timeout_s
+            while view:
+                try:
+                    view = view[conn.send(view):]
+                except socket.timeout:
+                    if time.monotonic() >= deadline:
+                        raise
         def close() -> None:
             try:
                 conn.shutdown(socket.SHUT_RDWR)
@@ -339,10 +432,51 @@ class Server:
                 pass
             conn.close()
 
-        channel = _Channel(conn.sendall, close)
-        with self._lock:
-            self._channels.append((channel, conn))
-        self._read_channel(lambda: conn.recv(READ_CHUNK), channel)
+        def broken(exc: BaseException) -> None:
+            why = "did not take a reply within --send-timeout" if isinstance(exc, TimeoutError) else "went away"
+            self._log(f"connection closed: the client {why}")
+            try:
+                conn.shutdown(socket.SHUT_RDWR)  # ends its reader; queued requests of it are dropped
+            except OSError:
+                pass
+
+        def forget() -> None:
+            with self._lock:
+                self._channels.pop(channel, None)
+
+        tick = min(SOCKET_TICK_S, self.send_timeout_s, self.idle_timeout_s or SOCKET_TICK_S)
+        conn.settimeout(tick)
+        channel = _Channel(send, close, on_broken=broken, on_close=forget)
+        self._channels[channel] = conn
+        return channel
+
+    def _connection(self, conn: socket.socket, channel: _Channel) -> None:
+        def recv() -> bytes:
+            while True:
+                try:
+                    data = conn.recv(READ_CHUNK)
+                except socket.timeout:
+                    if channel.broken:
+                        return b""
+                    idle = time.monotonic() - channel.last_activity
+                    if self.idle_timeout_s and channel.pending == 0 and idle >= self.idle_timeout_s:
+                        self._log("connection closed: idle for --idle-timeout")
+                        return b""
+                    continue
+                channel.last_activity = time.monotonic()
+                return data
+
+        self._read_channel(recv, channel)
+
+    def _refuse(self, conn: socket.socket, exc: BaseException) -> None:
+        """One error line to a connection that is not served, then close it (never blocks the accept loop)."""
+        try:
+            conn.settimeout(SOCKET_TICK_S)
+            conn.sendall((dumps(self._error(None, exc, "<connection>")) + "\n").encode("ascii"))
+            conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        conn.close()
 
     def _accept(self) -> None:
         assert self._listener is not None
@@ -353,8 +487,24 @@ class Server:
                 continue
             except OSError:
                 return
-            conn.settimeout(None)
-            self._spawn(self._connection, conn)
+            with self._lock:
+                refused: BaseException | None = None
+                if self._stopping:
+                    refused = ShuttingDownError("the server is shutting down; no new connections")
+                elif self._open_connections() >= self.max_connections:
+                    refused = BusyError(f"{self.max_connections} connections are open (--max-connections); "
+                                        "close one or retry later")
+                else:
+                    channel = self._socket_channel(conn)
+            if refused is not None:
+                self._log(f"connection refused: {type(refused).__name__}")
+                self._refuse(conn, refused)
+                continue
+            try:
+                self._spawn(self._connection, conn, channel)
+            except RuntimeError:  # no thread to read it (the process is at its thread limit)
+                self._log("connection refused: no thread available")
+                channel.close()
 
     def _stdio(self) -> None:
         out_fd = sys.stdout.fileno()
@@ -365,9 +515,13 @@ class Server:
                 n = os.write(out_fd, view)
                 view = view[n:]
 
-        channel = _Channel(send)
+        def forget() -> None:
+            with self._lock:
+                self._channels.pop(channel, None)
+
+        channel = _Channel(send, on_close=forget)
         with self._lock:
-            self._channels.append((channel, None))
+            self._channels[channel] = None
         in_fd = sys.stdin.fileno()
         self._read_channel(lambda: os.read(in_fd, READ_CHUNK), channel)
         self._log("stdin closed: shutting down")
@@ -426,7 +580,7 @@ class Server:
     def shutdown(self) -> None:
         with self._lock:
             self._stopping = True
-            channels = list(self._channels)
+            channels = list(self._channels.items())
         if self._listener is not None:
             try:
                 self._listener.close()
@@ -474,15 +628,13 @@ def serve_main(args) -> int:
         raise UsageError("--max-request-bytes must be >= 1024")
     if args.prefetch < 0:
         raise UsageError("--prefetch must be >= 0")
-    quiet = args.quiet
-
-    def log(message: str) -> None:
-        if not quiet:
-            try:
-                sys.stderr.write(f"cxr-edge serve: {time.strftime('%H:%M:%S')} {message}\n")
-                sys.stderr.flush()
-            except (OSError, ValueError):
-                pass
+    if args.max_connections < 1:
+        raise UsageError("--max-connections must be >= 1")
+    if not args.send_timeout > 0:
+        raise UsageError("--send-timeout must be > 0")
+    if not args.idle_timeout >= 0:
+        raise UsageError("--idle-timeout must be >= 0 (0: never)")
+    log = (lambda message: None) if args.quiet else StderrLog()
 
     from .cli_support import classifier_options, public_key_path, scope_mode, signature_warning
 
@@ -497,7 +649,8 @@ def serve_main(args) -> int:
         print(f"cxr-edge serve: WARNING: {unsigned_note}", file=sys.stderr, flush=True)
     server = Server(engine, workers=args.workers, queue_size=args.queue_size,
                     max_request_bytes=args.max_request_bytes, log=log, delay_s=args.test_delay_ms / 1e3,
-                    prefetch=args.prefetch)
+                    prefetch=args.prefetch, max_connections=args.max_connections,
+                    send_timeout_s=args.send_timeout, idle_timeout_s=args.idle_timeout)
     if args.socket:
         server.listen(args.socket)
 
@@ -508,6 +661,8 @@ def serve_main(args) -> int:
     signal.signal(signal.SIGINT, on_signal)
     where = " and ".join(w for w, on in (("unix socket", bool(args.socket)), ("stdio", args.stdio)) if on)
     log(f"model {engine.model_id} loaded (signature: {engine.classifier.signature.describe()}); {args.workers} "
-        f"worker(s), queue {args.queue_size}; serving on {where}")
+        f"worker(s), queue {args.queue_size}, up to {args.max_connections} connections; serving on {where}")
     server.run(stdio=args.stdio)
+    if isinstance(log, StderrLog):
+        log.close()
     return EXIT_OK

@@ -33,12 +33,17 @@ def _png(path, seed=0, size=200):
 class Server:
     """``cxr-edge serve --socket`` in a subprocess; stopped (SIGTERM) when the test ends."""
 
-    def __init__(self, bundle: Path, *extra: str) -> None:
+    def __init__(self, bundle: Path, *extra: str, drain_stderr: bool = False) -> None:
         self.dir = tempfile.mkdtemp(prefix="cxs-", dir="/tmp")  # short: sun_path is 108 bytes
         self.path = os.path.join(self.dir, "s.sock")
         self.proc = subprocess.Popen([sys.executable, "-m", "cxr_edge.cli", "serve", "--socket", self.path,
                                       "--model", str(bundle), "--threads", "1", *extra],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        self._err: list[str] = []
+        self._drain = threading.Thread(target=lambda: self._err.extend(self.proc.stderr), daemon=True) \
+            if drain_stderr else None  # for tests that make the server log a lot (a pipe holds 64 KiB)
+        if self._drain:
+            self._drain.start()
         deadline = time.monotonic() + 120
         while not os.path.exists(self.path):
             if self.proc.poll() is not None:
@@ -54,7 +59,12 @@ class Server:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            _, err = self.proc.communicate(timeout=timeout)
+            if self._drain:
+                self.proc.wait(timeout=timeout)
+                self._drain.join(timeout)
+                err = "".join(self._err)
+            else:
+                _, err = self.proc.communicate(timeout=timeout)
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
         return self.proc.returncode, err
@@ -223,6 +233,140 @@ def test_serve_usage_errors(tiny_bundle, tmp_path, capsys):
     assert not_a_socket.read_text() == "x"  # never replaced
     assert main(["serve", "--socket", "/tmp/" + "x" * 120, "--model", str(tiny_bundle)]) == 5
     assert main(["serve", "--stdio", "--workers", "0", "--model", str(tiny_bundle)]) == 2
+    for flag, value in (("--max-connections", "0"), ("--send-timeout", "0"), ("--idle-timeout", "-1"),
+                        ("--send-timeout", "nan")):
+        assert main(["serve", "--stdio", flag, value, "--model", str(tiny_bundle)]) == 2
+        assert flag in capsys.readouterr().err
+
+
+def _wait_for(predicate, timeout=30.0, step=0.05):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(step)
+    return True
+
+
+def test_closed_connections_leave_nothing_behind(tiny_bundle):
+    """A firmware script connects once per radiograph: the server must not keep each closed connection."""
+    server = Server(tiny_bundle)
+    try:
+        for i in range(300):
+            c = server.connect()
+            assert c.ask({"id": i, "op": "health"})["ok"]
+            c.close()
+        probe = server.connect()
+        assert _wait_for(lambda: probe.ask({"op": "health"})["connections"]["open"] == 1)
+        health = probe.ask({"id": "h", "op": "health"})
+        assert health["connections"] == {"capacity": 16, "open": 1}
+        _schema_validator().validate(health)
+        probe.close()
+    finally:
+        rc, err = server.stop()
+    assert rc == 0 and "Traceback" not in err
+
+
+def test_max_connections_refuses_one_more_with_a_busy_line(tiny_bundle):
+    server = Server(tiny_bundle, "--max-connections", "2")
+    try:
+        a, b = server.connect(), server.connect()
+        assert a.ask({"op": "health"})["ok"] and b.ask({"op": "health"})["ok"]
+        c = server.connect()
+        refused = c.recv()  # sent at once, before any request
+        assert refused["ok"] is False and refused["id"] is None and refused["source"] == "<connection>"
+        assert refused["error"]["type"] == "BusyError" and "--max-connections" in refused["error"]["message"]
+        _schema_validator().validate(refused)
+        assert c.file.readline() == b""  # and closed
+        c.close()
+        a.close()  # a freed place is given to the next client
+
+        def served() -> bool:
+            d = server.connect()
+            ok = d.ask({"op": "health"}).get("ok", False)
+            d.close()
+            return ok
+
+        assert _wait_for(served)
+        assert b.ask({"op": "health"})["connections"]["open"] <= 2
+        b.close()
+    finally:
+        rc, err = server.stop()
+    assert rc == 0 and "Traceback" not in err and "connection refused: BusyError" in err
+
+
+def test_a_client_that_never_reads_cannot_stall_the_server(tiny_bundle, images):
+    """Its replies fill the socket buffer; without a send deadline the worker blocks in it for good: every
+    other client gets 'busy' forever and SIGTERM never finishes the drain."""
+    server = Server(tiny_bundle, "--workers", "1", "--send-timeout", "1", drain_stderr=True)
+    try:
+        a = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        a.connect(server.path)
+        a.setblocking(False)
+        flood = (json.dumps({"id": "a", "image_b64": "***"}) + "\n").encode() * 200  # answered by the worker
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3:  # until the server stops reading it (its replies are not taken)
+            try:
+                a.send(flood)
+            except BlockingIOError:
+                time.sleep(0.01)
+            except (BrokenPipeError, ConnectionResetError):  # the server has closed it already
+                break
+
+        def answered() -> bool:
+            c = server.connect()
+            r = c.ask({"id": "b", "path": str(images[0])})
+            c.close()
+            return r["ok"]
+
+        assert _wait_for(answered, timeout=30, step=0.25)
+    finally:
+        rc, err = server.stop(timeout=30)  # the drain ends: nothing waits on the silent client any more
+        a.close()
+    assert rc == 0 and "Traceback" not in err
+    assert "connection closed: the client did not take a reply within --send-timeout" in err
+
+
+def test_logging_never_waits_for_a_stderr_nobody_reads():
+    """A log line per request: written straight to a full pipe, each would block the worker that logs it."""
+    from cxr_edge.serve import StderrLog
+
+    read_fd, write_fd = os.pipe()
+    stream = os.fdopen(write_fd, "w")
+    log = StderrLog(capacity=50, stream=stream)
+    done = threading.Event()
+
+    def flood() -> None:
+        for i in range(5000):  # 500 KB: several times what the pipe holds
+            log(f"#{i} predict ok 9.9 ms " + "x" * 70)
+        done.set()
+
+    threading.Thread(target=flood, daemon=True).start()
+    assert done.wait(20), "a log call blocked on the full pipe"
+    out: list[bytes] = []
+    reader = threading.Thread(target=lambda: out.extend(iter(lambda: os.read(read_fd, 1 << 16), b"")), daemon=True)
+    reader.start()
+    log("stopped after 5000 prediction(s)")
+    log.close()
+    stream.close()
+    reader.join(20)
+    text = b"".join(out).decode()
+    assert "log line(s) dropped: stderr was not read" in text and text.endswith("stopped after 5000 prediction(s)\n")
+
+
+def test_idle_timeout_closes_only_idle_connections(tiny_bundle, images):
+    server = Server(tiny_bundle, "--idle-timeout", "0.5", "--test-delay-ms", "1500")
+    try:
+        idle, busy = server.connect(), server.connect()
+        busy.send({"id": "slow", "path": str(images[0])})  # waits 1.5 s for its reply: not idle
+        assert busy.recv()["ok"] is True
+        assert idle.file.readline() == b""  # closed after 0.5 s without traffic
+        assert busy.file.readline() == b""  # and this one 0.5 s after its reply
+        idle.close()
+        busy.close()
+    finally:
+        rc, err = server.stop()
+    assert rc == 0 and "Traceback" not in err and "connection closed: idle for --idle-timeout" in err
 
 
 def test_iter_lines_caps_and_recovers():
