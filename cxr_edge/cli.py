@@ -17,12 +17,12 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from . import __version__
 from .errors import BundleError, CxrEdgeError, ImageError, InvalidArgumentError, OutputError
 
-from .cli_support import (EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT_FAILED, EXIT_MODEL, EXIT_OUTPUT, EXIT_OUT_OF_SCOPE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE, IMAGE_SUFFIXES, UsageError, _Parser, walk_inputs, iter_inputs, Progress, Reporter, add_scope_arguments, scope_mode)  # noqa: F401
+from .cli_support import (EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT_FAILED, EXIT_MODEL, EXIT_OUTPUT, EXIT_OUT_OF_SCOPE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE, UsageError, _Parser, walk_inputs, Progress, Reporter, add_scope_arguments, scope_mode)  # noqa: F401
 from .cli_support import FOLDER_PREFETCH, add_overlay_arguments, add_trust_arguments, classifier_options, public_key_path, signature_warning
 
 

@@ -374,7 +374,7 @@ def _check_encapsulated(pixel_data: bytes, ts: UID, rows: int, cols: int, spp: i
     """Compare the codestream's own header with Rows/Columns and max_pixels before any decoder runs.
 
     A JPEG frame (single-frame object: all fragments) then gets the same checks as a JPEG file
-    (:func:`cxr_edge.imaging.verify_jpeg_codestream`): pydicom's decoders, like libjpeg, fill a
+    (:func:`cxr_edge.jpeg.verify_jpeg_codestream`): pydicom's decoders, like libjpeg, fill a
     frame cut short (with an EOI appended) with gray instead of failing.
     """
     fragments = _fragments(pixel_data)

@@ -29,7 +29,6 @@ import); the shared :class:`Radiograph` and checks live in :mod:`cxr_edge.radiog
 from __future__ import annotations
 
 import errno
-import io
 import os
 import re
 import stat

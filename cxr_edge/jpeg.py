@@ -3,20 +3,16 @@ scan coverage, least coded size, and the two-decode test for scans that stopped 
 :func:`verify_jpeg_codestream`). Its own module so that ``imaging`` and ``dicom`` both import it
 without importing each other."""
 from __future__ import annotations
-import errno
+
 import io
-import os
 import re
-import stat
 import struct
-import zlib
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Union
+from typing import Any
+
 import numpy as np
-from .errors import (CorruptImageError, ImageError, InvalidArgumentError, InvalidImageError,
-                     UnsupportedFormatError)
-from .radiograph import Radiograph, check_dimensions, check_finite, max_file_bytes, to_unit_range
+
+from .errors import CorruptImageError, InvalidArgumentError, UnsupportedFormatError
 
 
 _JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import need_shared
-from cxr_edge.cli import EXIT_INPUT_FAILED, EXIT_MODEL, EXIT_OK, EXIT_USAGE, iter_inputs, main
+from cxr_edge.cli import EXIT_INPUT_FAILED, EXIT_MODEL, EXIT_OK, EXIT_USAGE, main
+from cxr_edge.cli_support import iter_inputs
 
 
 def _png(path, seed=0, size=200):
