@@ -24,8 +24,9 @@ No client can stall the others or the shutdown: a reply that a client does not t
 ``--send-timeout`` seconds closes that connection (its remaining requests are dropped unanswered, as
 nobody reads them); ``--idle-timeout`` (off by default) closes a connection that has sent nothing and
 waits for nothing that long. A closed connection leaves nothing behind, so a script that connects
-once per radiograph can run for months. Memory for request lines is bounded by
-``--max-connections x --max-request-bytes``.
+once per radiograph can run for months. Memory for requests is bounded: lines being read by
+``--max-connections x --max-request-bytes``, accepted ones by ``(--workers + --queue-size) x
+--max-request-bytes`` (an inline image is held until it is answered).
 
 Decoding can overlap inference: with ``--prefetch N`` decoder threads read and decode accepted
 requests while the workers run the model, and at most N decoded requests wait for a worker (memory
